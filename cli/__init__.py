@@ -1,0 +1,1 @@
+"""The clipdex command-line interface."""

@@ -1,0 +1,240 @@
+"""The `clipdex` command. Each subcommand builds a typed config and calls one library function."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from retrieval.errors import ClipdexError
+
+app = typer.Typer(
+    name="clipdex",
+    help="Cross-modal image–text search: index photos and captions with CLIP, search them in milliseconds.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _friendly(fn: F) -> F:
+    """Turn user errors into one line on stderr and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ClipdexError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(130 if type(e).__name__ == "Interrupted" else 2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class TargetOpt(str, Enum):
+    images = "images"
+    texts = "texts"
+
+
+IndexDir = Annotated[Path, typer.Option("--index", "-i", help="Index directory.", show_default=False)]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(help="open_clip architecture (e.g. ViT-B-32), hf-hub:org/repo, or a model-config JSON file. "
+                      "Default: ViT-B-32 for a new index, the index's own model otherwise."),
+]
+PretrainedOpt = Annotated[
+    str | None,
+    typer.Option(help="Pretrained tag (e.g. laion2b_s34b_b79k), hf-hub:org/repo, or a local checkpoint file."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
+DeviceOpt = Annotated[Device, typer.Option(help="Where to run the model.")]
+
+
+class _RichProgress:
+    def __init__(self, progress: Progress):
+        self._progress = progress
+        self._task: Any = None
+
+    def start(self, what: str, total: int | None) -> None:
+        if self._task is not None:
+            self._progress.update(self._task, visible=False)
+        self._task = self._progress.add_task(what, total=total)
+
+    def advance(self, n: int) -> None:
+        self._progress.advance(self._task, n)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=err, disable=not err.is_terminal, transient=False,
+    )
+
+
+def _encoder_config(model: str | None, pretrained: str | None, device: Device) -> Any:
+    from retrieval.encoder import DEFAULT_MODEL, DEFAULT_PRETRAINED, EncoderConfig
+
+    if model is None and pretrained is None:
+        return None
+    if model is None:
+        return EncoderConfig(model=DEFAULT_MODEL, pretrained=pretrained, device=device.value)
+    if pretrained is None and not model.startswith(("hf-hub:", "local-dir:")):
+        if model == DEFAULT_MODEL:
+            pretrained = DEFAULT_PRETRAINED
+        else:
+            raise ClipdexError(f"--model {model} needs --pretrained: a tag, hf-hub:org/repo, or a local checkpoint file")
+    return EncoderConfig(model=model, pretrained=pretrained, device=device.value)
+
+
+@app.command()
+@_friendly
+def index(
+    paths: Annotated[list[Path] | None, typer.Argument(help="Folders (walked recursively) and image files.", show_default=False)] = None,
+    index_dir: IndexDir = ...,  # type: ignore[assignment]
+    texts: Annotated[Path | None, typer.Option(help="Caption file: .txt, .csv, .tsv, .jsonl or .parquet.")] = None,
+    text_column: Annotated[str | None, typer.Option(help="Text column (default: caption, then text).")] = None,
+    image_column: Annotated[str | None, typer.Option(help="Column of image paths, relative to the caption file (default: image).")] = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder batch.")] = 64,
+    workers: Annotated[int | None, typer.Option(min=0, help="Decode worker processes (default: cores - 1).")] = None,
+    device: DeviceOpt = Device.auto,
+    max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images with more pixels than this, without decoding them.")] = 178_956_970,
+    strict: Annotated[bool, typer.Option(help="Exit non-zero when any file failed.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Index folders of images and/or a caption file; re-running only encodes what changed."""
+    from indexer.pipeline import IndexConfig, run_index
+
+    config = IndexConfig(
+        paths=tuple(paths or ()), index_dir=index_dir, texts=texts, text_column=text_column, image_column=image_column,
+        encoder=_encoder_config(model, pretrained, device), device=device.value, batch_size=batch_size,
+        workers=workers, max_pixels=max_pixels,
+    )
+    with _progress() as bar:
+        summary = run_index(config, progress=_RichProgress(bar))
+    if as_json:
+        print(json.dumps(summary.to_json()))
+    else:
+        table = Table(title=f"clipdex index → {index_dir}", show_header=True)
+        for key in summary.to_json():
+            table.add_column(key, justify="right")
+        table.add_row(*(str(v) for v in summary.to_json().values()))
+        out.print(table)
+        for path, reason in summary.failures[:20]:
+            err.print(f"[yellow]failed[/] {path}: {reason}", highlight=False, soft_wrap=True)
+        if len(summary.failures) > 20:
+            err.print(f"… and {len(summary.failures) - 20} more: `clipdex info --failed --index {index_dir}`")
+    if strict and summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@_friendly
+def search(
+    query: Annotated[str | None, typer.Argument(help="Text query.", show_default=False)] = None,
+    index_dir: IndexDir = ...,  # type: ignore[assignment]
+    image: Annotated[Path | None, typer.Option(help="Query with an image file instead of text.")] = None,
+    k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Number of results.")] = 10,
+    target: Annotated[TargetOpt, typer.Option(help="Search images or texts.")] = TargetOpt.images,
+    device: DeviceOpt = Device.auto,
+    as_json: JsonOpt = False,
+) -> None:
+    """Search an index with a text or an image (image→image by default)."""
+    from retrieval.search import Searcher, Target
+
+    if (query is None) == (image is None):
+        raise ClipdexError("give either a text query or --image FILE (not both)")
+    searcher = Searcher(index_dir, device=device.value)
+    tgt = Target(target.value)
+    hits = searcher.search_text(query, k=k, target=tgt) if query is not None else searcher.search_image(image, k=k, target=tgt)  # type: ignore[arg-type]
+    shown = query if query is not None else str(image)
+    if as_json:
+        print(json.dumps({"query": shown, "target": tgt.value, "results": [h.to_json() for h in hits]}, ensure_ascii=False))
+        return
+    table = Table(title=f"{shown!r} → {tgt.value}", show_header=True)
+    table.add_column("rank", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("path" if tgt is Target.IMAGES else "text", overflow="fold")
+    for h in hits:
+        table.add_row(str(h.rank), f"{h.score:.4f}", (h.path or "") if tgt is Target.IMAGES else (h.text or ""))
+    out.print(table)
+    if not hits:
+        err.print(f"the index holds no {tgt.value}")
+
+
+@app.command()
+@_friendly
+def info(
+    index_dir: IndexDir = ...,  # type: ignore[assignment]
+    failed: Annotated[bool, typer.Option("--failed", help="List the items that failed, with the reason.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Describe an index: model, dimension, counts, index types, size on disk."""
+    from retrieval.info import index_info
+
+    data = index_info(index_dir, with_failures=failed)
+    if as_json:
+        print(json.dumps(data, ensure_ascii=False))
+        return
+    table = Table(show_header=False, title=f"clipdex index {index_dir}")
+    table.add_column("", style="bold")
+    table.add_column("")
+    model = data["model"]
+    table.add_row("model", f"{model['name']} / {model['pretrained']}")
+    table.add_row("dim", str(data["dim"]))
+    for key, value in data["counts"].items():
+        table.add_row(key, str(value))
+    for key, value in data["index_types"].items():
+        table.add_row(f"{key} index", value)
+    table.add_row("size on disk", _human_bytes(data["size_bytes"]))
+    table.add_row("format", str(data["format_version"]))
+    out.print(table)
+    if failed:
+        fails = Table(title="failed items", show_header=True)
+        fails.add_column("path or text", overflow="fold")
+        fails.add_column("reason", overflow="fold")
+        for item in data["failures"]:
+            fails.add_row(item["path"] or item["text"] or "", item["error"] or "")
+        out.print(fails)
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{n} B"
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="clipdex: %(message)s", stream=sys.stderr)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Read, hash and decode image files in DataLoader worker processes.
+
+Each file is read once: the bytes are hashed (to spot unchanged, renamed and duplicate files)
+and, unless the hash is already known, decoded and preprocessed for the encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from retrieval.imaging import ImageDecodeError, decode_image
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+@dataclass
+class Decoded:
+    index: int
+    size: int | None = None
+    mtime: float | None = None
+    hash: str | None = None
+    width: int | None = None
+    height: int | None = None
+    pixels: torch.Tensor | None = None
+    error: str | None = None
+
+
+class ImageFiles(Dataset[Decoded]):
+    def __init__(self, paths: Sequence[Path], transform: Callable[[Any], torch.Tensor], *,
+                 known_hashes: frozenset[str] = frozenset(), max_pixels: int):
+        self.paths = paths
+        self.transform = transform
+        self.known_hashes = known_hashes
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Decoded:
+        path = self.paths[i]
+        try:
+            st = os.stat(path)
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return Decoded(i, error="file vanished before it could be read")
+        except OSError as e:
+            return Decoded(i, error=f"cannot read file: {e.strerror or e}")
+        if len(data) != st.st_size:
+            return Decoded(i, error="file changed while it was being read")
+        out = Decoded(i, size=st.st_size, mtime=st.st_mtime, hash=content_hash(data))
+        if out.hash in self.known_hashes:
+            return out
+        try:
+            decoded = decode_image(data, max_pixels=self.max_pixels)
+            out.pixels = self.transform(decoded.image)
+            out.width, out.height = decoded.width, decoded.height
+        except ImageDecodeError as e:
+            out.error = str(e)
+        except Exception as e:  # a transform failing on an odd image must not stop the run
+            out.error = f"preprocessing failed ({type(e).__name__}: {e})"
+        return out
+
+
+def _worker_init(_: int) -> None:
+    # Ctrl-C is the main process's to handle: it commits what is done, then stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def _as_list(batch: list[Decoded]) -> list[Decoded]:
+    return batch
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def iter_decoded(dataset: ImageFiles, *, batch_size: int, workers: int) -> Iterator[list[Decoded]]:
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_as_list,
+        worker_init_fn=_worker_init if workers > 0 else None,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    yield from loader

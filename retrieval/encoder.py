@@ -1,0 +1,305 @@
+"""Load an open_clip model from a name, config JSON, tag, hf-hub id or local checkpoint; encode.
+
+This is the one encode path: indexing, querying and evaluation all go through `Encoder`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from retrieval.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# Best Flickr30k/COCO recall per GFLOP in open_clip's published retrieval table (see README).
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
+_HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Which model to load. `pretrained` is a tag, `hf-hub:org/repo`, or a checkpoint path."""
+
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = DEFAULT_PRETRAINED
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What an index records about its model, enough to load the same one again."""
+
+    name: str
+    pretrained: str | None
+    checkpoint_sha256: str | None = None
+    config: dict[str, Any] | None = field(default=None, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "pretrained": self.pretrained,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "config": self.config,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelSpec:
+        return cls(
+            name=data["name"],
+            pretrained=data.get("pretrained"),
+            checkpoint_sha256=data.get("checkpoint_sha256"),
+            config=data.get("config"),
+        )
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ModelError(f"unknown device {device!r}: use auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(device)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def register_model_config(path: Path) -> tuple[str, dict[str, Any]]:
+    """Register an open_clip model-config JSON under its file stem; return (name, config)."""
+    if not path.is_file():
+        raise ModelError(f"model config file not found: {path}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"model config {path} is not valid JSON: {e}") from e
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise ModelError(f"{path} is not an open_clip model config: missing {', '.join(missing)}")
+    open_clip.add_model_config(path)
+    return path.stem, config
+
+
+def _resolve_model_name(model: str) -> tuple[str, dict[str, Any] | None]:
+    if model.startswith("hf-hub:") or model.startswith("local-dir:"):
+        return model, None
+    as_path = Path(model).expanduser()
+    if model.endswith(".json") or as_path.is_file():
+        return register_model_config(as_path.resolve())
+    known = open_clip.list_models()
+    if model not in known:
+        close = difflib.get_close_matches(model, known, n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ModelError(
+            f"unknown model {model!r}.{hint} Give an open_clip architecture "
+            "(python -c 'import open_clip; print(open_clip.list_models())'), an hf-hub:org/repo id, "
+            "or a path to an open_clip model-config JSON file"
+        )
+    return model, None
+
+
+def _looks_like_path(value: str) -> bool:
+    return "/" in value or "\\" in value or value.lower().endswith(_CHECKPOINT_SUFFIXES)
+
+
+def _resolve_pretrained(name: str, pretrained: str | None) -> tuple[str | None, Path | None]:
+    """Return (value to record, local checkpoint path to load, if any)."""
+    if name.startswith(("hf-hub:", "local-dir:")) or not pretrained:
+        return None, None
+    as_path = Path(pretrained).expanduser()
+    if as_path.is_file():
+        return str(as_path.resolve()), as_path.resolve()
+    if pretrained.startswith("hf-hub:"):
+        return pretrained, _download_hf_weights(pretrained[len("hf-hub:") :])
+    if _looks_like_path(pretrained):
+        raise ModelError(f"checkpoint file not found: {pretrained} (--pretrained takes a file, a tag or hf-hub:org/repo)")
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ModelError(
+            f"unknown pretrained tag {pretrained!r} for {name}. "
+            f"Available: {', '.join(tags) if tags else 'none'}; or pass a local checkpoint file"
+        )
+    return pretrained, None
+
+
+def _download_hf_weights(repo: str) -> Path:
+    from open_clip.pretrained import download_pretrained_from_hf
+
+    errors = []
+    for filename in _HF_WEIGHT_FILES:
+        try:
+            return Path(download_pretrained_from_hf(repo, filename=filename))
+        except Exception as e:  # hub errors come in many types; offline is the usual one
+            errors.append(f"{filename}: {type(e).__name__}")
+    raise ModelError(
+        f"could not download weights from hf-hub:{repo} ({'; '.join(errors)}). "
+        "Without network, download the checkpoint elsewhere and pass --pretrained /path/to/checkpoint"
+    )
+
+
+class Encoder:
+    """An open_clip model with its preprocessing and tokenizer, producing L2-normalised float32."""
+
+    def __init__(self, model: torch.nn.Module, preprocess: Any, tokenizer: Any, device: torch.device, spec: ModelSpec):
+        self.model = model
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.device = device
+        self.spec = spec
+        self.dim = int(_embed_dim(model))
+        self.trim_text = _can_trim_text(model, tokenizer) and self._trim_is_exact()
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
+        """Encode a preprocessed batch (N, 3, H, W)."""
+        with torch.inference_mode(), self._autocast():
+            x = pixels.to(self.device, non_blocking=True)
+            feats = self.model.encode_image(x)
+            return F.normalize(feats.float(), dim=-1).cpu().numpy()
+
+    def encode_pil(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.encode_images(torch.stack([self.preprocess(im) for im in images]))
+
+    def encode_texts(self, texts: Sequence[str], *, batch_size: int = 256) -> np.ndarray:
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for start, stop in _batches(len(texts), batch_size):
+            out[start:stop] = self._encode_text_batch(list(texts[start:stop]))
+        return out
+
+    def _encode_text_batch(self, texts: list[str], *, trim: bool | None = None) -> np.ndarray:
+        tokens = self.tokenizer(texts).to(self.device)
+        trim = self.trim_text if trim is None else trim
+        with torch.inference_mode(), self._autocast():
+            feats = _encode_text_trimmed(self.model, tokens) if trim else self.model.encode_text(tokens)
+            return F.normalize(feats.float(), dim=-1).cpu().numpy()
+
+    def _trim_is_exact(self) -> bool:
+        probe = ["a photo of a dog", "two red squares and a blue circle on a green background"]
+        full = self._encode_text_batch(probe, trim=False)
+        cut = self._encode_text_batch(probe, trim=True)
+        exact = bool(np.min(np.sum(full * cut, axis=1)) >= 0.99999)
+        if not exact:
+            log.warning("text trimming is not exact for %s; encoding at full context length", self.spec.name)
+        return exact
+
+
+def _batches(n: int, size: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+def _embed_dim(model: torch.nn.Module) -> int:
+    proj = getattr(model, "text_projection", None)
+    if isinstance(proj, torch.nn.Linear):
+        return proj.out_features
+    if isinstance(proj, torch.Tensor):
+        return proj.shape[1]
+    visual_dim = getattr(getattr(model, "visual", None), "output_dim", None)
+    if visual_dim:
+        return int(visual_dim)
+    with torch.inference_mode():
+        size = model.visual.image_size  # type: ignore[union-attr]
+        size = size if isinstance(size, tuple) else (size, size)
+        return int(model.encode_image(torch.zeros(1, 3, *size)).shape[-1])  # type: ignore[operator]
+
+
+def _can_trim_text(model: torch.nn.Module, tokenizer: Any) -> bool:
+    # Exact only for a causal text tower that pools at the end-of-text token and pads with 0.
+    return (
+        isinstance(model, open_clip.CLIP)
+        and getattr(model, "attn_mask", None) is not None
+        and getattr(model, "text_pool_type", None) in ("argmax", "eos")
+        and isinstance(tokenizer, open_clip.SimpleTokenizer)
+    )
+
+
+def _encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's CLIP.encode_text on tokens cut to the batch's longest caption.
+
+    Under the causal mask no position attends to later ones, so dropping the trailing padding
+    leaves the end-of-text features unchanged; attention cost falls from 77^2 to L^2.
+    """
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    length = int(((tokens != 0) * (positions + 1)).max())
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = open_clip.transformer.text_global_pool(x, tokens, model.text_pool_type, eos_token_id=model.text_eos_id)
+    if isinstance(model.text_projection, torch.nn.Linear):
+        return model.text_projection(x)
+    if model.text_projection is not None:
+        return x @ model.text_projection
+    return x
+
+
+def load_encoder(config: EncoderConfig, *, expect: ModelSpec | None = None) -> Encoder:
+    """Load the model `config` names. With `expect`, refuse a checkpoint whose hash differs."""
+    if config.pretrained is None and not config.model.startswith(("hf-hub:", "local-dir:")):
+        log.warning("no --pretrained weights: %s has random weights and its results mean nothing", config.model)
+    device = resolve_device(config.device)
+    name, model_cfg = _resolve_model_name(config.model)
+    recorded, checkpoint = _resolve_pretrained(name, config.pretrained)
+    sha = sha256_file(checkpoint) if checkpoint is not None else None
+    if expect is not None and expect.checkpoint_sha256 and sha != expect.checkpoint_sha256:
+        raise ModelError(
+            f"checkpoint {recorded} has changed since the index was built (sha256 {sha} != "
+            f"{expect.checkpoint_sha256}); restore it or build a new index"
+        )
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name,
+            pretrained=str(checkpoint) if checkpoint is not None else recorded,
+            device=device,
+            weights_only=True,
+        )
+        tokenizer = open_clip.get_tokenizer(name)
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelError(_explain_load_failure(name, recorded, checkpoint, e)) from e
+    model.eval()
+    spec = ModelSpec(name=name, pretrained=recorded, checkpoint_sha256=sha, config=model_cfg)
+    return Encoder(model, preprocess, tokenizer, device, spec)
+
+
+def _explain_load_failure(name: str, recorded: str | None, checkpoint: Path | None, e: Exception) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if checkpoint is not None:
+        return f"cannot load checkpoint {checkpoint} into {name}: {first[:300]}"
+    if recorded is not None or name.startswith("hf-hub:"):
+        what = f"{name} / {recorded}" if recorded else name
+        return (
+            f"could not obtain weights for {what} ({type(e).__name__}: {first[:200]}). "
+            "Without network, download the checkpoint elsewhere and pass --pretrained /path/to/checkpoint"
+        )
+    return f"cannot build model {name}: {first[:300]}"

@@ -1,0 +1,67 @@
+"""Decode one image file into an RGB PIL image, safely: pixel limit checked before decoding."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+DEFAULT_MAX_PIXELS = 178_956_970  # twice PIL's own bomb threshold: a 13k x 13k photo still passes
+
+
+class ImageDecodeError(Exception):
+    """A file could not be turned into an image; the message is the reason stored in the catalog."""
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    image: Image.Image
+    width: int
+    height: int
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode bytes to RGB, applying EXIF orientation and taking the first frame of animations."""
+    if not data:
+        raise ImageDecodeError("empty file")
+    try:
+        with warnings.catch_warnings():
+            # our own limit replaces PIL's process-wide one, which only warns below 2x
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"{width}x{height} = {width * height} pixels is over the limit of {max_pixels} "
+                    "(raise it with --max-pixels)"
+                )
+            img.seek(0)
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            rgb = _to_rgb(img)
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"refused as a decompression bomb: {e}") from e
+    except Exception as e:  # PIL raises many types for broken files; all mean "not an image"
+        raise ImageDecodeError(f"not a readable image ({type(e).__name__}: {e})") from e
+    return DecodedImage(image=rgb, width=width, height=height)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # PIL's convert("RGB") clips 16/32-bit values at 255; scale the real range instead
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray(scaled.astype(np.uint8), "L")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img

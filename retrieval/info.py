@@ -1,0 +1,42 @@
+"""What `clipdex info` reports, read from the manifest and the published snapshot only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from retrieval.errors import IndexFormatError
+from retrieval.store import read_manifest, snapshot_files
+
+
+def index_info(index_dir: Path, *, with_failures: bool = False) -> dict[str, Any]:
+    manifest = read_manifest(index_dir)
+    size = sum(p.stat().st_size for p in index_dir.rglob("*") if p.is_file())
+    data: dict[str, Any] = {
+        "index": str(index_dir),
+        "format_version": manifest["format_version"],
+        "model": {k: manifest["model"].get(k) for k in ("name", "pretrained", "checkpoint_sha256")},
+        "dim": manifest["dim"],
+        "counts": manifest.get("counts", {}),
+        "index_types": manifest.get("index_types", {}),
+        "size_bytes": size,
+        "generation": manifest.get("snapshot", {}).get("generation", 0),
+    }
+    if with_failures:
+        data["failures"] = _failures(index_dir, manifest)
+    return data
+
+
+def _failures(index_dir: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    name = snapshot_files(manifest).get("items")
+    if not name:
+        return []
+    try:
+        table = pq.read_table(index_dir / name, columns=["id", "kind", "path", "text", "status", "error"])
+    except Exception as e:
+        raise IndexFormatError(f"{index_dir / name} is damaged ({e}); rebuild the index") from e
+    failed = table.filter(pc.equal(table["status"], "failed"))
+    return [{k: row[k] for k in ("id", "kind", "path", "text", "error")} for row in failed.to_pylist()]

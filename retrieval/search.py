@@ -1,0 +1,147 @@
+"""`Searcher`: answer text→image, image→text and image→image queries against a published index."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+from retrieval import ann
+from retrieval.encoder import Encoder, EncoderConfig, ModelSpec, load_encoder
+from retrieval.errors import IndexFormatError, InputError
+from retrieval.imaging import ImageDecodeError, decode_image
+from retrieval.store import MODEL_DIR, Kind, read_manifest, snapshot_files
+
+log = logging.getLogger(__name__)
+
+
+class Target(str, Enum):
+    IMAGES = "images"
+    TEXTS = "texts"
+
+    @property
+    def kind(self) -> Kind:
+        return Kind.IMAGE if self is Target.IMAGES else Kind.TEXT
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    score: float
+    id: int
+    kind: str
+    path: str | None
+    text: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rank": self.rank, "score": self.score, "id": self.id, "kind": self.kind, "path": self.path, "text": self.text}
+
+
+class Searcher:
+    """Opens one published snapshot of an index; the query model is the one the index was built with.
+
+    >>> s = Searcher("photos.idx")
+    >>> s.search_text("a dog on a beach", k=5)
+    """
+
+    def __init__(self, index_dir: str | Path, *, device: str = "auto", encoder: Encoder | None = None):
+        self.dir = Path(index_dir)
+        self.device = device
+        self._encoder = encoder
+        for attempt in range(3):
+            self.manifest = read_manifest(self.dir)
+            try:
+                self._open_snapshot()
+                break
+            except FileNotFoundError:
+                if attempt == 2:  # a writer replaced the snapshot between our reads, three times over
+                    raise IndexFormatError(f"{self.dir}: snapshot files named in the manifest are missing") from None
+
+    def _open_snapshot(self) -> None:
+        files = snapshot_files(self.manifest)
+        self._indexes: dict[Target, Any] = {}
+        for target in Target:
+            name = files.get(target.value)
+            if name:
+                self._indexes[target] = _read(self.dir / name, ann.read_index)
+        self._ids = np.zeros(0, dtype=np.int64)
+        self._kind: list[str] = []
+        self._path: list[str | None] = []
+        self._text: list[str | None] = []
+        if "items" in files:
+            table = _read(self.dir / files["items"], pq.read_table)
+            table = table.filter(pc.equal(table["status"], "ok"))
+            self._ids = table["id"].to_numpy()
+            self._kind = table["kind"].to_pylist()
+            self._path = table["path"].to_pylist()
+            self._text = table["text"].to_pylist()
+
+    @property
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            spec = ModelSpec.from_json(self.manifest["model"])
+            model = spec.name
+            if spec.config is not None:
+                model = str(self.dir / MODEL_DIR / f"{spec.name}.json")
+            self._encoder = load_encoder(EncoderConfig(model=model, pretrained=spec.pretrained, device=self.device), expect=spec)
+        return self._encoder
+
+    def count(self, target: Target) -> int:
+        index = self._indexes.get(target)
+        return 0 if index is None else int(index.ntotal)
+
+    def search_text(self, query: str, *, k: int = 10, target: Target = Target.IMAGES) -> list[Hit]:
+        if not query.strip():
+            raise InputError("the query text is empty")
+        return self.search_vectors(self.encoder.encode_texts([query]), k=k, target=target)[0]
+
+    def search_image(self, image: str | Path | Image.Image, *, k: int = 10, target: Target = Target.IMAGES) -> list[Hit]:
+        if not isinstance(image, Image.Image):
+            path = Path(image)
+            try:
+                image = decode_image(path.read_bytes()).image
+            except FileNotFoundError:
+                raise InputError(f"query image not found: {path}") from None
+            except (OSError, ImageDecodeError) as e:
+                raise InputError(f"cannot read query image {path}: {e}") from e
+        return self.search_vectors(self.encoder.encode_pil([image.convert("RGB")]), k=k, target=target)[0]
+
+    def search_vectors(self, queries: np.ndarray, *, k: int = 10, target: Target = Target.IMAGES) -> list[list[Hit]]:
+        """Top-k hits for each L2-normalised query vector."""
+        if k < 1:
+            raise InputError(f"k must be at least 1 (got {k})")
+        index = self._indexes.get(target)
+        if index is None or index.ntotal == 0:
+            return [[] for _ in range(len(queries))]
+        scores, ids = ann.search(index, queries, k)
+        return [self._hits(s, i) for s, i in zip(scores, ids, strict=True)]
+
+    def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
+        keep = ids >= 0
+        scores, ids = scores[keep], ids[keep]
+        pos = np.searchsorted(self._ids, ids)
+        pos = np.minimum(pos, max(len(self._ids) - 1, 0))
+        if len(ids) and not np.array_equal(self._ids[pos], ids):
+            raise IndexFormatError(f"{self.dir}: the FAISS index holds ids missing from the item table; run `clipdex check`")
+        return [
+            Hit(rank=r + 1, score=float(s), id=int(i), kind=self._kind[p], path=self._path[p], text=self._text[p])
+            for r, (s, i, p) in enumerate(zip(scores, ids, pos, strict=True))
+        ]
+
+
+def _read(path: Path, reader: Any) -> Any:
+    if not path.exists():
+        raise FileNotFoundError(path)
+    try:
+        return reader(path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise IndexFormatError(f"{path} is damaged or truncated ({type(e).__name__}: {e}); rebuild the index") from e

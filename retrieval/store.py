@@ -1,0 +1,386 @@
+"""The on-disk index format: manifest, catalog, vector shards and published snapshots.
+
+Writers hold an exclusive lock and the DuckDB catalog. Readers never open the catalog: each
+publish writes an immutable snapshot (one FAISS file per kind plus a parquet of item metadata,
+named by generation) and then atomically replaces manifest.json, which names them. A reader
+therefore sees one consistent generation even while an indexing run is committing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+
+from retrieval import ann
+from retrieval.encoder import ModelSpec
+from retrieval.errors import IndexFormatError, IndexLockedError, IndexNotFoundError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CATALOG = "catalog.duckdb"
+LOCK = "write.lock"
+VECTORS = "vectors"
+MODEL_DIR = "model"
+
+
+class Kind(str, Enum):
+    IMAGE = "image"
+    TEXT = "text"
+
+    @property
+    def plural(self) -> str:
+        return self.value + "s"
+
+
+class Status(str, Enum):
+    OK = "ok"
+    FAILED = "failed"
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id BIGINT NOT NULL,
+    kind VARCHAR NOT NULL,
+    source VARCHAR,
+    path VARCHAR,
+    text VARCHAR,
+    size BIGINT,
+    mtime DOUBLE,
+    hash VARCHAR,
+    width INTEGER,
+    height INTEGER,
+    status VARCHAR NOT NULL,
+    error VARCHAR,
+    shard INTEGER,
+    row INTEGER,
+    updated DOUBLE
+)
+"""
+COLUMNS = ("id", "kind", "source", "path", "text", "size", "mtime", "hash", "width", "height",
+           "status", "error", "shard", "row", "updated")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    fsync_dir(path.parent)
+
+
+def read_manifest(index_dir: Path) -> dict[str, Any]:
+    if not index_dir.is_dir():
+        raise IndexNotFoundError(f"index directory not found: {index_dir} (create one with `clipdex index PATH --index {index_dir}`)")
+    path = index_dir / MANIFEST
+    if not path.is_file():
+        raise IndexNotFoundError(f"{index_dir} holds no clipdex index (no {MANIFEST}); create one with `clipdex index`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IndexFormatError(f"{path} is damaged ({e}); rebuild the index") from e
+    if not isinstance(manifest, dict) or "format_version" not in manifest:
+        raise IndexFormatError(f"{path} is not a clipdex manifest")
+    version = manifest["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise IndexFormatError(
+            f"{index_dir} has index format {version}, newer than this clipdex reads ({FORMAT_VERSION}); upgrade clipdex"
+        )
+    return manifest
+
+
+def snapshot_files(manifest: dict[str, Any]) -> dict[str, str]:
+    return dict(manifest.get("snapshot", {}).get("files", {}))
+
+
+@dataclass
+class Record:
+    """A catalog row to write. `vector` is set for new embeddings, (shard,row) for reused ones."""
+
+    id: int
+    kind: Kind
+    source: str | None
+    path: str | None
+    text: str | None
+    size: int | None = None
+    mtime: float | None = None
+    hash: str | None = None
+    width: int | None = None
+    height: int | None = None
+    status: Status = Status.OK
+    error: str | None = None
+    vector: np.ndarray | None = None
+    shard: int | None = None
+    row: int | None = None
+
+
+class IndexWriter:
+    """Exclusive, transactional access to an index directory for one indexing run."""
+
+    def __init__(self, index_dir: Path, spec: ModelSpec, dim: int):
+        self.dir = index_dir
+        self.spec = spec
+        self.dim = dim
+        index_dir.mkdir(parents=True, exist_ok=True)
+        (index_dir / VECTORS).mkdir(exist_ok=True)
+        self._lock_file = _acquire_lock(index_dir / LOCK)
+        try:
+            self.manifest = self._load_or_create_manifest()
+            self.con = duckdb.connect(str(index_dir / CATALOG))
+            self.con.execute(_SCHEMA)
+            self._next_id = int(self.con.execute("SELECT COALESCE(MAX(id), -1) + 1 FROM items").fetchone()[0])  # type: ignore[index]
+            self._next_shard = self._scan_next_shard()
+            self._remove_orphans()
+        except BaseException:
+            self._lock_file.close()
+            raise
+
+    # -- ids, shards, lookups -------------------------------------------------------------------
+
+    def new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
+
+    def rows(self, sql_where: str = "TRUE", params: list[Any] | None = None) -> list[dict[str, Any]]:
+        cur = self.con.execute(f"SELECT {', '.join(COLUMNS)} FROM items WHERE {sql_where}", params or [])
+        return [dict(zip(COLUMNS, r, strict=True)) for r in cur.fetchall()]
+
+    def vectors_at(self, locations: list[tuple[int, int]]) -> np.ndarray:
+        """Vectors stored at (shard, row) locations, in the order given."""
+        out = np.empty((len(locations), self.dim), dtype=np.float32)
+        by_shard: dict[int, list[int]] = {}
+        for i, (shard, _) in enumerate(locations):
+            by_shard.setdefault(shard, []).append(i)
+        for shard, positions in by_shard.items():
+            data = np.load(self._shard_path(shard), mmap_mode="r")
+            rows = np.array([locations[i][1] for i in positions])
+            out[positions] = data[rows]
+        return out
+
+    # -- commit ---------------------------------------------------------------------------------
+
+    def commit(self, records: list[Record], *, delete_ids: list[int] | None = None) -> None:
+        """Write new vectors to one shard, then upsert rows and delete ids in one transaction.
+
+        A crash before the transaction commits leaves at most an unreferenced shard file,
+        which the next writer removes.
+        """
+        fresh = [r for r in records if r.vector is not None]
+        if fresh:
+            shard = self._next_shard
+            self._next_shard += 1
+            _atomic_save_npy(self._shard_path(shard), np.stack([r.vector for r in fresh]).astype(np.float32))  # type: ignore[misc]
+            for row, r in enumerate(fresh):
+                r.shard, r.row = shard, row
+        now = time.time()
+        touched = [r.id for r in records] + list(delete_ids or [])
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            if touched:
+                self.con.execute("DELETE FROM items WHERE id IN (SELECT unnest($1::BIGINT[]))", [touched])
+            if records:
+                self.con.executemany(
+                    f"INSERT INTO items VALUES ({', '.join('?' * len(COLUMNS))})",
+                    [
+                        [r.id, r.kind.value, r.source, r.path, r.text, r.size, r.mtime, r.hash, r.width, r.height,
+                         r.status.value, r.error, r.shard, r.row, now]
+                        for r in records
+                    ],
+                )
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+
+    def touch(self, updates: list[tuple[int, int, float]]) -> None:
+        """Record a new size/mtime for files whose content hash did not change."""
+        if not updates:
+            return
+        self.con.execute("BEGIN TRANSACTION")
+        self.con.executemany("UPDATE items SET size = ?, mtime = ? WHERE id = ?", [[s, m, i] for i, s, m in updates])
+        self.con.execute("COMMIT")
+
+    # -- publish --------------------------------------------------------------------------------
+
+    def publish(self) -> dict[str, Any]:
+        """Build FAISS indexes from the committed catalog and make them the current snapshot."""
+        generation = int(self.manifest["snapshot"]["generation"]) + 1
+        files: dict[str, str] = {}
+        index_types: dict[str, str] = {}
+        counts: dict[str, int] = {}
+        for kind in Kind:
+            live = self.con.execute(
+                "SELECT id, shard, row FROM items WHERE kind = ? AND status = 'ok' ORDER BY id", [kind.value]
+            ).fetchnumpy()
+            ids = np.asarray(live["id"], dtype=np.int64)
+            vectors = self.vectors_at(list(zip(np.asarray(live["shard"]).tolist(), np.asarray(live["row"]).tolist(), strict=True)))
+            index = ann.build_index(vectors, ids)
+            name = f"{kind.plural}-{generation:06d}.faiss"
+            ann.write_index(index, self.dir / name)
+            files[kind.plural] = name
+            index_types[kind.plural] = ann.describe(index)
+            counts[kind.plural] = int(len(ids))
+        meta_name = f"items-{generation:06d}.parquet"
+        self._write_meta(self.dir / meta_name)
+        files["items"] = meta_name
+        failed = int(self.con.execute("SELECT COUNT(*) FROM items WHERE status = 'failed'").fetchone()[0])  # type: ignore[index]
+        counts["failed"] = failed
+        self.manifest.update(
+            counts=counts,
+            index_types=index_types,
+            snapshot={"generation": generation, "files": files, "published": time.time()},
+        )
+        self._write_manifest()
+        self._remove_stale_snapshots(set(files.values()))
+        return self.manifest
+
+    def _write_meta(self, path: Path) -> None:
+        # An image's text is its first linked caption, so image hits can show one.
+        tmp = path.with_name(path.name + ".tmp")
+        self.con.execute(
+            f"""COPY (
+                SELECT i.id, i.kind, i.path,
+                       CASE WHEN i.kind = 'image' THEN (
+                           SELECT t.text FROM items t
+                           WHERE t.kind = 'text' AND t.status = 'ok' AND t.path = i.path
+                           ORDER BY t.id LIMIT 1)
+                       ELSE i.text END AS text,
+                       i.status, i.error, i.source
+                FROM items i ORDER BY i.id
+            ) TO '{_sql_str(tmp)}' (FORMAT parquet)"""
+        )
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        tmp.replace(path)
+
+    # -- housekeeping ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        try:
+            self.con.close()
+        finally:
+            self._lock_file.close()
+
+    def _load_or_create_manifest(self) -> dict[str, Any]:
+        if (self.dir / MANIFEST).exists():
+            manifest = read_manifest(self.dir)
+            stored = ModelSpec.from_json(manifest["model"])
+            if (stored.name, stored.pretrained, stored.checkpoint_sha256) != (
+                self.spec.name, self.spec.pretrained, self.spec.checkpoint_sha256,
+            ):
+                raise IndexFormatError(
+                    f"{self.dir} was built with model {stored.name} / {stored.pretrained}; "
+                    f"it cannot take embeddings from {self.spec.name} / {self.spec.pretrained}. Use a new --index directory"
+                )
+            return manifest
+        if self.spec.config is not None:
+            model_dir = self.dir / MODEL_DIR
+            model_dir.mkdir(exist_ok=True)
+            atomic_write_bytes(model_dir / f"{self.spec.name}.json", json.dumps(self.spec.config, indent=2).encode())
+        self.manifest = {
+            "format_version": FORMAT_VERSION,
+            "created": time.time(),
+            "model": self.spec.to_json(),
+            "dim": self.dim,
+            "vector_dtype": "float32",
+            "metric": "cosine",
+            "counts": {"images": 0, "texts": 0, "failed": 0},
+            "index_types": {},
+            "snapshot": {"generation": 0, "files": {}},
+        }
+        self._write_manifest()
+        return self.manifest
+
+    def _write_manifest(self) -> None:
+        atomic_write_bytes(self.dir / MANIFEST, (json.dumps(self.manifest, indent=2) + "\n").encode())
+
+    def _shard_path(self, shard: int) -> Path:
+        return self.dir / VECTORS / f"{shard:06d}.npy"
+
+    def _scan_next_shard(self) -> int:
+        on_disk = [int(p.stem) for p in (self.dir / VECTORS).glob("*.npy") if p.stem.isdigit()]
+        in_catalog = self.con.execute("SELECT COALESCE(MAX(shard), -1) FROM items").fetchone()[0]  # type: ignore[index]
+        return max([int(in_catalog), *on_disk], default=-1) + 1
+
+    def _remove_orphans(self) -> None:
+        used = {int(s) for (s,) in self.con.execute("SELECT DISTINCT shard FROM items WHERE shard IS NOT NULL").fetchall()}
+        for p in (self.dir / VECTORS).iterdir():
+            if p.suffix == ".tmp" or (p.suffix == ".npy" and p.stem.isdigit() and int(p.stem) not in used):
+                p.unlink(missing_ok=True)
+        self._remove_stale_snapshots(set(snapshot_files(self.manifest).values()))
+
+    def _remove_stale_snapshots(self, keep: set[str]) -> None:
+        for p in self.dir.iterdir():
+            stale = p.name.endswith(".tmp") or p.suffix in (".faiss", ".parquet")
+            if p.is_file() and stale and p.name not in keep and p.name != MANIFEST:
+                p.unlink(missing_ok=True)
+
+
+def _sql_str(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        np.save(f, array, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+class _Lock:
+    def __init__(self, f: Any):
+        self._f = f
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _acquire_lock(path: Path) -> _Lock:
+    # flock is released by the kernel when the holder dies, so a killed indexer never leaves a stale lock.
+    f = path.open("a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise IndexLockedError(f"{path.parent} is being written by {holder}; wait for it to finish") from e
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return _Lock(f)
+
+
+@contextmanager
+def open_writer(index_dir: Path, spec: ModelSpec, dim: int) -> Iterator[IndexWriter]:
+    writer = IndexWriter(index_dir, spec, dim)
+    try:
+        yield writer
+    finally:
+        writer.close()
