@@ -62,8 +62,10 @@ class TargetOpt(str, Enum):
 IndexDir = Annotated[Path, typer.Option("--index", "-i", help="Index directory.", show_default=False)]
 ModelOpt = Annotated[
     str | None,
-    typer.Option(help="open_clip architecture (e.g. ViT-B-32), hf-hub:org/repo, or a model-config JSON file. "
-                      "Default: ViT-B-32 for a new index, the index's own model otherwise."),
+    typer.Option(
+        help="open_clip architecture (e.g. ViT-B-32), hf-hub:org/repo, or a model-config JSON file. "
+        "Default: ViT-B-32 for a new index, the index's own model otherwise."
+    ),
 ]
 PretrainedOpt = Annotated[
     str | None,
@@ -89,8 +91,14 @@ class _RichProgress:
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TimeRemainingColumn(), console=err, disable=not err.is_terminal, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not err.is_terminal,
+        transient=False,
     )
 
 
@@ -105,24 +113,32 @@ def _encoder_config(model: str | None, pretrained: str | None, device: Device) -
         if model == DEFAULT_MODEL:
             pretrained = DEFAULT_PRETRAINED
         else:
-            raise ClipdexError(f"--model {model} needs --pretrained: a tag, hf-hub:org/repo, or a local checkpoint file")
+            raise ClipdexError(
+                f"--model {model} needs --pretrained: a tag, hf-hub:org/repo, or a local checkpoint file"
+            )
     return EncoderConfig(model=model, pretrained=pretrained, device=device.value)
 
 
 @app.command()
 @_friendly
 def index(
-    paths: Annotated[list[Path] | None, typer.Argument(help="Folders (walked recursively) and image files.", show_default=False)] = None,
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="Folders (walked recursively) and image files.", show_default=False)
+    ] = None,
     index_dir: IndexDir = ...,  # type: ignore[assignment]
     texts: Annotated[Path | None, typer.Option(help="Caption file: .txt, .csv, .tsv, .jsonl or .parquet.")] = None,
     text_column: Annotated[str | None, typer.Option(help="Text column (default: caption, then text).")] = None,
-    image_column: Annotated[str | None, typer.Option(help="Column of image paths, relative to the caption file (default: image).")] = None,
+    image_column: Annotated[
+        str | None, typer.Option(help="Column of image paths, relative to the caption file (default: image).")
+    ] = None,
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder batch.")] = 64,
     workers: Annotated[int | None, typer.Option(min=0, help="Decode worker processes (default: cores - 1).")] = None,
     device: DeviceOpt = Device.auto,
-    max_pixels: Annotated[int, typer.Option(min=1, help="Refuse images with more pixels than this, without decoding them.")] = 178_956_970,
+    max_pixels: Annotated[
+        int, typer.Option(min=1, help="Refuse images with more pixels than this, without decoding them.")
+    ] = 178_956_970,
     strict: Annotated[bool, typer.Option(help="Exit non-zero when any file failed.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -130,9 +146,16 @@ def index(
     from indexer.pipeline import IndexConfig, run_index
 
     config = IndexConfig(
-        paths=tuple(paths or ()), index_dir=index_dir, texts=texts, text_column=text_column, image_column=image_column,
-        encoder=_encoder_config(model, pretrained, device), device=device.value, batch_size=batch_size,
-        workers=workers, max_pixels=max_pixels,
+        paths=tuple(paths or ()),
+        index_dir=index_dir,
+        texts=texts,
+        text_column=text_column,
+        image_column=image_column,
+        encoder=_encoder_config(model, pretrained, device),
+        device=device.value,
+        batch_size=batch_size,
+        workers=workers,
+        max_pixels=max_pixels,
     )
     with _progress() as bar:
         summary = run_index(config, progress=_RichProgress(bar))
@@ -170,10 +193,17 @@ def search(
         raise ClipdexError("give either a text query or --image FILE (not both)")
     searcher = Searcher(index_dir, device=device.value)
     tgt = Target(target.value)
-    hits = searcher.search_text(query, k=k, target=tgt) if query is not None else searcher.search_image(image, k=k, target=tgt)  # type: ignore[arg-type]
-    shown = query if query is not None else str(image)
+    if query is not None:
+        hits, shown = searcher.search_text(query, k=k, target=tgt), query
+    else:
+        assert image is not None
+        hits, shown = searcher.search_image(image, k=k, target=tgt), str(image)
     if as_json:
-        print(json.dumps({"query": shown, "target": tgt.value, "results": [h.to_json() for h in hits]}, ensure_ascii=False))
+        print(
+            json.dumps(
+                {"query": shown, "target": tgt.value, "results": [h.to_json() for h in hits]}, ensure_ascii=False
+            )
+        )
         return
     table = Table(title=f"{shown!r} → {tgt.value}", show_header=True)
     table.add_column("rank", justify="right")
@@ -231,8 +261,21 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _setup_logging() -> None:
+    # Our own warnings reach the user; third-party chatter (open_clip logs download retries and
+    # failures on the root logger) would break the one-line error rule, and our message says it all.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("clipdex: %(message)s"))
+    for name in ("retrieval", "indexer", "cli"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.WARNING)
+        logger.addHandler(handler)
+        logger.propagate = False
+    logging.getLogger().setLevel(logging.CRITICAL)
+
+
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, format="clipdex: %(message)s", stream=sys.stderr)
+    _setup_logging()
     app()
 
 

@@ -37,8 +37,14 @@ class Decoded:
 
 
 class ImageFiles(Dataset[Decoded]):
-    def __init__(self, paths: Sequence[Path], transform: Callable[[Any], torch.Tensor], *,
-                 known_hashes: frozenset[str] = frozenset(), max_pixels: int):
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        transform: Callable[[Any], torch.Tensor],
+        *,
+        known_hashes: frozenset[str] = frozenset(),
+        max_pixels: int,
+    ):
         self.paths = paths
         self.transform = transform
         self.known_hashes = known_hashes

@@ -54,8 +54,13 @@ class Summary:
     failures: list[tuple[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, int]:
-        return {"added": self.added, "updated": self.updated, "removed": self.removed,
-                "unchanged": self.unchanged, "failed": self.failed}
+        return {
+            "added": self.added,
+            "updated": self.updated,
+            "removed": self.removed,
+            "unchanged": self.unchanged,
+            "failed": self.failed,
+        }
 
 
 class Progress(Protocol):
@@ -80,7 +85,9 @@ def run_index(config: IndexConfig, *, progress: Progress | None = None) -> Summa
     check_roots(roots)
     texts = None
     if config.texts is not None:
-        texts = open_texts(config.texts.expanduser().absolute(), text_column=config.text_column, image_column=config.image_column)
+        texts = open_texts(
+            config.texts.expanduser().absolute(), text_column=config.text_column, image_column=config.image_column
+        )
     encoder_config = _encoder_config(config)
     encoder = load_encoder(encoder_config, expect=_existing_spec(config.index_dir))
     writer = IndexWriter(config.index_dir, encoder.spec, encoder.dim)
@@ -115,7 +122,11 @@ def _encoder_config(config: IndexConfig) -> EncoderConfig:
         return stored
     asked = config.encoder
     asked_name = Path(asked.model).stem if asked.model.endswith(".json") else asked.model
-    asked_weights = str(Path(asked.pretrained).expanduser().resolve()) if asked.pretrained and Path(asked.pretrained).expanduser().is_file() else asked.pretrained
+    asked_weights = (
+        str(Path(asked.pretrained).expanduser().resolve())
+        if asked.pretrained and Path(asked.pretrained).expanduser().is_file()
+        else asked.pretrained
+    )
     if (asked_name, asked_weights) != (spec.name, spec.pretrained):
         raise IndexFormatError(
             f"{config.index_dir} was built with {spec.name} / {spec.pretrained}, not {asked_name} / {asked_weights}; "
@@ -163,8 +174,12 @@ class _Run:
         self.summary.removed += len(gone)
 
         known = self._known_locations(Kind.IMAGE)
-        dataset = ImageFiles([e.path for e in work], self.encoder.preprocess, known_hashes=frozenset(known),
-                             max_pixels=self.config.max_pixels)
+        dataset = ImageFiles(
+            [e.path for e in work],
+            self.encoder.preprocess,
+            known_hashes=frozenset(known),
+            max_pixels=self.config.max_pixels,
+        )
         workers = self.config.workers if self.config.workers is not None else default_workers()
         self.progress.start("images", len(work))
         touched: list[tuple[int, int, float]] = []
@@ -173,9 +188,18 @@ class _Run:
             for d in batch:
                 entry = work[d.index]
                 old = existing.get(str(entry.path))
-                rec = Record(id=old["id"] if old else self.writer.new_id(), kind=Kind.IMAGE, source=entry.source,
-                             path=str(entry.path), text=None, size=d.size, mtime=d.mtime, hash=d.hash,
-                             width=d.width, height=d.height)
+                rec = Record(
+                    id=old["id"] if old else self.writer.new_id(),
+                    kind=Kind.IMAGE,
+                    source=entry.source,
+                    path=str(entry.path),
+                    text=None,
+                    size=d.size,
+                    mtime=d.mtime,
+                    hash=d.hash,
+                    width=d.width,
+                    height=d.height,
+                )
                 if d.error is not None:
                     self._fail(rec, d.error)
                     continue
@@ -186,7 +210,12 @@ class _Run:
                 self._count_new(old)
                 if d.hash in known:
                     same = known[d.hash]
-                    rec.shard, rec.row, rec.width, rec.height = same["shard"], same["row"], same["width"], same["height"]
+                    rec.shard, rec.row, rec.width, rec.height = (
+                        same["shard"],
+                        same["row"],
+                        same["width"],
+                        same["height"],
+                    )
                     self.pending.append(rec)
                 else:
                     assert d.pixels is not None
@@ -230,8 +259,14 @@ class _Run:
                 self.summary.unchanged += 1
                 continue
             self.summary.added += 1
-            rec = Record(id=self.writer.new_id(), kind=Kind.TEXT, source=src, path=image, text=row.text,
-                         hash=content_hash(row.text.encode("utf-8")))
+            rec = Record(
+                id=self.writer.new_id(),
+                kind=Kind.TEXT,
+                source=src,
+                path=image,
+                text=row.text,
+                hash=content_hash(row.text.encode("utf-8")),
+            )
             assert rec.hash is not None
             if rec.hash in known:
                 rec.shard, rec.row = known[rec.hash]["shard"], known[rec.hash]["row"]

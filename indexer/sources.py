@@ -140,7 +140,9 @@ def open_texts(path: Path, *, text_column: str | None = None, image_column: str 
     if text_column is None:
         text_column = next((c for c in DEFAULT_TEXT_COLUMNS if c in columns), None)
         if text_column is None:
-            raise InputError(f"{path} has no 'caption' or 'text' column (columns: {', '.join(columns)}); name one with --text-column")
+            raise InputError(
+                f"{path} has no 'caption' or 'text' column (columns: {', '.join(columns)}); name one with --text-column"
+            )
     elif text_column not in columns:
         raise InputError(f"{path} has no column {text_column!r} (columns: {', '.join(columns)})")
     if image_column is None:

@@ -134,7 +134,9 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> tuple[str | None, 
     if pretrained.startswith("hf-hub:"):
         return pretrained, _download_hf_weights(pretrained[len("hf-hub:") :])
     if _looks_like_path(pretrained):
-        raise ModelError(f"checkpoint file not found: {pretrained} (--pretrained takes a file, a tag or hf-hub:org/repo)")
+        raise ModelError(
+            f"checkpoint file not found: {pretrained} (--pretrained takes a file, a tag or hf-hub:org/repo)"
+        )
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
         raise ModelError(
@@ -181,7 +183,7 @@ class Encoder:
         """Encode a preprocessed batch (N, 3, H, W)."""
         with torch.inference_mode(), self._autocast():
             x = pixels.to(self.device, non_blocking=True)
-            feats = self.model.encode_image(x)
+            feats = self.model.encode_image(x)  # type: ignore[operator]
             return F.normalize(feats.float(), dim=-1).cpu().numpy()
 
     def encode_pil(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -197,7 +199,7 @@ class Encoder:
         tokens = self.tokenizer(texts).to(self.device)
         trim = self.trim_text if trim is None else trim
         with torch.inference_mode(), self._autocast():
-            feats = _encode_text_trimmed(self.model, tokens) if trim else self.model.encode_text(tokens)
+            feats = _encode_text_trimmed(self.model, tokens) if trim else self.model.encode_text(tokens)  # type: ignore[operator]
             return F.normalize(feats.float(), dim=-1).cpu().numpy()
 
     def _trim_is_exact(self) -> bool:

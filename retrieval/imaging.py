@@ -31,7 +31,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
         with warnings.catch_warnings():
             # our own limit replaces PIL's process-wide one, which only warns below 2x
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageDecodeError(

@@ -41,7 +41,14 @@ class Hit:
     text: str | None
 
     def to_json(self) -> dict[str, Any]:
-        return {"rank": self.rank, "score": self.score, "id": self.id, "kind": self.kind, "path": self.path, "text": self.text}
+        return {
+            "rank": self.rank,
+            "score": self.score,
+            "id": self.id,
+            "kind": self.kind,
+            "path": self.path,
+            "text": self.text,
+        }
 
 
 class Searcher:
@@ -90,7 +97,9 @@ class Searcher:
             model = spec.name
             if spec.config is not None:
                 model = str(self.dir / MODEL_DIR / f"{spec.name}.json")
-            self._encoder = load_encoder(EncoderConfig(model=model, pretrained=spec.pretrained, device=self.device), expect=spec)
+            self._encoder = load_encoder(
+                EncoderConfig(model=model, pretrained=spec.pretrained, device=self.device), expect=spec
+            )
         return self._encoder
 
     def count(self, target: Target) -> int:
@@ -102,7 +111,9 @@ class Searcher:
             raise InputError("the query text is empty")
         return self.search_vectors(self.encoder.encode_texts([query]), k=k, target=target)[0]
 
-    def search_image(self, image: str | Path | Image.Image, *, k: int = 10, target: Target = Target.IMAGES) -> list[Hit]:
+    def search_image(
+        self, image: str | Path | Image.Image, *, k: int = 10, target: Target = Target.IMAGES
+    ) -> list[Hit]:
         if not isinstance(image, Image.Image):
             path = Path(image)
             try:
@@ -129,7 +140,9 @@ class Searcher:
         pos = np.searchsorted(self._ids, ids)
         pos = np.minimum(pos, max(len(self._ids) - 1, 0))
         if len(ids) and not np.array_equal(self._ids[pos], ids):
-            raise IndexFormatError(f"{self.dir}: the FAISS index holds ids missing from the item table; run `clipdex check`")
+            raise IndexFormatError(
+                f"{self.dir}: the FAISS index holds ids missing from the item table; run `clipdex check`"
+            )
         return [
             Hit(rank=r + 1, score=float(s), id=int(i), kind=self._kind[p], path=self._path[p], text=self._text[p])
             for r, (s, i, p) in enumerate(zip(scores, ids, pos, strict=True))

@@ -70,8 +70,23 @@ CREATE TABLE IF NOT EXISTS items (
     updated DOUBLE
 )
 """
-COLUMNS = ("id", "kind", "source", "path", "text", "size", "mtime", "hash", "width", "height",
-           "status", "error", "shard", "row", "updated")
+COLUMNS = (
+    "id",
+    "kind",
+    "source",
+    "path",
+    "text",
+    "size",
+    "mtime",
+    "hash",
+    "width",
+    "height",
+    "status",
+    "error",
+    "shard",
+    "row",
+    "updated",
+)
 
 
 def fsync_dir(path: Path) -> None:
@@ -94,7 +109,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def read_manifest(index_dir: Path) -> dict[str, Any]:
     if not index_dir.is_dir():
-        raise IndexNotFoundError(f"index directory not found: {index_dir} (create one with `clipdex index PATH --index {index_dir}`)")
+        raise IndexNotFoundError(
+            f"index directory not found: {index_dir} (create one with `clipdex index PATH --index {index_dir}`)"
+        )
     path = index_dir / MANIFEST
     if not path.is_file():
         raise IndexNotFoundError(f"{index_dir} holds no clipdex index (no {MANIFEST}); create one with `clipdex index`")
@@ -205,8 +222,23 @@ class IndexWriter:
                 self.con.executemany(
                     f"INSERT INTO items VALUES ({', '.join('?' * len(COLUMNS))})",
                     [
-                        [r.id, r.kind.value, r.source, r.path, r.text, r.size, r.mtime, r.hash, r.width, r.height,
-                         r.status.value, r.error, r.shard, r.row, now]
+                        [
+                            r.id,
+                            r.kind.value,
+                            r.source,
+                            r.path,
+                            r.text,
+                            r.size,
+                            r.mtime,
+                            r.hash,
+                            r.width,
+                            r.height,
+                            r.status.value,
+                            r.error,
+                            r.shard,
+                            r.row,
+                            now,
+                        ]
                         for r in records
                     ],
                 )
@@ -236,13 +268,15 @@ class IndexWriter:
                 "SELECT id, shard, row FROM items WHERE kind = ? AND status = 'ok' ORDER BY id", [kind.value]
             ).fetchnumpy()
             ids = np.asarray(live["id"], dtype=np.int64)
-            vectors = self.vectors_at(list(zip(np.asarray(live["shard"]).tolist(), np.asarray(live["row"]).tolist(), strict=True)))
+            vectors = self.vectors_at(
+                list(zip(np.asarray(live["shard"]).tolist(), np.asarray(live["row"]).tolist(), strict=True))
+            )
             index = ann.build_index(vectors, ids)
             name = f"{kind.plural}-{generation:06d}.faiss"
             ann.write_index(index, self.dir / name)
             files[kind.plural] = name
             index_types[kind.plural] = ann.describe(index)
-            counts[kind.plural] = int(len(ids))
+            counts[kind.plural] = len(ids)
         meta_name = f"items-{generation:06d}.parquet"
         self._write_meta(self.dir / meta_name)
         files["items"] = meta_name
@@ -289,7 +323,9 @@ class IndexWriter:
             manifest = read_manifest(self.dir)
             stored = ModelSpec.from_json(manifest["model"])
             if (stored.name, stored.pretrained, stored.checkpoint_sha256) != (
-                self.spec.name, self.spec.pretrained, self.spec.checkpoint_sha256,
+                self.spec.name,
+                self.spec.pretrained,
+                self.spec.checkpoint_sha256,
             ):
                 raise IndexFormatError(
                     f"{self.dir} was built with model {stored.name} / {stored.pretrained}; "
@@ -326,7 +362,9 @@ class IndexWriter:
         return max([int(in_catalog), *on_disk], default=-1) + 1
 
     def _remove_orphans(self) -> None:
-        used = {int(s) for (s,) in self.con.execute("SELECT DISTINCT shard FROM items WHERE shard IS NOT NULL").fetchall()}
+        used = {
+            int(s) for (s,) in self.con.execute("SELECT DISTINCT shard FROM items WHERE shard IS NOT NULL").fetchall()
+        }
         for p in (self.dir / VECTORS).iterdir():
             if p.suffix == ".tmp" or (p.suffix == ".npy" and p.stem.isdigit() and int(p.stem) not in used):
                 p.unlink(missing_ok=True)

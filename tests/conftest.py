@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from corpus import train_tiny_model, write_tiny_config
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    config: Path
+    weights: Path
+
+    @property
+    def name(self) -> str:
+        return self.config.stem
+
+    def cli_args(self) -> list[str]:
+        return ["--model", str(self.config), "--pretrained", str(self.weights)]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    folder = tmp_path_factory.mktemp("model")
+    config = write_tiny_config(folder)
+    weights = train_tiny_model(config, folder / "tiny-clip.pt")
+    return TinyModel(config, weights)
+
+
+class Reference:
+    """Brute-force cosine search with open_clip used directly: PIL open, preprocess, full-length text."""
+
+    def __init__(self, model: TinyModel):
+        open_clip.add_model_config(model.config)
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+            model.name, pretrained=str(model.weights)
+        )
+        self.model.eval()
+        self.tokenizer = open_clip.get_tokenizer(model.name)
+
+    @torch.no_grad()
+    def images(self, paths: list[Path]) -> np.ndarray:
+        batch = torch.stack([self.preprocess(Image.open(p).convert("RGB")) for p in paths])
+        return self.model.encode_image(batch, normalize=True).numpy()
+
+    @torch.no_grad()
+    def texts(self, texts: list[str]) -> np.ndarray:
+        return self.model.encode_text(self.tokenizer(texts), normalize=True).numpy()
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model: TinyModel) -> Reference:
+    return Reference(tiny_model)
+
+
+@pytest.fixture
+def cli() -> CliRunner:
+    return CliRunner()
+
+
+def brute_force(query: np.ndarray, corpus: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    scores = corpus @ query
+    order = np.argsort(-scores, kind="stable")[:k]
+    return order, scores[order]
+
+
+def assert_same_ranking(
+    got_keys: list[str], got_scores: list[float], want_keys: list[str], want_scores: np.ndarray
+) -> None:
+    """Equal top-k, allowing only neighbours whose scores tie to float precision to swap."""
+    assert len(got_keys) == len(want_keys)
+    np.testing.assert_allclose(got_scores, want_scores, atol=2e-5)
+    for i, (g, w) in enumerate(zip(got_keys, want_keys, strict=True)):
+        if g != w:
+            tied = [j for j in range(len(want_keys)) if abs(want_scores[j] - want_scores[i]) < 2e-5]
+            assert g in [want_keys[j] for j in tied], f"rank {i + 1}: got {g}, want {w}"

@@ -1,0 +1,129 @@
+"""Seeded synthetic corpora and a tiny CLIP model for the tests.
+
+Images are coloured shapes on coloured backgrounds; captions say what is drawn, so a model
+trained on them for a few seconds retrieves them better than chance but far from perfectly.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (40, 60, 220),
+    "yellow": (240, 220, 40),
+    "purple": (140, 50, 170),
+    "orange": (250, 140, 20),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+SIZES = ("small", "large")
+
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    colour: str
+    background: str
+    size: str
+    dx: int
+    dy: int
+
+    def captions(self, rng: random.Random, n: int) -> list[str]:
+        forms = [
+            f"a {self.size} {self.colour} {self.shape} on a {self.background} background",
+            f"a {self.colour} {self.shape} drawn on {self.background}",
+            f"{self.background} background with a {self.size} {self.colour} {self.shape}",
+            f"the {self.shape} is {self.colour} and the background is {self.background}",
+            f"a picture of a {self.colour} {self.shape}",
+            f"one {self.size} {self.shape}, {self.colour}, over {self.background}",
+        ]
+        rng.shuffle(forms)
+        return forms[:n]
+
+
+def random_scene(rng: random.Random) -> Scene:
+    colour, background = rng.sample(sorted(COLOURS), 2)
+    return Scene(rng.choice(SHAPES), colour, background, rng.choice(SIZES), rng.randint(-6, 6), rng.randint(-6, 6))
+
+
+def draw(scene: Scene, size: tuple[int, int] = (64, 64), noise_seed: int = 0) -> Image.Image:
+    w, h = size
+    img = Image.new("RGB", size, COLOURS[scene.background])
+    d = ImageDraw.Draw(img)
+    r = w // 3 if scene.size == "large" else w // 6
+    cx, cy = w // 2 + scene.dx, h // 2 + scene.dy
+    fill = COLOURS[scene.colour]
+    if scene.shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif scene.shape == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif scene.shape == "triangle":
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    else:
+        t = max(2, r // 3)
+        d.rectangle([cx - r, cy - t, cx + r, cy + t], fill=fill)
+        d.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
+    arr = np.asarray(img).astype(np.int16)
+    arr += np.random.default_rng(noise_seed).integers(-6, 7, arr.shape, dtype=np.int16)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def make_images(folder: Path, n: int, *, seed: int, ext: str = ".png", start: int = 0) -> list[tuple[Path, Scene]]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(start, start + n):
+        scene = random_scene(rng)
+        path = folder / f"{scene.colour}_{scene.shape}_{i:04d}{ext}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draw(scene, noise_seed=seed * 100_000 + i).save(path)
+        out.append((path, scene))
+    return out
+
+
+def write_tiny_config(folder: Path, name: str = "tiny-clip") -> Path:
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(TINY_CONFIG))
+    return path
+
+
+def train_tiny_model(config_path: Path, out: Path, *, steps: int = 150, seed: int = 0) -> Path:
+    """A few seconds of contrastive training on synthetic scenes; saves a weights-only state dict."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    open_clip.add_model_config(config_path)
+    model, _, preprocess = open_clip.create_model_and_transforms(config_path.stem)
+    tokenizer = open_clip.get_tokenizer(config_path.stem)
+    rng = random.Random(seed)
+    scenes = [random_scene(rng) for _ in range(512)]
+    images = torch.stack([preprocess(draw(s, noise_seed=i)) for i, s in enumerate(scenes)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    loss_fn = open_clip.ClipLoss()
+    model.train()
+    for _ in range(steps):
+        idx = rng.sample(range(len(scenes)), 64)
+        texts = tokenizer([scenes[i].captions(rng, 1)[0] for i in idx])
+        img_f = model.encode_image(images[idx], normalize=True)
+        txt_f = model.encode_text(texts, normalize=True)
+        loss = loss_fn(img_f, txt_f, model.logit_scale.exp())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.save(model.state_dict(), out)
+    return out

@@ -1,0 +1,169 @@
+"""Every user mistake: one line on stderr, a non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from corpus import make_images
+
+from cli.main import app
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 2, f"exit {result.exit_code}: {result.stdout} {result.stderr} {result.exception!r}"
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture
+def photos(tmp_path):
+    make_images(tmp_path / "photos", 4, seed=3)
+    return tmp_path / "photos"
+
+
+def test_missing_and_empty_folders(cli, tmp_path, tiny_model):
+    idx = str(tmp_path / "idx")
+    assert_one_line_error(
+        cli.invoke(app, ["index", str(tmp_path / "nope"), "--index", idx, *tiny_model.cli_args()]),
+        "no such file or folder",
+    )
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("hi")
+    assert_one_line_error(
+        cli.invoke(app, ["index", str(tmp_path / "empty"), "--index", idx, *tiny_model.cli_args()]), "no image files"
+    )
+    assert_one_line_error(cli.invoke(app, ["index", "--index", idx, *tiny_model.cli_args()]), "nothing to index")
+
+
+def test_missing_or_broken_index(cli, tmp_path):
+    assert_one_line_error(cli.invoke(app, ["search", "dog", "--index", str(tmp_path / "none")]), "not found")
+    assert_one_line_error(cli.invoke(app, ["info", "--index", str(tmp_path / "none")]), "not found")
+    (tmp_path / "notidx").mkdir()
+    assert_one_line_error(cli.invoke(app, ["info", "--index", str(tmp_path / "notidx")]), "no clipdex index")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{truncated")
+    assert_one_line_error(cli.invoke(app, ["search", "dog", "--index", str(bad)]), "damaged")
+    (bad / "manifest.json").write_text(json.dumps({"format_version": 99}))
+    assert_one_line_error(cli.invoke(app, ["info", "--index", str(bad)]), "newer")
+
+
+def test_model_errors(cli, tmp_path, photos, tiny_model):
+    idx = str(tmp_path / "idx")
+    r = cli.invoke(
+        app, ["index", str(photos), "--index", idx, "--model", "ViT-B-33", "--pretrained", str(tiny_model.weights)]
+    )
+    assert_one_line_error(r, "unknown model", "ViT-B-32")
+    r = cli.invoke(
+        app,
+        [
+            "index",
+            str(photos),
+            "--index",
+            idx,
+            "--model",
+            str(tiny_model.config),
+            "--pretrained",
+            str(tmp_path / "missing.pt"),
+        ],
+    )
+    assert_one_line_error(r, "checkpoint file not found")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a checkpoint")
+    r = cli.invoke(
+        app, ["index", str(photos), "--index", idx, "--model", str(tiny_model.config), "--pretrained", str(garbage)]
+    )
+    assert_one_line_error(r, "cannot load checkpoint")
+    r = cli.invoke(app, ["index", str(photos), "--index", idx, "--model", "ViT-B-32", "--pretrained", "no_such_tag"])
+    assert_one_line_error(r, "unknown pretrained tag", "laion2b_s34b_b79k")
+    r = cli.invoke(
+        app,
+        [
+            "index",
+            str(photos),
+            "--index",
+            idx,
+            "--model",
+            str(tmp_path / "nope.json"),
+            "--pretrained",
+            str(tiny_model.weights),
+        ],
+    )
+    assert_one_line_error(r, "model config file not found")
+    assert not (tmp_path / "idx").exists()  # nothing is created before the inputs are known to be good
+
+
+def test_caption_file_errors(cli, tmp_path, photos, tiny_model):
+    idx = str(tmp_path / "idx")
+    args = [str(photos), "--index", idx, *tiny_model.cli_args()]
+    assert_one_line_error(
+        cli.invoke(app, ["index", *args, "--texts", str(tmp_path / "none.csv")]), "caption file not found"
+    )
+    bad = tmp_path / "caps.parquet"
+    bad.write_bytes(b"PAR1 definitely not parquet")
+    assert_one_line_error(cli.invoke(app, ["index", *args, "--texts", str(bad)]), "cannot read caption file")
+    nocol = tmp_path / "nocol.csv"
+    nocol.write_text("image,description\na.png,a dog\n")
+    assert_one_line_error(
+        cli.invoke(app, ["index", *args, "--texts", str(nocol)]), "no 'caption' or 'text' column", "description"
+    )
+    assert_one_line_error(
+        cli.invoke(app, ["index", *args, "--texts", str(nocol), "--text-column", "title"]), "no column 'title'"
+    )
+    missing_images = tmp_path / "caps.csv"
+    missing_images.write_text("image,caption\nnowhere/a.png,a dog\nnowhere/b.png,a cat\n")
+    assert_one_line_error(cli.invoke(app, ["index", *args, "--texts", str(missing_images)]), "none of the image paths")
+    assert_one_line_error(
+        cli.invoke(app, ["index", *args, "--texts", str(tmp_path / "x.docx")]), "caption file not found"
+    )
+    (tmp_path / "x.docx").write_text("x")
+    assert_one_line_error(
+        cli.invoke(app, ["index", *args, "--texts", str(tmp_path / "x.docx")]), "unsupported caption file"
+    )
+
+
+def test_search_usage_errors(cli, tmp_path, photos, tiny_model):
+    idx = str(tmp_path / "idx")
+    assert cli.invoke(app, ["index", str(photos), "--index", idx, *tiny_model.cli_args()]).exit_code == 0
+    assert_one_line_error(cli.invoke(app, ["search", "--index", idx]), "either a text query or --image")
+    assert_one_line_error(cli.invoke(app, ["search", "dog", "--image", str(photos), "--index", idx]), "not both")
+    assert_one_line_error(cli.invoke(app, ["search", "--image", str(tmp_path / "no.png"), "--index", idx]), "not found")
+    assert_one_line_error(cli.invoke(app, ["search", "   ", "--index", idx]), "empty")
+    other = tmp_path / "other.json"
+    other.write_text(tiny_model.config.read_text())
+    r = cli.invoke(
+        app, ["index", str(photos), "--index", idx, "--model", str(other), "--pretrained", str(tiny_model.weights)]
+    )
+    assert_one_line_error(r, "was built with tiny-clip")
+
+
+def test_real_entry_point_prints_one_line(tmp_path):
+    """Through the console entry point, third-party log lines must not join our one-line error."""
+    make_images(tmp_path / "p", 2, seed=1)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "cli",
+        "index",
+        str(tmp_path / "p"),
+        "--index",
+        str(tmp_path / "idx"),
+        "--model",
+        "ViT-B-32",
+        "--pretrained",
+        "laion2b_s34b_b79k",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: "), proc.stderr
+    assert "--pretrained /path/to/checkpoint" in proc.stderr
