@@ -44,11 +44,13 @@ class ImageFiles(Dataset[Decoded]):
         *,
         known_hashes: frozenset[str] = frozenset(),
         max_pixels: int,
+        exif_transpose: bool = True,
     ):
         self.paths = paths
         self.transform = transform
         self.known_hashes = known_hashes
         self.max_pixels = max_pixels
+        self.exif_transpose = exif_transpose
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -69,7 +71,7 @@ class ImageFiles(Dataset[Decoded]):
         if out.hash in self.known_hashes:
             return out
         try:
-            decoded = decode_image(data, max_pixels=self.max_pixels)
+            decoded = decode_image(data, max_pixels=self.max_pixels, exif_transpose=self.exif_transpose)
             out.pixels = self.transform(decoded.image)
             out.width, out.height = decoded.width, decoded.height
         except ImageDecodeError as e:

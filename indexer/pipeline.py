@@ -19,7 +19,7 @@ from indexer.sources import FileEntry, TextSource, check_roots, open_texts, scan
 from retrieval.encoder import EncoderConfig, ModelSpec, load_encoder
 from retrieval.errors import ClipdexError, IndexFormatError, InputError
 from retrieval.imaging import DEFAULT_MAX_PIXELS
-from retrieval.store import MANIFEST, MODEL_DIR, IndexWriter, Kind, Record, Status, read_manifest
+from retrieval.store import MANIFEST, IndexWriter, Kind, Record, Status, index_encoder_config, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,7 @@ def _encoder_config(config: IndexConfig) -> EncoderConfig:
     spec = _existing_spec(config.index_dir)
     if spec is None:
         return config.encoder or EncoderConfig(device=config.device)
-    stored_model = str(config.index_dir / MODEL_DIR / f"{spec.name}.json") if spec.config else spec.name
-    stored = EncoderConfig(model=stored_model, pretrained=spec.pretrained, device=config.device)
+    stored, _ = index_encoder_config(config.index_dir, device=config.device)
     if config.encoder is None:
         return stored
     asked = config.encoder

@@ -190,10 +190,15 @@ class Encoder:
         return self.encode_images(torch.stack([self.preprocess(im) for im in images]))
 
     def encode_texts(self, texts: Sequence[str], *, batch_size: int = 256) -> np.ndarray:
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        for start, stop in _batches(len(texts), batch_size):
-            out[start:stop] = self._encode_text_batch(list(texts[start:stop]))
-        return out
+        """Encode each distinct text once, in batches of similar length so trimming cuts the most."""
+        unique = list(dict.fromkeys(texts))
+        order = sorted(range(len(unique)), key=lambda i: len(unique[i]))
+        encoded = np.empty((len(unique), self.dim), dtype=np.float32)
+        for start, stop in _batches(len(order), batch_size):
+            rows = order[start:stop]
+            encoded[rows] = self._encode_text_batch([unique[i] for i in rows])
+        position = {t: i for i, t in enumerate(unique)}
+        return encoded[[position[t] for t in texts]] if texts else encoded
 
     def _encode_text_batch(self, texts: list[str], *, trim: bool | None = None) -> np.ndarray:
         tokens = self.tokenizer(texts).to(self.device)

@@ -23,8 +23,11 @@ class DecodedImage:
     height: int
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    """Decode bytes to RGB, applying EXIF orientation and taking the first frame of animations."""
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, exif_transpose: bool = True) -> DecodedImage:
+    """Decode bytes to RGB, taking the first frame of animations and applying EXIF orientation.
+
+    Evaluation turns `exif_transpose` off because the benchmark protocol (CLIP_benchmark) ignores it.
+    """
     if not data:
         raise ImageDecodeError("empty file")
     try:
@@ -40,7 +43,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
                 )
             img.seek(0)
             img.load()
-            img = ImageOps.exif_transpose(img) or img
+            if exif_transpose:
+                img = ImageOps.exif_transpose(img) or img
             rgb = _to_rgb(img)
     except ImageDecodeError:
         raise

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from retrieval import ann
-from retrieval.encoder import Encoder, EncoderConfig, ModelSpec, load_encoder
+from retrieval.encoder import Encoder, load_encoder
 from retrieval.errors import IndexFormatError, InputError
 from retrieval.imaging import ImageDecodeError, decode_image
-from retrieval.store import MODEL_DIR, Kind, read_manifest, snapshot_files
+from retrieval.store import Kind, index_encoder_config, read_manifest, snapshot_files
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,8 @@ class Searcher:
     @property
     def encoder(self) -> Encoder:
         if self._encoder is None:
-            spec = ModelSpec.from_json(self.manifest["model"])
-            model = spec.name
-            if spec.config is not None:
-                model = str(self.dir / MODEL_DIR / f"{spec.name}.json")
-            self._encoder = load_encoder(
-                EncoderConfig(model=model, pretrained=spec.pretrained, device=self.device), expect=spec
-            )
+            config, spec = index_encoder_config(self.dir, device=self.device)
+            self._encoder = load_encoder(config, expect=spec)
         return self._encoder
 
     def count(self, target: Target) -> int:

@@ -24,7 +24,7 @@ import duckdb
 import numpy as np
 
 from retrieval import ann
-from retrieval.encoder import ModelSpec
+from retrieval.encoder import EncoderConfig, ModelSpec
 from retrieval.errors import IndexFormatError, IndexLockedError, IndexNotFoundError
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,13 @@ def read_manifest(index_dir: Path) -> dict[str, Any]:
             f"{index_dir} has index format {version}, newer than this clipdex reads ({FORMAT_VERSION}); upgrade clipdex"
         )
     return manifest
+
+
+def index_encoder_config(index_dir: Path, *, device: str = "auto") -> tuple[EncoderConfig, ModelSpec]:
+    """The encoder config that reloads the model an index was built with."""
+    spec = ModelSpec.from_json(read_manifest(index_dir)["model"])
+    model = str(index_dir / MODEL_DIR / f"{spec.name}.json") if spec.config is not None else spec.name
+    return EncoderConfig(model=model, pretrained=spec.pretrained, device=device), spec
 
 
 def snapshot_files(manifest: dict[str, Any]) -> dict[str, str]:

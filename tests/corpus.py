@@ -127,3 +127,65 @@ def train_tiny_model(config_path: Path, out: Path, *, steps: int = 150, seed: in
         opt.step()
     torch.save(model.state_dict(), out)
     return out
+
+
+def _dataset_scenes(n: int, seed: int) -> list[tuple[Scene, list[str]]]:
+    """Scenes with 5 captions each, every seventh with 6, some captions holding commas."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        scene = random_scene(rng)
+        caps = scene.captions(rng, 6 if i % 7 == 3 else 5)
+        out.append((scene, caps))
+    return out
+
+
+def make_flickr_fixture(root: Path, n: int, *, seed: int = 0) -> Path:
+    """CLIP_benchmark's Flickr30k layout: images in root, flickr30k_test_karpathy.txt beside them."""
+    root.mkdir(parents=True, exist_ok=True)
+    lines = ["image,caption"]
+    for i, (scene, caps) in enumerate(_dataset_scenes(n, seed)):
+        name = f"{1000 + i * 37}.jpg"
+        draw(scene, noise_seed=seed + i).save(root / name, quality=92)
+        lines += [f"{name},{c}" for c in caps]
+    (root / "flickr30k_test_karpathy.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def make_coco_fixture(root: Path, n: int, *, seed: int = 0) -> Path:
+    """CLIP_benchmark's COCO layout: coco_test_karpathy.json (COCO captions format), images in val2014/."""
+    (root / "val2014").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    images, annotations = [], []
+    ids = rng.sample(range(1, 600_000), n)  # not sorted: readers must order by id like pycocotools users do
+    for image_id, (scene, caps) in zip(ids, _dataset_scenes(n, seed), strict=True):
+        name = f"COCO_val2014_{image_id:012d}.jpg"
+        draw(scene, noise_seed=image_id).save(root / "val2014" / name, quality=92)
+        images.append({"id": image_id, "file_name": name, "width": 64, "height": 64})
+        first = len(annotations) + 1
+        annotations += [{"image_id": image_id, "id": first + j, "caption": c} for j, c in enumerate(caps)]
+    rng.shuffle(annotations)
+    (root / "coco_test_karpathy.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return root
+
+
+def make_karpathy_fixture(root: Path, dataset: str, n: int, *, seed: int = 0) -> Path:
+    """Karpathy's dataset_{flickr30k,coco}.json, with test images mixed among other splits."""
+    splits = ["train", "test", "val", "restval", "test"]
+    entries = []
+    for i, (scene, caps) in enumerate(_dataset_scenes(n, seed)):
+        filename = f"{i:05d}.jpg"
+        folder = root / ("flickr30k-images" if dataset == "flickr30k" else "val2014")
+        folder.mkdir(parents=True, exist_ok=True)
+        draw(scene, noise_seed=seed + i).save(folder / filename, quality=92)
+        entry = {
+            "filename": filename,
+            "imgid": i,
+            "split": splits[i % len(splits)],
+            "sentences": [{"raw": c, "tokens": c.split()} for c in caps],
+        }
+        if dataset == "coco":
+            entry["filepath"] = "val2014"
+        entries.append(entry)
+    (root / f"dataset_{dataset}.json").write_text(json.dumps({"images": entries, "dataset": dataset}))
+    return root

@@ -1,0 +1,86 @@
+"""Model loading from config JSON and checkpoints; text trimming is exact; duplicates encode once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from retrieval.encoder import EncoderConfig, _encode_text_trimmed, load_encoder
+from retrieval.errors import ModelError
+
+CAPTIONS = [
+    "a dog",
+    "a small red circle on a blue background",
+    "two cats, one black and one white, sleeping on a very long green sofa next to an open window at sunset",
+    "x",
+    "a dog",
+]
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model):
+    return load_encoder(EncoderConfig(model=str(tiny_model.config), pretrained=str(tiny_model.weights), device="cpu"))
+
+
+def test_trimmed_text_equals_full_context(encoder):
+    assert encoder.trim_text
+    tokens = encoder.tokenizer(CAPTIONS)
+    with torch.inference_mode():
+        full = torch.nn.functional.normalize(encoder.model.encode_text(tokens), dim=-1)
+        cut = torch.nn.functional.normalize(_encode_text_trimmed(encoder.model, tokens), dim=-1)
+    cosine = (full * cut).sum(-1)
+    assert cosine.min().item() >= 0.9999
+    single = encoder.encode_texts(["x"])  # a one-token caption trims to three positions
+    assert float(single[0] @ full[3].numpy()) >= 0.9999
+
+
+def test_encode_texts_dedupes_and_keeps_order(encoder):
+    out = encoder.encode_texts(CAPTIONS, batch_size=2)
+    assert out.shape == (5, encoder.dim)
+    assert np.array_equal(out[0], out[4])  # identical captions: bit-identical vectors
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    one_by_one = np.stack([encoder.encode_texts([c])[0] for c in CAPTIONS])
+    np.testing.assert_allclose(out, one_by_one, atol=1e-5)
+    assert encoder.encode_texts([]).shape == (0, encoder.dim)
+
+
+def test_checkpoint_formats_load_the_same_weights(tmp_path, tiny_model, encoder):
+    state = torch.load(tiny_model.weights, weights_only=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "w.safetensors")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, tmp_path / "train.pt")
+    want = encoder.encode_texts(CAPTIONS[:2])
+    for path in (tmp_path / "w.safetensors", tmp_path / "train.pt"):
+        other = load_encoder(EncoderConfig(model=str(tiny_model.config), pretrained=str(path)))
+        np.testing.assert_allclose(other.encode_texts(CAPTIONS[:2]), want, atol=1e-6)
+        assert other.spec.checkpoint_sha256 and other.spec.pretrained == str(path.resolve())
+
+
+def test_pickled_objects_are_refused(tmp_path, tiny_model):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"state_dict": {}, "payload": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ModelError, match="cannot load checkpoint"):
+        load_encoder(EncoderConfig(model=str(tiny_model.config), pretrained=str(tmp_path / "evil.pt")))
+
+
+def test_changed_checkpoint_is_refused(tmp_path, tiny_model, encoder):
+    import shutil
+
+    copy = tmp_path / "w.pt"
+    shutil.copy(tiny_model.weights, copy)
+    spec = load_encoder(EncoderConfig(model=str(tiny_model.config), pretrained=str(copy))).spec
+    state = torch.load(copy, weights_only=True)
+    state["logit_scale"] = state["logit_scale"] + 1
+    torch.save(state, copy)
+    with pytest.raises(ModelError, match="has changed since the index was built"):
+        load_encoder(EncoderConfig(model=str(tiny_model.config), pretrained=str(copy)), expect=spec)
+
+
+def test_bad_config_json(tmp_path):
+    (tmp_path / "x.json").write_text('{"embed_dim": 8}')
+    with pytest.raises(ModelError, match="missing vision_cfg, text_cfg"):
+        load_encoder(EncoderConfig(model=str(tmp_path / "x.json"), pretrained=None))
