@@ -140,6 +140,10 @@ def index(
         int, typer.Option(min=1, help="Refuse images with more pixels than this, without decoding them.")
     ] = 178_956_970,
     strict: Annotated[bool, typer.Option(help="Exit non-zero when any file failed.")] = False,
+    commit_every: Annotated[int, typer.Option(min=1, help="Commit to the catalog every N batches.")] = 16,
+    publish_every: Annotated[
+        float, typer.Option(min=0, help="Make committed work searchable at most every N seconds during a run.")
+    ] = 60.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Index folders of images and/or a caption file; re-running only encodes what changed."""
@@ -156,6 +160,8 @@ def index(
         batch_size=batch_size,
         workers=workers,
         max_pixels=max_pixels,
+        commit_every=commit_every,
+        publish_every_s=publish_every,
     )
     with _progress() as bar:
         summary = run_index(config, progress=_RichProgress(bar))
@@ -250,6 +256,33 @@ def info(
         for item in data["failures"]:
             fails.add_row(item["path"] or item["text"] or "", item["error"] or "")
         out.print(fails)
+
+
+@app.command()
+@_friendly
+def check(
+    index_dir: IndexDir = ...,  # type: ignore[assignment]
+    as_json: JsonOpt = False,
+) -> None:
+    """Verify that manifest, catalog, vectors and FAISS indexes agree; exit 1 and list what is wrong if not."""
+    from retrieval.check import check_index
+    from retrieval.store import read_manifest
+
+    if not index_dir.is_dir():
+        read_manifest(index_dir)  # raises the usual one-line "not found"
+    report = check_index(index_dir)
+    if as_json:
+        print(json.dumps(report.to_json()))
+    else:
+        for note in report.notes:
+            err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+        for problem in report.problems:
+            out.print(f"[bold red]problem:[/] {problem}", highlight=False, soft_wrap=True)
+        if report.ok:
+            counts = ", ".join(f"{v} {k}" for k, v in report.counts.items())
+            out.print(f"[green]ok[/]: {index_dir} is consistent ({counts})", highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 class DatasetOpt(str, Enum):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from retrieval.imaging import ImageDecodeError, decode_image
+from retrieval.imaging import MAX_FILE_BYTES, ImageDecodeError, decode_image
 
 
 def content_hash(data: bytes) -> str:
@@ -34,6 +34,7 @@ class Decoded:
     height: int | None = None
     pixels: torch.Tensor | None = None
     error: str | None = None
+    vanished: bool = False
 
 
 class ImageFiles(Dataset[Decoded]):
@@ -45,12 +46,14 @@ class ImageFiles(Dataset[Decoded]):
         known_hashes: frozenset[str] = frozenset(),
         max_pixels: int,
         exif_transpose: bool = True,
+        max_aspect: float | None = None,
     ):
         self.paths = paths
         self.transform = transform
         self.known_hashes = known_hashes
         self.max_pixels = max_pixels
         self.exif_transpose = exif_transpose
+        self.max_aspect = max_aspect
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -59,10 +62,14 @@ class ImageFiles(Dataset[Decoded]):
         path = self.paths[i]
         try:
             st = os.stat(path)
+            if st.st_size > MAX_FILE_BYTES:
+                return Decoded(
+                    i, size=st.st_size, mtime=st.st_mtime, error=f"file is {st.st_size} bytes, over the 1 GiB limit"
+                )
             with open(path, "rb") as f:
-                data = f.read()
+                data = f.read(MAX_FILE_BYTES + 1)
         except FileNotFoundError:
-            return Decoded(i, error="file vanished before it could be read")
+            return Decoded(i, vanished=True, error="file vanished before it could be read")
         except OSError as e:
             return Decoded(i, error=f"cannot read file: {e.strerror or e}")
         if len(data) != st.st_size:
@@ -71,7 +78,9 @@ class ImageFiles(Dataset[Decoded]):
         if out.hash in self.known_hashes:
             return out
         try:
-            decoded = decode_image(data, max_pixels=self.max_pixels, exif_transpose=self.exif_transpose)
+            decoded = decode_image(
+                data, max_pixels=self.max_pixels, exif_transpose=self.exif_transpose, max_aspect=self.max_aspect
+            )
             out.pixels = self.transform(decoded.image)
             out.width, out.height = decoded.width, decoded.height
         except ImageDecodeError as e:

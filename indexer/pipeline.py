@@ -18,7 +18,7 @@ from indexer.decode import ImageFiles, content_hash, default_workers, iter_decod
 from indexer.sources import FileEntry, TextSource, check_roots, open_texts, scan_roots
 from retrieval.encoder import EncoderConfig, ModelSpec, load_encoder
 from retrieval.errors import ClipdexError, IndexFormatError, InputError
-from retrieval.imaging import DEFAULT_MAX_PIXELS
+from retrieval.imaging import DEFAULT_MAX_PIXELS, MAX_ASPECT
 from retrieval.store import MANIFEST, IndexWriter, Kind, Record, Status, index_encoder_config, read_manifest
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,7 @@ class _Run:
             self.encoder.preprocess,
             known_hashes=frozenset(known),
             max_pixels=self.config.max_pixels,
+            max_aspect=MAX_ASPECT if self.encoder.crops_center else None,
         )
         workers = self.config.workers if self.config.workers is not None else default_workers()
         self.progress.start("images", len(work))
@@ -199,6 +200,11 @@ class _Run:
                     width=d.width,
                     height=d.height,
                 )
+                if d.vanished:  # deleted since the scan: gone, not broken
+                    if old:
+                        self.to_delete.append(old["id"])
+                        self.summary.removed += 1
+                    continue
                 if d.error is not None:
                     self._fail(rec, d.error)
                     continue

@@ -173,6 +173,12 @@ class Encoder:
         self.dim = int(_embed_dim(model))
         self.trim_text = _can_trim_text(model, tokenizer) and self._trim_is_exact()
 
+    @property
+    def crops_center(self) -> bool:
+        """Whether preprocessing resizes the short side and centre-crops (open_clip's default mode)."""
+        cfg = getattr(getattr(self.model, "visual", None), "preprocess_cfg", None) or {}
+        return cfg.get("resize_mode", "shortest") == "shortest"
+
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.type != "cuda":
             return contextlib.nullcontext()

@@ -10,6 +10,10 @@ import numpy as np
 from PIL import Image, ImageOps
 
 DEFAULT_MAX_PIXELS = 178_956_970  # twice PIL's own bomb threshold: a 13k x 13k photo still passes
+MAX_FILE_BYTES = 1 << 30  # an "image" file over 1 GiB is refused unread
+# Past this aspect ratio an image is cut to its centre before preprocessing: resizing the short side
+# of a 100000x1 strip to 224 pixels would allocate gigabytes, and the centre crop discards the rest anyway.
+MAX_ASPECT = 32.0
 
 
 class ImageDecodeError(Exception):
@@ -23,13 +27,18 @@ class DecodedImage:
     height: int
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, exif_transpose: bool = True) -> DecodedImage:
+def decode_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, exif_transpose: bool = True, max_aspect: float | None = None
+) -> DecodedImage:
     """Decode bytes to RGB, taking the first frame of animations and applying EXIF orientation.
 
     Evaluation turns `exif_transpose` off because the benchmark protocol (CLIP_benchmark) ignores it.
     """
     if not data:
         raise ImageDecodeError("empty file")
+    if max_pixels > DEFAULT_MAX_PIXELS:
+        # the caller raised the limit above PIL's own refusal threshold; our check below replaces it
+        Image.MAX_IMAGE_PIXELS = None
     try:
         with warnings.catch_warnings():
             # our own limit replaces PIL's process-wide one, which only warns below 2x
@@ -46,6 +55,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, exif_tran
             if exif_transpose:
                 img = ImageOps.exif_transpose(img) or img
             rgb = _to_rgb(img)
+            if max_aspect is not None:
+                rgb = _cap_aspect(rgb, max_aspect)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as e:
@@ -53,6 +64,17 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, exif_tran
     except Exception as e:  # PIL raises many types for broken files; all mean "not an image"
         raise ImageDecodeError(f"not a readable image ({type(e).__name__}: {e})") from e
     return DecodedImage(image=rgb, width=width, height=height)
+
+
+def _cap_aspect(img: Image.Image, max_aspect: float) -> Image.Image:
+    w, h = img.size
+    if w > h * max_aspect:
+        keep = max(1, int(h * max_aspect))
+        return img.crop(((w - keep) // 2, 0, (w - keep) // 2 + keep, h))
+    if h > w * max_aspect:
+        keep = max(1, int(w * max_aspect))
+        return img.crop((0, (h - keep) // 2, w, (h - keep) // 2 + keep))
+    return img
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

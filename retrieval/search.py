@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from retrieval import ann
-from retrieval.encoder import Encoder, load_encoder
+from retrieval.encoder import Encoder, load_encoder, sha256_file
 from retrieval.errors import IndexFormatError, InputError
 from retrieval.imaging import ImageDecodeError, decode_image
 from retrieval.store import Kind, index_encoder_config, read_manifest, snapshot_files
@@ -73,6 +73,7 @@ class Searcher:
 
     def _open_snapshot(self) -> None:
         files = snapshot_files(self.manifest)
+        _verify(self.dir, files, self.manifest.get("snapshot", {}).get("sha256", {}))
         self._indexes: dict[Target, Any] = {}
         for target in Target:
             name = files.get(target.value)
@@ -142,6 +143,18 @@ class Searcher:
             Hit(rank=r + 1, score=float(s), id=int(i), kind=self._kind[p], path=self._path[p], text=self._text[p])
             for r, (s, i, p) in enumerate(zip(scores, ids, pos, strict=True))
         ]
+
+
+_VERIFY_BELOW = 512 << 20  # larger files are left to `clipdex check`, so that opening stays fast
+
+
+def _verify(index_dir: Path, files: dict[str, str], checksums: dict[str, str]) -> None:
+    """Refuse damaged snapshot files rather than return silently wrong results."""
+    for key, name in files.items():
+        path = index_dir / name
+        small = path.is_file() and path.stat().st_size < _VERIFY_BELOW
+        if key in checksums and small and sha256_file(path) != checksums[key]:
+            raise IndexFormatError(f"{path} is damaged (checksum mismatch); run `clipdex check` and rebuild the index")
 
 
 def _read(path: Path, reader: Any) -> Any:

@@ -24,7 +24,7 @@ import duckdb
 import numpy as np
 
 from retrieval import ann
-from retrieval.encoder import EncoderConfig, ModelSpec
+from retrieval.encoder import EncoderConfig, ModelSpec, sha256_file
 from retrieval.errors import IndexFormatError, IndexLockedError, IndexNotFoundError
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,13 @@ CREATE TABLE IF NOT EXISTS items (
     shard INTEGER,
     row INTEGER,
     updated DOUBLE
+)
+"""
+_SHARDS = """
+CREATE TABLE IF NOT EXISTS shards (
+    shard INTEGER NOT NULL,
+    rows INTEGER NOT NULL,
+    sha256 VARCHAR NOT NULL
 )
 """
 COLUMNS = (
@@ -175,6 +182,7 @@ class IndexWriter:
             self.manifest = self._load_or_create_manifest()
             self.con = duckdb.connect(str(index_dir / CATALOG))
             self.con.execute(_SCHEMA)
+            self.con.execute(_SHARDS)
             self._next_id = int(self.con.execute("SELECT COALESCE(MAX(id), -1) + 1 FROM items").fetchone()[0])  # type: ignore[index]
             self._next_shard = self._scan_next_shard()
             self._remove_orphans()
@@ -213,16 +221,20 @@ class IndexWriter:
         which the next writer removes.
         """
         fresh = [r for r in records if r.vector is not None]
+        new_shard: tuple[int, int, str] | None = None
         if fresh:
             shard = self._next_shard
             self._next_shard += 1
-            _atomic_save_npy(self._shard_path(shard), np.stack([r.vector for r in fresh]).astype(np.float32))  # type: ignore[misc]
+            digest = _atomic_save_npy(self._shard_path(shard), np.stack([r.vector for r in fresh]).astype(np.float32))  # type: ignore[misc]
+            new_shard = (shard, len(fresh), digest)
             for row, r in enumerate(fresh):
                 r.shard, r.row = shard, row
         now = time.time()
         touched = [r.id for r in records] + list(delete_ids or [])
         self.con.execute("BEGIN TRANSACTION")
         try:
+            if new_shard is not None:
+                self.con.execute("INSERT INTO shards VALUES (?, ?, ?)", list(new_shard))
             if touched:
                 self.con.execute("DELETE FROM items WHERE id IN (SELECT unnest($1::BIGINT[]))", [touched])
             if records:
@@ -289,10 +301,11 @@ class IndexWriter:
         files["items"] = meta_name
         failed = int(self.con.execute("SELECT COUNT(*) FROM items WHERE status = 'failed'").fetchone()[0])  # type: ignore[index]
         counts["failed"] = failed
+        checksums = {key: sha256_file(self.dir / name) for key, name in files.items()}
         self.manifest.update(
             counts=counts,
             index_types=index_types,
-            snapshot={"generation": generation, "files": files, "published": time.time()},
+            snapshot={"generation": generation, "files": files, "sha256": checksums, "published": time.time()},
         )
         self._write_manifest()
         self._remove_stale_snapshots(set(files.values()))
@@ -369,9 +382,12 @@ class IndexWriter:
         return max([int(in_catalog), *on_disk], default=-1) + 1
 
     def _remove_orphans(self) -> None:
+        """Delete shard files no committed row uses: left by a run that died before its commit,
+        or holding only vectors of items removed since."""
         used = {
             int(s) for (s,) in self.con.execute("SELECT DISTINCT shard FROM items WHERE shard IS NOT NULL").fetchall()
         }
+        self.con.execute("DELETE FROM shards WHERE shard NOT IN (SELECT unnest($1::INTEGER[]))", [sorted(used)])
         for p in (self.dir / VECTORS).iterdir():
             if p.suffix == ".tmp" or (p.suffix == ".npy" and p.stem.isdigit() and int(p.stem) not in used):
                 p.unlink(missing_ok=True)
@@ -388,13 +404,15 @@ def _sql_str(path: Path) -> str:
     return str(path).replace("'", "''")
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+def _atomic_save_npy(path: Path, array: np.ndarray) -> str:
+    """Write an .npy file atomically; return its sha256."""
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as f:
         np.save(f, array, allow_pickle=False)
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
+    return sha256_file(path)
 
 
 class _Lock:
