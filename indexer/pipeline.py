@@ -156,7 +156,7 @@ class _Run:
         if texts is not None and texts.image_column:
             sources.add(str(texts.path))
             for row in texts:
-                if row.image is not None and row.error is None:
+                if row.image is not None and row.image.is_file():  # a bad caption does not make its image bad
                     e = scan_one(row.image, str(texts.path))
                     if e is not None:
                         entries.setdefault(str(e.path), e)

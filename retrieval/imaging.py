@@ -60,7 +60,7 @@ def decode_image(
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageDecodeError(f"refused as a decompression bomb: {e}") from e
+        raise ImageDecodeError(f"refused, over the limit: {e} (raise it with --max-pixels)") from e
     except Exception as e:  # PIL raises many types for broken files; all mean "not an image"
         raise ImageDecodeError(f"not a readable image ({type(e).__name__}: {e})") from e
     return DecodedImage(image=rgb, width=width, height=height)
