@@ -19,7 +19,16 @@ from indexer.sources import FileEntry, TextSource, check_roots, open_texts, scan
 from retrieval.encoder import EncoderConfig, ModelSpec, load_encoder
 from retrieval.errors import ClipdexError, IndexFormatError, InputError
 from retrieval.imaging import DEFAULT_MAX_PIXELS, MAX_ASPECT
-from retrieval.store import MANIFEST, IndexWriter, Kind, Record, Status, index_encoder_config, read_manifest
+from retrieval.store import (
+    MANIFEST,
+    IndexWriter,
+    Kind,
+    Record,
+    Status,
+    acquire_lock,
+    index_encoder_config,
+    read_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +98,15 @@ def run_index(config: IndexConfig, *, progress: Progress | None = None) -> Summa
             config.texts.expanduser().absolute(), text_column=config.text_column, image_column=config.image_column
         )
     encoder_config = _encoder_config(config)
-    encoder = load_encoder(encoder_config, expect=_existing_spec(config.index_dir))
-    writer = IndexWriter(config.index_dir, encoder.spec, encoder.dim)
+    # an existing index is locked before the model loads, so a second indexer is refused at once
+    lock = acquire_lock(config.index_dir) if (config.index_dir / MANIFEST).exists() else None
+    try:
+        encoder = load_encoder(encoder_config, expect=_existing_spec(config.index_dir))
+        writer = IndexWriter(config.index_dir, encoder.spec, encoder.dim, lock=lock)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
     run = _Run(config, writer, encoder, progress)
     try:
         run.images(roots, texts)

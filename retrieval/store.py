@@ -171,13 +171,13 @@ class Record:
 class IndexWriter:
     """Exclusive, transactional access to an index directory for one indexing run."""
 
-    def __init__(self, index_dir: Path, spec: ModelSpec, dim: int):
+    def __init__(self, index_dir: Path, spec: ModelSpec, dim: int, *, lock: WriteLock | None = None):
         self.dir = index_dir
         self.spec = spec
         self.dim = dim
         index_dir.mkdir(parents=True, exist_ok=True)
         (index_dir / VECTORS).mkdir(exist_ok=True)
-        self._lock_file = _acquire_lock(index_dir / LOCK)
+        self._lock_file = lock or acquire_lock(index_dir)
         try:
             self.manifest = self._load_or_create_manifest()
             self.con = duckdb.connect(str(index_dir / CATALOG))
@@ -415,7 +415,9 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> str:
     return sha256_file(path)
 
 
-class _Lock:
+class WriteLock:
+    """The exclusive right to write an index directory, held until `close`."""
+
     def __init__(self, f: Any):
         self._f = f
 
@@ -423,8 +425,9 @@ class _Lock:
         self._f.close()
 
 
-def _acquire_lock(path: Path) -> _Lock:
+def acquire_lock(index_dir: Path) -> WriteLock:
     # flock is released by the kernel when the holder dies, so a killed indexer never leaves a stale lock.
+    path = index_dir / LOCK
     f = path.open("a+")
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -437,7 +440,7 @@ def _acquire_lock(path: Path) -> _Lock:
     f.truncate()
     f.write(f"pid {os.getpid()}\n")
     f.flush()
-    return _Lock(f)
+    return WriteLock(f)
 
 
 @contextmanager

@@ -1,0 +1,164 @@
+"""Real processes: SIGKILL at random moments, Ctrl-C, a second indexer, a search during a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+from conftest import TinyModel
+from corpus import make_images
+
+from retrieval import Searcher, Target
+from retrieval.check import check_index
+
+REPO = Path(__file__).parents[1]
+
+
+def clipdex(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cli", *map(str, args)]
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def index_cmd(photos: Path, index: Path, model: TinyModel) -> list[str]:
+    # small batches, a commit and a publish after every batch: many states a kill can land in
+    return clipdex(
+        "index",
+        photos,
+        "--index",
+        index,
+        *model.cli_args(),
+        "--batch-size",
+        "8",
+        "--commit-every",
+        "1",
+        "--publish-every",
+        "0",
+        "--workers",
+        "1",
+        "--json",
+    )
+
+
+def assert_matches_disk(index: Path, photos: Path) -> None:
+    on_disk = sorted(str(p) for p in photos.rglob("*.png"))
+    con = duckdb.connect(str(index / "catalog.duckdb"), read_only=True)
+    try:
+        rows = [r[0] for r in con.execute("SELECT path FROM items WHERE kind = 'image' AND status = 'ok'").fetchall()]
+    finally:
+        con.close()
+    assert sorted(rows) == on_disk  # every file exactly once
+    searcher = Searcher(index)
+    assert searcher.count(Target.IMAGES) == len(on_disk)
+    hits = searcher.search_text("a red circle", k=len(on_disk) + 5)
+    assert sorted(h.path for h in hits) == on_disk
+    report = check_index(index)
+    assert report.ok and not report.notes, report.to_json()
+
+
+@pytest.fixture(scope="module")
+def big_corpus(tmp_path_factory) -> Path:
+    photos = tmp_path_factory.mktemp("kill") / "photos"
+    make_images(photos, 300, seed=21)
+    return photos
+
+
+def test_sigkill_at_random_moments_then_rerun(tmp_path, big_corpus, tiny_model):
+    # how long one whole run takes here, so the kills land throughout it
+    t0 = time.monotonic()
+    warm = subprocess.run(
+        index_cmd(big_corpus, tmp_path / "warm", tiny_model), cwd=REPO, capture_output=True, text=True
+    )
+    assert warm.returncode == 0, warm.stderr
+    total = time.monotonic() - t0
+
+    index = tmp_path / "idx"
+    rng = random.Random(4)
+    for attempt in range(5):
+        proc = start(index_cmd(big_corpus, index, tiny_model))
+        time.sleep(rng.uniform(0.3, 1.0) * total if attempt else 0.85 * total)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if (index / "manifest.json").exists():
+            # whatever moment it died at, the index opens, searches, and is consistent
+            Searcher(index).search_text("a blue square", k=5)
+            report = check_index(index)
+            assert report.ok, report.to_json()
+
+    final = subprocess.run(index_cmd(big_corpus, index, tiny_model), cwd=REPO, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    summary = json.loads(final.stdout)
+    assert summary["failed"] == 0 and summary["removed"] == 0
+    assert summary["added"] + summary["unchanged"] == 300
+    assert_matches_disk(index, big_corpus)
+    again = subprocess.run(index_cmd(big_corpus, index, tiny_model), cwd=REPO, capture_output=True, text=True)
+    assert json.loads(again.stdout) == {"added": 0, "updated": 0, "removed": 0, "unchanged": 300, "failed": 0}
+
+
+def test_ctrl_c_keeps_work_and_second_indexer_refuses(tmp_path, tiny_model):
+    big_corpus = tmp_path / "photos"
+    make_images(big_corpus, 1500, seed=22)  # long enough a run for another process to start meanwhile
+    index = tmp_path / "idx"
+    cmd = index_cmd(big_corpus, index, tiny_model)
+    cmd[cmd.index("--publish-every") + 1] = "0.5"
+    proc = start(cmd)
+    deadline = time.monotonic() + 60
+    # wait until the run has committed something and holds the lock
+    while time.monotonic() < deadline and not list(index.glob("images-*.faiss")):
+        if proc.poll() is not None:
+            pytest.fail(f"indexer ended early: {proc.stderr.read()}")
+        time.sleep(0.05)
+
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert second.returncode == 2 and "being written" in second.stderr and "pid" in second.stderr
+    # a search in the middle of the run sees a published state
+    during = subprocess.run(
+        clipdex("search", "a circle", "--index", index, "--json", "-k", "2000"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert during.returncode == 0, during.stderr
+    paths = [h["path"] for h in json.loads(during.stdout)["results"]]
+    assert len(paths) == len(set(paths)) and all(Path(p).exists() for p in paths)
+
+    if proc.poll() is None:
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=30)
+        assert time.monotonic() - t0 < 10
+        if code != 0:  # it may have finished just before the signal
+            assert code == 130 and "interrupted" in proc.stderr.read()
+    report = check_index(index)
+    assert report.ok, report.to_json()
+    assert not report.notes  # Ctrl-C publishes what was committed
+    final = subprocess.run(index_cmd(big_corpus, index, tiny_model), cwd=REPO, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    assert_matches_disk(index, big_corpus)
+
+
+def test_lock_is_released_when_the_holder_dies(tmp_path, tiny_model):
+    """A lock file left by a dead process does not block: the kernel drops its flock."""
+    from retrieval.encoder import EncoderConfig, load_encoder
+    from retrieval.errors import IndexLockedError
+    from retrieval.store import IndexWriter
+
+    encoder = load_encoder(EncoderConfig(model=str(tiny_model.config), pretrained=str(tiny_model.weights)))
+    writer = IndexWriter(tmp_path / "idx", encoder.spec, encoder.dim)
+    with pytest.raises(IndexLockedError, match=f"pid {os.getpid()}"):
+        IndexWriter(tmp_path / "idx", encoder.spec, encoder.dim)
+    writer.close()
+    code = "import sys, os; sys.path.insert(0, '.'); import fcntl; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write('pid 1\\n'); f.flush(); os._exit(0)"
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "idx" / "write.lock")], check=True)
+    IndexWriter(tmp_path / "idx", encoder.spec, encoder.dim).close()
