@@ -1,20 +1,34 @@
-"""The one place that chooses, builds, saves, loads and searches FAISS indexes.
+"""The one place that chooses, builds, tunes, saves, loads and searches FAISS indexes.
 
-Every index is wrapped in an IndexIDMap2 so the ids FAISS returns are catalog ids, and uses
-inner product over L2-normalised vectors, i.e. cosine similarity.
+Choice (`plan_index`): exact search while it is fast enough; past that an inverted file whose cells are
+searched partially, with vectors kept as float32, fp16, 8-bit scalars, or OPQ+PQ codes: the most precise
+encoding that fits the memory budget. Tuning (`tune`) then raises nprobe / efSearch until recall@10 against
+exact search on held-out queries reaches the target, and both are stored in the manifest.
+
+All indexes use inner product over L2-normalised vectors (cosine) and carry catalog ids: flat and HNSW indexes
+through an IndexIDMap2, IVF indexes natively.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import faiss
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+EXACT_MAX = 50_000  # below this a flat scan answers in a few ms on one core
+DEFAULT_TARGET_RECALL = 0.95
+_ID_BYTES = 8
+_MMAP_ABOVE = 256 << 20
 
 
 class VectorIndex(Protocol):
@@ -23,27 +37,201 @@ class VectorIndex(Protocol):
     def search(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-def choose_index_type(n: int, dim: int) -> str:
-    """FAISS factory string for n vectors of `dim`. Exact search for now: see issue 5."""
-    del n, dim
-    return "Flat"
+@dataclass(frozen=True)
+class IndexPlan:
+    factory: str
+    reason: str
+    bytes_estimate: int
 
 
-def build_index(vectors: np.ndarray, ids: np.ndarray, *, index_type: str | None = None) -> faiss.Index:
-    n, dim = vectors.shape
-    factory = index_type or choose_index_type(n, dim)
+@dataclass
+class Tuning:
+    params: str = ""  # a faiss ParameterSpace string, e.g. "nprobe=16"
+    recall_at_10: float | None = None
+    queries: int = 0
+    curve: list[tuple[str, float]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "params": self.params,
+            "recall_at_10": self.recall_at_10,
+            "queries": self.queries,
+            "curve": [[p, r] for p, r in self.curve],
+        }
+
+
+def parse_memory(text: str) -> int:
+    """'4G', '512M', '1.5GB', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)i?b?\s*", text.lower())
+    if not m:
+        raise ValueError(f"cannot read memory size {text!r}: use e.g. 512M, 4G")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+
+
+def _nlist(n: int) -> int:
+    # FAISS's guideline is 4*sqrt(n) to 16*sqrt(n) cells, each trained on >= 39 points
+    return int(max(16, min(2 ** round(math.log2(4 * math.sqrt(n))), n // 39)))
+
+
+def plan_index(n: int, dim: int, *, memory: int | None = None) -> IndexPlan:
+    """The factory string for n vectors of `dim` under a memory budget (bytes, None: unlimited)."""
+    flat_bytes = n * (4 * dim + _ID_BYTES)
+    if n <= EXACT_MAX and (memory is None or flat_bytes <= memory):
+        return IndexPlan("Flat", f"{n} vectors: exact search is fast enough", flat_bytes)
+    nlist = _nlist(n)
+    coarse = nlist * dim * 4
+    options = [
+        (f"IVF{nlist},Flat", 4 * dim, coarse),
+        (f"IVF{nlist},SQfp16", 2 * dim, coarse),
+        (f"IVF{nlist},SQ8", dim, coarse),
+    ]
+    for m in (dim // 4, dim // 8, dim // 16, dim // 32):
+        if m >= 4 and dim % m == 0:
+            options.append((f"OPQ{m},IVF{nlist},PQ{m}", m, coarse + dim * dim * 4))
+    for factory, per_vector, overhead in options:
+        need = n * (per_vector + _ID_BYTES) + overhead
+        if memory is None or need <= memory:
+            what = "exact vectors" if factory.endswith(",Flat") else factory.rsplit(",", 1)[1] + " codes"
+            budget = "no memory limit" if memory is None else f"budget {memory / 2**20:.0f} MiB"
+            return IndexPlan(factory, f"{n} vectors, {budget}: inverted file, {what}", need)
+    smallest = options[-1]
+    raise ValueError(
+        f"{n} vectors of dim {dim} need at least {(n * (smallest[1] + _ID_BYTES) + smallest[2]) / 2**20:.0f} MiB "
+        f"even as {smallest[0]}; raise --memory"
+    )
+
+
+def build_index(
+    batches: Iterable[tuple[np.ndarray, np.ndarray]], dim: int, *, factory: str, train: np.ndarray | None = None
+) -> faiss.Index:
+    """Build from (vectors, ids) batches; `train` is a sample for indexes that need training."""
     inner = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    index = faiss.IndexIDMap2(inner)
-    if n:
-        if not inner.is_trained:
-            inner.train(np.ascontiguousarray(vectors, dtype=np.float32))
-        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+    index = inner if _has_native_ids(inner) else faiss.IndexIDMap2(inner)
+    if not inner.is_trained:
+        if train is None or len(train) == 0:
+            raise ValueError(f"{factory} needs training vectors")
+        inner.train(np.ascontiguousarray(train, dtype=np.float32))
+    for vectors, ids in batches:
+        if len(ids):
+            index.add_with_ids(
+                np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)
+            )
     return index
 
 
+def _has_native_ids(index: faiss.Index) -> bool:
+    base = faiss.downcast_index(index)
+    if isinstance(base, faiss.IndexPreTransform):
+        base = faiss.downcast_index(base.index)
+    return isinstance(base, faiss.IndexIVF)
+
+
+def _ivf(index: faiss.Index) -> Any:
+    base = faiss.downcast_index(index)
+    if isinstance(base, faiss.IndexIDMap | faiss.IndexIDMap2):
+        base = faiss.downcast_index(base.index)
+    if isinstance(base, faiss.IndexPreTransform):
+        base = faiss.downcast_index(base.index)
+    return base if isinstance(base, faiss.IndexIVF) else None
+
+
+def index_ids(index: faiss.Index) -> np.ndarray:
+    """Every id the index holds (order unspecified)."""
+    top = faiss.downcast_index(index)
+    if isinstance(top, faiss.IndexIDMap | faiss.IndexIDMap2):
+        return faiss.vector_to_array(top.id_map)
+    ivf = _ivf(index)
+    if ivf is None:
+        raise TypeError(f"{type(top).__name__} does not carry catalog ids")
+    invlists = ivf.invlists
+    parts = []
+    for cell in range(ivf.nlist):
+        size = invlists.list_size(cell)
+        if size:
+            ptr = invlists.get_ids(cell)
+            parts.append(faiss.rev_swig_ptr(ptr, size).copy())
+            invlists.release_ids(cell, ptr)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
 def describe(index: faiss.Index) -> str:
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
-    return type(inner).__name__
+    top = faiss.downcast_index(index)
+    if isinstance(top, faiss.IndexIDMap | faiss.IndexIDMap2):
+        top = faiss.downcast_index(top.index)
+    if isinstance(top, faiss.IndexPreTransform):
+        return f"{type(top).__name__}({type(faiss.downcast_index(top.index)).__name__})"
+    return type(top).__name__
+
+
+def is_exact(index: faiss.Index) -> bool:
+    return describe(index) in ("IndexFlat", "IndexFlatIP")
+
+
+def tune(
+    index: faiss.Index, queries: np.ndarray, truth: np.ndarray, *, target: float = DEFAULT_TARGET_RECALL
+) -> Tuning:
+    """Smallest nprobe / efSearch whose recall@10 against `truth` (exact top-10 ids) reaches `target`."""
+    if is_exact(index) or len(queries) == 0:
+        recall = 1.0 if is_exact(index) else None
+        return Tuning(params="", recall_at_10=recall, queries=len(queries))
+    ivf = _ivf(index)
+    if ivf is not None:
+        values = [
+            v
+            for v in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096)
+            if v <= ivf.nlist
+        ]
+        names = [f"nprobe={v}" for v in values] or ["nprobe=1"]
+    elif "HNSW" in describe(index):
+        names = [f"efSearch={v}" for v in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)]
+    else:
+        return Tuning(params="", recall_at_10=_recall(index, queries, truth), queries=len(queries))
+    curve: list[tuple[str, float]] = []
+    for name in names:
+        apply_params(index, name)
+        recall = _recall(index, queries, truth)
+        curve.append((name, recall))
+        if recall >= target:
+            break
+    best = next(((n, r) for n, r in curve if r >= target), curve[-1])
+    apply_params(index, best[0])
+    if best[1] < target:
+        log.warning(
+            "recall@10 %.3f is below the target %.2f even at %s: the index type is too lossy", best[1], target, best[0]
+        )
+    return Tuning(params=best[0], recall_at_10=best[1], queries=len(queries), curve=curve)
+
+
+def _recall(index: faiss.Index, queries: np.ndarray, truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    _, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    hits = sum(len(set(f.tolist()) & set(t.tolist())) for f, t in zip(found, truth, strict=True))
+    return hits / truth.size
+
+
+def exact_top_k(queries: np.ndarray, batches: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> np.ndarray:
+    """Exact top-k ids for each query over streamed (vectors, ids) batches (faiss's knn, merged)."""
+    heap_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    heap_ids = np.full((len(queries), k), -1, dtype=np.int64)
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    for vectors, ids in batches:
+        if not len(ids):
+            continue
+        kk = min(k, len(ids))
+        scores, pos = faiss.knn(
+            q, np.ascontiguousarray(vectors, dtype=np.float32), kk, metric=faiss.METRIC_INNER_PRODUCT
+        )
+        merged_scores = np.concatenate([heap_scores, scores], axis=1)
+        merged_ids = np.concatenate([heap_ids, np.asarray(ids)[pos]], axis=1)
+        order = np.argsort(-merged_scores, axis=1, kind="stable")[:, :k]
+        heap_scores = np.take_along_axis(merged_scores, order, axis=1)
+        heap_ids = np.take_along_axis(merged_ids, order, axis=1)
+    return heap_ids
+
+
+def apply_params(index: faiss.Index, params: str) -> None:
+    if params:
+        faiss.ParameterSpace().set_index_parameters(index, params)  # type: ignore[arg-type]
 
 
 def write_index(index: faiss.Index, path: Path) -> None:
@@ -54,8 +242,17 @@ def write_index(index: faiss.Index, path: Path) -> None:
     tmp.replace(path)
 
 
-def read_index(path: Path) -> faiss.Index:
-    return faiss.read_index(str(path))
+def read_index(path: Path, *, params: str = "", mmap: bool = True) -> faiss.Index:
+    """Load an index; large ones are memory-mapped (read-only) so a search starts without reading them whole."""
+    flags = faiss.IO_FLAG_MMAP if mmap and path.stat().st_size > _MMAP_ABOVE else 0
+    try:
+        index = faiss.read_index(str(path), flags)
+    except RuntimeError:
+        if not flags:
+            raise
+        index = faiss.read_index(str(path))  # this index type cannot be mapped
+    apply_params(index, params)
+    return index
 
 
 def search(index: VectorIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

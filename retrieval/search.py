@@ -75,21 +75,22 @@ class Searcher:
         files = snapshot_files(self.manifest)
         _verify(self.dir, files, self.manifest.get("snapshot", {}).get("sha256", {}))
         self._indexes: dict[Target, Any] = {}
+        tuned = self.manifest.get("ann", {})
         for target in Target:
             name = files.get(target.value)
             if name:
-                self._indexes[target] = _read(self.dir / name, ann.read_index)
+                params = tuned.get(target.value, {}).get("params", "")
+                self._indexes[target] = _read(
+                    self.dir / name, lambda p, params=params: ann.read_index(p, params=params)
+                )
         self._ids = np.zeros(0, dtype=np.int64)
-        self._kind: list[str] = []
-        self._path: list[str | None] = []
-        self._text: list[str | None] = []
+        self._items: Any = None  # an arrow table, looked up per hit: no Python object per item
         if "items" in files:
-            table = _read(self.dir / files["items"], pq.read_table)
-            table = table.filter(pc.equal(table["status"], "ok"))
-            self._ids = table["id"].to_numpy()
-            self._kind = table["kind"].to_pylist()
-            self._path = table["path"].to_pylist()
-            self._text = table["text"].to_pylist()
+            table = _read(
+                self.dir / files["items"], lambda p: pq.read_table(p, columns=["id", "kind", "path", "text", "status"])
+            )
+            self._items = table.filter(pc.equal(table["status"], "ok"))
+            self._ids = self._items["id"].to_numpy()
 
     @property
     def encoder(self) -> Encoder:
@@ -139,9 +140,10 @@ class Searcher:
             raise IndexFormatError(
                 f"{self.dir}: the FAISS index holds ids missing from the item table; run `clipdex check`"
             )
+        rows = self._items.take(pos).to_pylist() if len(ids) else []
         return [
-            Hit(rank=r + 1, score=float(s), id=int(i), kind=self._kind[p], path=self._path[p], text=self._text[p])
-            for r, (s, i, p) in enumerate(zip(scores, ids, pos, strict=True))
+            Hit(rank=r + 1, score=float(s), id=int(i), kind=row["kind"], path=row["path"], text=row["text"])
+            for r, (s, i, row) in enumerate(zip(scores, ids, rows, strict=True))
         ]
 
 

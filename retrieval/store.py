@@ -9,6 +9,7 @@ therefore sees one consistent generation even while an indexing run is committin
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import duckdb
 import numpy as np
 
 from retrieval import ann
+from retrieval.build import AnnSettings, LiveVectors, build_kind
 from retrieval.encoder import EncoderConfig, ModelSpec, sha256_file
 from retrieval.errors import IndexFormatError, IndexLockedError, IndexNotFoundError
 
@@ -207,9 +209,8 @@ class IndexWriter:
         for i, (shard, _) in enumerate(locations):
             by_shard.setdefault(shard, []).append(i)
         for shard, positions in by_shard.items():
-            data = np.load(self._shard_path(shard), mmap_mode="r")
             rows = np.array([locations[i][1] for i in positions])
-            out[positions] = data[rows]
+            out[positions] = self._load_shard(shard)[rows]
         return out
 
     # -- commit ---------------------------------------------------------------------------------
@@ -225,7 +226,8 @@ class IndexWriter:
         if fresh:
             shard = self._next_shard
             self._next_shard += 1
-            digest = _atomic_save_npy(self._shard_path(shard), np.stack([r.vector for r in fresh]).astype(np.float32))  # type: ignore[misc]
+            stacked = np.stack([r.vector for r in fresh])  # type: ignore[misc]
+            digest = _atomic_save_npy(self._shard_path(shard), stacked.astype(self._vector_dtype(len(fresh))))
             new_shard = (shard, len(fresh), digest)
             for row, r in enumerate(fresh):
                 r.shard, r.row = shard, row
@@ -266,6 +268,11 @@ class IndexWriter:
             self.con.execute("ROLLBACK")
             raise
 
+    def _vector_dtype(self, adding: int) -> type:
+        """float32 while search is exact (results equal brute force); float16 once the index is approximate anyway."""
+        live = self.con.execute("SELECT count(*) FROM items WHERE status = 'ok'").fetchone()[0]  # type: ignore[index]
+        return np.float16 if int(live) + adding > ann.EXACT_MAX else np.float32
+
     def touch(self, updates: list[tuple[int, int, float]]) -> None:
         """Record a new size/mtime for files whose content hash did not change."""
         if not updates:
@@ -276,26 +283,41 @@ class IndexWriter:
 
     # -- publish --------------------------------------------------------------------------------
 
-    def publish(self) -> dict[str, Any]:
-        """Build FAISS indexes from the committed catalog and make them the current snapshot."""
+    def publish(self, *, settings: AnnSettings | None = None, rebuild: bool = False) -> dict[str, Any]:
+        """Build FAISS indexes from the committed catalog and make them the current snapshot.
+
+        `settings` replace the stored ANN settings; `rebuild` re-trains even where the previous index could be
+        updated in place.
+        """
+        if settings is not None:
+            self.manifest["ann_settings"] = settings.to_json()
+        current = AnnSettings.from_json(self.manifest.get("ann_settings"))
         generation = int(self.manifest["snapshot"]["generation"]) + 1
+        old_files = snapshot_files(self.manifest)
+        old_ann = self.manifest.get("ann", {})
         files: dict[str, str] = {}
         index_types: dict[str, str] = {}
         counts: dict[str, int] = {}
+        ann_info: dict[str, Any] = {}
+        live = {kind: self.live_vectors(kind) for kind in Kind}
         for kind in Kind:
-            live = self.con.execute(
-                "SELECT id, shard, row FROM items WHERE kind = ? AND status = 'ok' ORDER BY id", [kind.value]
-            ).fetchnumpy()
-            ids = np.asarray(live["id"], dtype=np.int64)
-            vectors = self.vectors_at(
-                list(zip(np.asarray(live["shard"]).tolist(), np.asarray(live["row"]).tolist(), strict=True))
+            other = live[Kind.TEXT if kind is Kind.IMAGE else Kind.IMAGE]
+            previous = None
+            if not rebuild and kind.plural in old_files and (self.dir / old_files[kind.plural]).is_file():
+                previous = ann.read_index(self.dir / old_files[kind.plural], mmap=False)
+            index, info = build_kind(
+                live[kind],
+                current,
+                previous=previous,
+                previous_info=old_ann.get(kind.plural),
+                queries=functools.partial(other.sample, min(1000, len(other)), np.random.default_rng(3)),
             )
-            index = ann.build_index(vectors, ids)
             name = f"{kind.plural}-{generation:06d}.faiss"
             ann.write_index(index, self.dir / name)
             files[kind.plural] = name
             index_types[kind.plural] = ann.describe(index)
-            counts[kind.plural] = len(ids)
+            counts[kind.plural] = int(index.ntotal)
+            ann_info[kind.plural] = info
         meta_name = f"items-{generation:06d}.parquet"
         self._write_meta(self.dir / meta_name)
         files["items"] = meta_name
@@ -305,25 +327,42 @@ class IndexWriter:
         self.manifest.update(
             counts=counts,
             index_types=index_types,
+            ann=ann_info,
             snapshot={"generation": generation, "files": files, "sha256": checksums, "published": time.time()},
         )
         self._write_manifest()
         self._remove_stale_snapshots(set(files.values()))
         return self.manifest
 
+    def live_vectors(self, kind: Kind) -> LiveVectors:
+        live = self.con.execute(
+            "SELECT id, shard, row FROM items WHERE kind = ? AND status = 'ok'", [kind.value]
+        ).fetchnumpy()
+        return LiveVectors(
+            np.asarray(live["id"], dtype=np.int64),
+            np.asarray(live["shard"], dtype=np.int64),
+            np.asarray(live["row"], dtype=np.int64),
+            self._load_shard,
+            self.dim,
+        )
+
+    def _load_shard(self, shard: int) -> np.ndarray:
+        return np.load(self._shard_path(shard), mmap_mode="r", allow_pickle=False)
+
     def _write_meta(self, path: Path) -> None:
         # An image's text is its first linked caption, so image hits can show one.
         tmp = path.with_name(path.name + ".tmp")
         self.con.execute(
             f"""COPY (
+                WITH first_caption AS (
+                    SELECT path, arg_min(text, id) AS text FROM items
+                    WHERE kind = 'text' AND status = 'ok' AND path IS NOT NULL GROUP BY path
+                )
                 SELECT i.id, i.kind, i.path,
-                       CASE WHEN i.kind = 'image' THEN (
-                           SELECT t.text FROM items t
-                           WHERE t.kind = 'text' AND t.status = 'ok' AND t.path = i.path
-                           ORDER BY t.id LIMIT 1)
-                       ELSE i.text END AS text,
+                       CASE WHEN i.kind = 'image' THEN f.text ELSE i.text END AS text,
                        i.status, i.error, i.source
-                FROM items i ORDER BY i.id
+                FROM items i LEFT JOIN first_caption f ON i.kind = 'image' AND f.path = i.path
+                ORDER BY i.id
             ) TO '{_sql_str(tmp)}' (FORMAT parquet)"""
         )
         with tmp.open("rb") as f:
@@ -361,7 +400,7 @@ class IndexWriter:
             "created": time.time(),
             "model": self.spec.to_json(),
             "dim": self.dim,
-            "vector_dtype": "float32",
+            "vector_dtype": "float32 up to the exact-search size, float16 past it (per shard, in the .npy header)",
             "metric": "cosine",
             "counts": {"images": 0, "texts": 0, "failed": 0},
             "index_types": {},
