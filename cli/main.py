@@ -72,6 +72,39 @@ PretrainedOpt = Annotated[
     typer.Option(help="Pretrained tag (e.g. laion2b_s34b_b79k), hf-hub:org/repo, or a local checkpoint file."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
+IndexTypeOpt = Annotated[
+    str | None, typer.Option(help="FAISS factory string, e.g. IVF4096,SQ8 (default: chosen by size and --memory).")
+]
+MemoryOpt = Annotated[str | None, typer.Option(help="Memory budget for each ANN index, e.g. 4G (default: none).")]
+TargetRecallOpt = Annotated[
+    float | None, typer.Option(min=0.0, max=1.0, help="Recall@10 against exact search to tune for (default 0.95).")
+]
+
+
+def _ann_settings(
+    index_type: str | None, memory: str | None, target_recall: float | None, *, keep_default: bool
+) -> Any:
+    from retrieval.ann import DEFAULT_TARGET_RECALL, parse_memory
+    from retrieval.build import AnnSettings
+
+    if keep_default and index_type is None and memory is None and target_recall is None:
+        return None
+    try:
+        budget = parse_memory(memory) if memory else None
+    except ValueError as e:
+        raise ClipdexError(str(e)) from None
+    if index_type:
+        import faiss
+
+        try:
+            faiss.index_factory(8 if "PQ" not in index_type else 64, index_type, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            raise ClipdexError(
+                f"--index-type {index_type!r} is not a FAISS factory string ({str(e).splitlines()[0][:120]})"
+            ) from None
+    return AnnSettings(index_type, budget, DEFAULT_TARGET_RECALL if target_recall is None else target_recall)
+
+
 DeviceOpt = Annotated[Device, typer.Option(help="Where to run the model.")]
 
 
@@ -144,6 +177,9 @@ def index(
     publish_every: Annotated[
         float, typer.Option(min=0, help="Make committed work searchable at most every N seconds during a run.")
     ] = 60.0,
+    index_type: IndexTypeOpt = None,
+    memory: MemoryOpt = None,
+    target_recall: TargetRecallOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Index folders of images and/or a caption file; re-running only encodes what changed."""
@@ -162,6 +198,7 @@ def index(
         max_pixels=max_pixels,
         commit_every=commit_every,
         publish_every_s=publish_every,
+        ann=_ann_settings(index_type, memory, target_recall, keep_default=True),
     )
     with _progress() as bar:
         summary = run_index(config, progress=_RichProgress(bar))
@@ -256,6 +293,73 @@ def info(
         for item in data["failures"]:
             fails.add_row(item["path"] or item["text"] or "", item["error"] or "")
         out.print(fails)
+
+
+@app.command()
+@_friendly
+def build(
+    index_dir: IndexDir = ...,  # type: ignore[assignment]
+    index_type: IndexTypeOpt = None,
+    memory: MemoryOpt = None,
+    target_recall: TargetRecallOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rebuild the ANN indexes from the stored vectors (no re-encoding): choose, train, tune."""
+    from indexer.importer import rebuild
+
+    manifest = rebuild(index_dir, _ann_settings(index_type, memory, target_recall, keep_default=False))
+    _print_ann(manifest, as_json)
+
+
+@app.command("import")
+@_friendly
+def import_(
+    src: Annotated[
+        Path, typer.Argument(help="clip-retrieval output folder (img_emb/, text_emb/, metadata/).", show_default=False)
+    ],
+    index_dir: IndexDir = ...,  # type: ignore[assignment]
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    device: DeviceOpt = Device.auto,
+    index_type: IndexTypeOpt = None,
+    memory: MemoryOpt = None,
+    target_recall: TargetRecallOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build an index from clip-retrieval embeddings without re-encoding; --model encodes the queries."""
+    from indexer.importer import import_clip_retrieval
+    from retrieval.encoder import EncoderConfig
+    from retrieval.store import read_manifest
+
+    encoder = _encoder_config(model, pretrained, device) or EncoderConfig(device=device.value)
+    settings = _ann_settings(index_type, memory, target_recall, keep_default=False)
+    summary = import_clip_retrieval(src, index_dir, encoder, settings)
+    manifest = read_manifest(index_dir)
+    if as_json:
+        print(json.dumps({**summary.to_json(), "ann": manifest.get("ann", {})}))
+    else:
+        out.print(f"imported {summary.images} images and {summary.texts} texts from {summary.partitions} partitions")
+        _print_ann(manifest, False)
+
+
+def _print_ann(manifest: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"ann": manifest.get("ann", {}), "counts": manifest.get("counts", {})}))
+        return
+    table = Table(title="ANN indexes", show_header=True)
+    for col in ("kind", "vectors", "index", "params", "recall@10", "why"):
+        table.add_column(col)
+    for kind, info in manifest.get("ann", {}).items():
+        recall = info.get("recall_at_10")
+        table.add_row(
+            kind,
+            str(info.get("n")),
+            info.get("factory", ""),
+            info.get("params") or "-",
+            "-" if recall is None else f"{recall:.3f}",
+            info.get("reason", ""),
+        )
+    out.print(table)
 
 
 @app.command()

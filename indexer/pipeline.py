@@ -16,6 +16,7 @@ import torch
 
 from indexer.decode import ImageFiles, content_hash, default_workers, iter_decoded
 from indexer.sources import FileEntry, TextSource, check_roots, open_texts, scan_roots
+from retrieval.build import AnnSettings
 from retrieval.encoder import EncoderConfig, ModelSpec, load_encoder
 from retrieval.errors import ClipdexError, IndexFormatError, InputError
 from retrieval.imaging import DEFAULT_MAX_PIXELS, MAX_ASPECT
@@ -51,6 +52,7 @@ class IndexConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     commit_every: int = 16  # batches
     publish_every_s: float = 60.0
+    ann: AnnSettings | None = None  # None: keep the index's settings (automatic for a new one)
 
 
 @dataclass
@@ -107,6 +109,8 @@ def run_index(config: IndexConfig, *, progress: Progress | None = None) -> Summa
         if lock is not None:
             lock.close()
         raise
+    if config.ann is not None:
+        writer.set_ann_settings(config.ann)
     run = _Run(config, writer, encoder, progress)
     try:
         run.images(roots, texts)

@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -167,10 +167,41 @@ def is_exact(index: faiss.Index) -> bool:
     return describe(index) in ("IndexFlat", "IndexFlatIP")
 
 
+Fetch = Callable[[np.ndarray], np.ndarray]  # ids -> their stored float32 vectors
+RERANK_FACTOR = 4  # an approximate index proposes 4k candidates; stored vectors pick the exact top k
+
+
+def search_reranked(
+    index: faiss.Index, queries: np.ndarray, k: int, fetch: Fetch | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by exact score among the approximate index's top RERANK_FACTOR*k candidates."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    if fetch is None or is_exact(index):
+        return index.search(q, k)
+    _, cand = index.search(q, min(index.ntotal, RERANK_FACTOR * k))
+    unique = np.unique(cand[cand >= 0])
+    vectors = fetch(unique) if len(unique) else np.zeros((0, q.shape[1]), np.float32)
+    scores_out = np.full((len(q), k), -np.inf, dtype=np.float32)
+    ids_out = np.full((len(q), k), -1, dtype=np.int64)
+    for i in range(len(q)):
+        row = cand[i][cand[i] >= 0]
+        exact = vectors[np.searchsorted(unique, row)] @ q[i]
+        order = np.argsort(-exact, kind="stable")[:k]
+        scores_out[i, : len(order)] = exact[order]
+        ids_out[i, : len(order)] = row[order]
+    return scores_out, ids_out
+
+
 def tune(
-    index: faiss.Index, queries: np.ndarray, truth: np.ndarray, *, target: float = DEFAULT_TARGET_RECALL
+    index: faiss.Index,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    *,
+    target: float = DEFAULT_TARGET_RECALL,
+    fetch: Fetch | None = None,
 ) -> Tuning:
-    """Smallest nprobe / efSearch whose recall@10 against `truth` (exact top-10 ids) reaches `target`."""
+    """Smallest nprobe / efSearch whose recall@10 against `truth` (exact top-10 ids) reaches `target`,
+    measured through the same re-ranked search that queries use."""
     if is_exact(index) or len(queries) == 0:
         recall = 1.0 if is_exact(index) else None
         return Tuning(params="", recall_at_10=recall, queries=len(queries))
@@ -185,11 +216,11 @@ def tune(
     elif "HNSW" in describe(index):
         names = [f"efSearch={v}" for v in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)]
     else:
-        return Tuning(params="", recall_at_10=_recall(index, queries, truth), queries=len(queries))
+        return Tuning(params="", recall_at_10=_recall(index, queries, truth, fetch), queries=len(queries))
     curve: list[tuple[str, float]] = []
     for name in names:
         apply_params(index, name)
-        recall = _recall(index, queries, truth)
+        recall = _recall(index, queries, truth, fetch)
         curve.append((name, recall))
         if recall >= target:
             break
@@ -202,9 +233,14 @@ def tune(
     return Tuning(params=best[0], recall_at_10=best[1], queries=len(queries), curve=curve)
 
 
-def _recall(index: faiss.Index, queries: np.ndarray, truth: np.ndarray) -> float:
+def recall_at(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, params: str, fetch: Fetch | None) -> float:
+    apply_params(index, params)
+    return _recall(index, queries, truth, fetch)
+
+
+def _recall(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, fetch: Fetch | None) -> float:
     k = truth.shape[1]
-    _, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    _, found = search_reranked(index, queries, k, fetch)
     hits = sum(len(set(f.tolist()) & set(t.tolist())) for f, t in zip(found, truth, strict=True))
     return hits / truth.size
 

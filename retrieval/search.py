@@ -17,7 +17,7 @@ from retrieval import ann
 from retrieval.encoder import Encoder, load_encoder, sha256_file
 from retrieval.errors import IndexFormatError, InputError
 from retrieval.imaging import ImageDecodeError, decode_image
-from retrieval.store import Kind, index_encoder_config, read_manifest, snapshot_files
+from retrieval.store import VECTORS, Kind, index_encoder_config, read_manifest, snapshot_files
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,13 @@ class Searcher:
         self._ids = np.zeros(0, dtype=np.int64)
         self._items: Any = None  # an arrow table, looked up per hit: no Python object per item
         if "items" in files:
-            table = _read(
-                self.dir / files["items"], lambda p: pq.read_table(p, columns=["id", "kind", "path", "text", "status"])
-            )
+            columns = ["id", "kind", "path", "text", "status", "shard", "row"]
+            table = _read(self.dir / files["items"], lambda p: pq.read_table(p, columns=columns))
             self._items = table.filter(pc.equal(table["status"], "ok"))
             self._ids = self._items["id"].to_numpy()
+            self._shard = self._items["shard"].to_numpy(zero_copy_only=False)
+            self._row = self._items["row"].to_numpy(zero_copy_only=False)
+        self._shards: dict[int, np.ndarray] = {}
 
     @property
     def encoder(self) -> Encoder:
@@ -128,8 +130,21 @@ class Searcher:
         index = self._indexes.get(target)
         if index is None or index.ntotal == 0:
             return [[] for _ in range(len(queries))]
-        scores, ids = ann.search(index, queries, k)
+        k = min(k, int(index.ntotal))
+        scores, ids = ann.search_reranked(index, queries, k, self._fetch)
         return [self._hits(s, i) for s, i in zip(scores, ids, strict=True)]
+
+    def _fetch(self, ids: np.ndarray) -> np.ndarray:
+        """Stored vectors of the given ids, read from memory-mapped shards (for exact re-ranking)."""
+        pos = np.searchsorted(self._ids, ids)
+        out = np.empty((len(ids), int(self.manifest["dim"])), dtype=np.float32)
+        for shard in np.unique(self._shard[pos]).tolist():
+            if shard not in self._shards:
+                path = self.dir / VECTORS / f"{int(shard):06d}.npy"
+                self._shards[shard] = _read(path, lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
+            mask = self._shard[pos] == shard
+            out[mask] = self._shards[shard][self._row[pos][mask]]
+        return out
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
         keep = ids >= 0

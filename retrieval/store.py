@@ -23,6 +23,7 @@ from typing import Any
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 
 from retrieval import ann
 from retrieval.build import AnnSettings, LiveVectors, build_kind
@@ -240,33 +241,16 @@ class IndexWriter:
             if touched:
                 self.con.execute("DELETE FROM items WHERE id IN (SELECT unnest($1::BIGINT[]))", [touched])
             if records:
-                self.con.executemany(
-                    f"INSERT INTO items VALUES ({', '.join('?' * len(COLUMNS))})",
-                    [
-                        [
-                            r.id,
-                            r.kind.value,
-                            r.source,
-                            r.path,
-                            r.text,
-                            r.size,
-                            r.mtime,
-                            r.hash,
-                            r.width,
-                            r.height,
-                            r.status.value,
-                            r.error,
-                            r.shard,
-                            r.row,
-                            now,
-                        ]
-                        for r in records
-                    ],
-                )
+                rows = _records_table(records, now)  # noqa: F841 (read by DuckDB's replacement scan below)
+                self.con.execute("INSERT INTO items SELECT * FROM rows")
             self.con.execute("COMMIT")
         except BaseException:
             self.con.execute("ROLLBACK")
             raise
+
+    def set_ann_settings(self, settings: AnnSettings) -> None:
+        """Index type, memory budget and target recall for this and later publishes."""
+        self.manifest["ann_settings"] = settings.to_json()
 
     def _vector_dtype(self, adding: int) -> type:
         """float32 while search is exact (results equal brute force); float16 once the index is approximate anyway."""
@@ -277,8 +261,13 @@ class IndexWriter:
         """Record a new size/mtime for files whose content hash did not change."""
         if not updates:
             return
+        changes = pa.table(  # noqa: F841 (read by DuckDB's replacement scan below)
+            {"id": [u[0] for u in updates], "size": [u[1] for u in updates], "mtime": [u[2] for u in updates]}
+        )
         self.con.execute("BEGIN TRANSACTION")
-        self.con.executemany("UPDATE items SET size = ?, mtime = ? WHERE id = ?", [[s, m, i] for i, s, m in updates])
+        self.con.execute(
+            "UPDATE items SET size = changes.size, mtime = changes.mtime FROM changes WHERE items.id = changes.id"
+        )
         self.con.execute("COMMIT")
 
     # -- publish --------------------------------------------------------------------------------
@@ -360,7 +349,7 @@ class IndexWriter:
                 )
                 SELECT i.id, i.kind, i.path,
                        CASE WHEN i.kind = 'image' THEN f.text ELSE i.text END AS text,
-                       i.status, i.error, i.source
+                       i.status, i.error, i.source, i.shard, i.row
                 FROM items i LEFT JOIN first_caption f ON i.kind = 'image' AND f.path = i.path
                 ORDER BY i.id
             ) TO '{_sql_str(tmp)}' (FORMAT parquet)"""
@@ -437,6 +426,28 @@ class IndexWriter:
             stale = p.name.endswith(".tmp") or p.suffix in (".faiss", ".parquet")
             if p.is_file() and stale and p.name not in keep and p.name != MANIFEST:
                 p.unlink(missing_ok=True)
+
+
+def _records_table(records: list[Record], now: float) -> pa.Table:
+    return pa.table(
+        {
+            "id": pa.array([r.id for r in records], pa.int64()),
+            "kind": pa.array([r.kind.value for r in records], pa.string()),
+            "source": pa.array([r.source for r in records], pa.string()),
+            "path": pa.array([r.path for r in records], pa.string()),
+            "text": pa.array([r.text for r in records], pa.string()),
+            "size": pa.array([r.size for r in records], pa.int64()),
+            "mtime": pa.array([r.mtime for r in records], pa.float64()),
+            "hash": pa.array([r.hash for r in records], pa.string()),
+            "width": pa.array([r.width for r in records], pa.int32()),
+            "height": pa.array([r.height for r in records], pa.int32()),
+            "status": pa.array([r.status.value for r in records], pa.string()),
+            "error": pa.array([r.error for r in records], pa.string()),
+            "shard": pa.array([r.shard for r in records], pa.int32()),
+            "row": pa.array([r.row for r in records], pa.int32()),
+            "updated": pa.array([now] * len(records), pa.float64()),
+        }
+    )
 
 
 def _sql_str(path: Path) -> str:

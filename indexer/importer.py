@@ -1,0 +1,156 @@
+"""Rebuild ANN indexes from stored vectors, and import embeddings written by clip-retrieval's inference.
+
+clip-retrieval writes, per partition i: `img_emb/img_emb_{i}.npy`, `text_emb/text_emb_{i}.npy` and
+`metadata/metadata_{i}.parquet`, row j of each describing the same sample (`image_path`, `caption`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from retrieval.build import AnnSettings
+from retrieval.encoder import EncoderConfig, ModelSpec, load_encoder
+from retrieval.errors import InputError
+from retrieval.store import MANIFEST, IndexWriter, Kind, Record, read_manifest
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 65536
+
+
+def rebuild(index_dir: Path, settings: AnnSettings) -> dict[str, Any]:
+    """Re-choose, re-train and re-tune the ANN indexes from the stored vectors; no model is loaded."""
+    manifest = read_manifest(index_dir)
+    writer = IndexWriter(index_dir, ModelSpec.from_json(manifest["model"]), int(manifest["dim"]))
+    try:
+        return writer.publish(settings=settings, rebuild=True)
+    finally:
+        writer.close()
+
+
+@dataclass(frozen=True)
+class ImportSummary:
+    images: int
+    texts: int
+    partitions: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"images": self.images, "texts": self.texts, "partitions": self.partitions}
+
+
+def _partitions(src: Path) -> list[int]:
+    found = set()
+    for folder, prefix in (("img_emb", "img_emb_"), ("text_emb", "text_emb_"), ("metadata", "metadata_")):
+        for p in (src / folder).glob(f"{prefix}*"):
+            m = re.fullmatch(rf"{prefix}(\d+)\.(npy|parquet)", p.name)
+            if m:
+                found.add(int(m.group(1)))
+    return sorted(found)
+
+
+def import_clip_retrieval(src: Path, index_dir: Path, encoder: EncoderConfig, settings: AnnSettings) -> ImportSummary:
+    """Build a clipdex index from clip-retrieval output; `encoder` is the model that will encode queries."""
+    if not src.is_dir():
+        raise InputError(f"no such folder: {src}")
+    parts = _partitions(src)
+    if not parts:
+        raise InputError(
+            f"{src} holds no clip-retrieval output (img_emb/img_emb_N.npy, text_emb/text_emb_N.npy, metadata/metadata_N.parquet)"
+        )
+    if (index_dir / MANIFEST).exists() and any(
+        read_manifest(index_dir).get("counts", {}).get(k) for k in ("images", "texts")
+    ):
+        raise InputError(f"{index_dir} already holds an index; import into a new directory")
+    model = load_encoder(encoder)
+    writer = IndexWriter(index_dir, model.spec, model.dim)
+    images = texts = 0
+    try:
+        writer.set_ann_settings(settings)
+        seen: set[str] = set()
+        for part in parts:
+            for records in _read_partition(src, part, model.dim, writer, seen):
+                images += sum(r.kind is Kind.IMAGE for r in records)
+                texts += sum(r.kind is Kind.TEXT for r in records)
+                writer.commit(records)
+        writer.publish()
+    finally:
+        writer.close()
+    return ImportSummary(images, texts, len(parts))
+
+
+def _read_partition(src: Path, part: int, dim: int, writer: IndexWriter, seen: set[str]) -> Iterator[list[Record]]:
+    meta_path = src / "metadata" / f"metadata_{part}.parquet"
+    img_path = src / "img_emb" / f"img_emb_{part}.npy"
+    txt_path = src / "text_emb" / f"text_emb_{part}.npy"
+    img = _load(img_path, dim) if img_path.exists() else None
+    txt = _load(txt_path, dim) if txt_path.exists() else None
+    n = len(img) if img is not None else len(txt) if txt is not None else 0
+    if meta_path.exists():
+        meta = pq.read_table(meta_path)
+        if meta.num_rows != n:
+            raise InputError(f"{meta_path} has {meta.num_rows} rows but the embeddings of partition {part} have {n}")
+        paths = meta["image_path"].to_pylist() if "image_path" in meta.column_names else [None] * n
+        captions = meta["caption"].to_pylist() if "caption" in meta.column_names else [None] * n
+    else:
+        paths, captions = [None] * n, [None] * n
+    if txt is not None and img is not None and len(txt) != len(img):
+        raise InputError(
+            f"partition {part}: {len(img)} image and {len(txt)} text embeddings; they must pair row by row"
+        )
+    for start in range(0, n, _CHUNK):
+        stop = min(start + _CHUNK, n)
+        img_chunk = _normalised(img[start:stop]) if img is not None else None
+        txt_chunk = _normalised(txt[start:stop]) if txt is not None else None
+        records: list[Record] = []
+        for j in range(stop - start):
+            path, caption = paths[start + j], captions[start + j]
+            if img_chunk is not None:
+                key = path if path is not None else f"{src}#{part}:{start + j}"
+                if key not in seen:
+                    seen.add(key)
+                    records.append(
+                        Record(
+                            id=writer.new_id(),
+                            kind=Kind.IMAGE,
+                            source=str(src),
+                            path=path,
+                            text=None,
+                            vector=img_chunk[j],
+                        )
+                    )
+            if txt_chunk is not None and caption is not None:
+                records.append(
+                    Record(
+                        id=writer.new_id(),
+                        kind=Kind.TEXT,
+                        source=str(src),
+                        path=path,
+                        text=caption,
+                        vector=txt_chunk[j],
+                    )
+                )
+        yield records
+
+
+def _load(path: Path, dim: int) -> np.ndarray:
+    try:
+        data = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:
+        raise InputError(f"cannot read {path}: {e}") from e
+    if data.ndim != 2 or data.shape[1] != dim:
+        raise InputError(f"{path} holds vectors of shape {data.shape}; the model gives dimension {dim}: wrong --model?")
+    return data
+
+
+def _normalised(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1)
