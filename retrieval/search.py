@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from retrieval import ann
-from retrieval.encoder import Encoder, load_encoder, sha256_file
+from retrieval.encoder import Encoder, load_encoder, resolve_device, sha256_file
 from retrieval.errors import IndexFormatError, InputError
 from retrieval.imaging import ImageDecodeError, decode_image
 from retrieval.store import VECTORS, Kind, index_encoder_config, read_manifest, snapshot_files
@@ -80,9 +80,8 @@ class Searcher:
             name = files.get(target.value)
             if name:
                 params = tuned.get(target.value, {}).get("params", "")
-                self._indexes[target] = _read(
-                    self.dir / name, lambda p, params=params: ann.read_index(p, params=params)
-                )
+                index = _read(self.dir / name, lambda p, params=params: ann.read_index(p, params=params))
+                self._indexes[target] = ann.place(index, str(resolve_device(self.device)))
         self._ids = np.zeros(0, dtype=np.int64)
         self._items: Any = None  # an arrow table, looked up per hit: no Python object per item
         if "items" in files:
