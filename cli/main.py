@@ -180,6 +180,9 @@ def index(
     index_type: IndexTypeOpt = None,
     memory: MemoryOpt = None,
     target_recall: TargetRecallOpt = None,
+    profile: Annotated[
+        bool, typer.Option(help="Report where the time went (scan, decode wait, encode, write).")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Index folders of images and/or a caption file; re-running only encodes what changed."""
@@ -214,6 +217,12 @@ def index(
             err.print(f"[yellow]failed[/] {path}: {reason}", highlight=False, soft_wrap=True)
         if len(summary.failures) > 20:
             err.print(f"… and {len(summary.failures) - 20} more: `clipdex info --failed --index {index_dir}`")
+    if profile:
+        total = sum(summary.seconds.values())
+        parts = (
+            ", ".join(f"{k} {v:.2f}s ({100 * v / total:.0f}%)" for k, v in summary.seconds.items()) if total else "-"
+        )
+        err.print(f"time: {parts}", highlight=False)
     if strict and summary.failed:
         raise typer.Exit(1)
 

@@ -63,6 +63,10 @@ class Summary:
     unchanged: int = 0
     failed: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # where the time went: scan, decode wait, encode, write
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
     def to_json(self) -> dict[str, int]:
         return {
@@ -169,6 +173,7 @@ class _Run:
     # -- images ---------------------------------------------------------------------------------
 
     def images(self, roots: list[Path], texts: TextSource | None) -> None:
+        t0 = time.perf_counter()
         entries: dict[str, FileEntry] = {}
         for entry in scan_roots(roots):
             entries.setdefault(str(entry.path), entry)
@@ -193,6 +198,7 @@ class _Run:
         self.summary.removed += len(gone)
 
         known = self._known_locations(Kind.IMAGE)
+        self.summary.add_time("scan", time.perf_counter() - t0)
         dataset = ImageFiles(
             [e.path for e in work],
             self.encoder.preprocess,
@@ -203,7 +209,13 @@ class _Run:
         workers = self.config.workers if self.config.workers is not None else default_workers()
         self.progress.start("images", len(work))
         touched: list[tuple[int, int, float]] = []
-        for batch in iter_decoded(dataset, batch_size=self.config.batch_size, workers=min(workers, len(work))):
+        batches = iter_decoded(dataset, batch_size=self.config.batch_size, workers=min(workers, len(work)))
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            self.summary.add_time("decode wait", time.perf_counter() - t0)
+            if batch is None:
+                break
             encode: list[tuple[Record, torch.Tensor]] = []
             for d in batch:
                 entry = work[d.index]
@@ -249,7 +261,9 @@ class _Run:
                 pixels = torch.stack([p for _, p in encode])
                 if self.encoder.device.type == "cuda":
                     pixels = pixels.pin_memory()
+                t0 = time.perf_counter()
                 vectors = self.encoder.encode_images(pixels)
+                self.summary.add_time("encode", time.perf_counter() - t0)
                 for (rec, _), vec in zip(encode, vectors, strict=True):
                     rec.vector = vec
                     self.pending.append(rec)
@@ -309,7 +323,9 @@ class _Run:
     def _encode_texts(self, queue: list[Record]) -> None:
         if not queue:
             return
+        t0 = time.perf_counter()
         vectors = self.encoder.encode_texts([r.text for r in queue], batch_size=self.config.batch_size)
+        self.summary.add_time("encode", time.perf_counter() - t0)
         for rec, vec in zip(queue, vectors, strict=True):
             rec.vector = vec
         self.pending.extend(queue)
@@ -340,19 +356,25 @@ class _Run:
         if force or self.pending_batches >= self.config.commit_every:
             self.flush()
             if time.monotonic() - self.last_publish > self.config.publish_every_s:
+                t0 = time.perf_counter()
                 self.writer.publish()
+                self.summary.add_time("publish", time.perf_counter() - t0)
                 self.last_publish = time.monotonic()
 
     def flush(self) -> None:
+        t0 = time.perf_counter()
         if self.pending:
             self.writer.commit(self.pending)
+        self.summary.add_time("write", time.perf_counter() - t0)
         self.pending = []
         self.pending_batches = 0
 
     def finish(self) -> None:
         self.flush()
+        t0 = time.perf_counter()
         self.writer.commit([], delete_ids=self.to_delete)
         self.writer.publish()
+        self.summary.add_time("publish", time.perf_counter() - t0)
 
 
 def scan_one(path: Path, source: str) -> FileEntry | None:
