@@ -6,6 +6,7 @@ clip-retrieval writes, per partition i: `img_emb/img_emb_{i}.npy`, `text_emb/tex
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterator
@@ -112,31 +113,14 @@ def _read_partition(src: Path, part: int, dim: int, writer: IndexWriter, seen: s
         records: list[Record] = []
         for j in range(stop - start):
             path, caption = paths[start + j], captions[start + j]
+            item = functools.partial(Record, source=str(src), path=path)
             if img_chunk is not None:
                 key = path if path is not None else f"{src}#{part}:{start + j}"
                 if key not in seen:
                     seen.add(key)
-                    records.append(
-                        Record(
-                            id=writer.new_id(),
-                            kind=Kind.IMAGE,
-                            source=str(src),
-                            path=path,
-                            text=None,
-                            vector=img_chunk[j],
-                        )
-                    )
+                    records.append(item(id=writer.new_id(), kind=Kind.IMAGE, text=None, vector=img_chunk[j]))
             if txt_chunk is not None and caption is not None:
-                records.append(
-                    Record(
-                        id=writer.new_id(),
-                        kind=Kind.TEXT,
-                        source=str(src),
-                        path=path,
-                        text=caption,
-                        vector=txt_chunk[j],
-                    )
-                )
+                records.append(item(id=writer.new_id(), kind=Kind.TEXT, text=caption, vector=txt_chunk[j]))
         yield records
 
 

@@ -58,47 +58,20 @@ def test_missing_or_broken_index(cli, tmp_path):
 
 
 def test_model_errors(cli, tmp_path, photos, tiny_model):
-    idx = str(tmp_path / "idx")
-    r = cli.invoke(
-        app, ["index", str(photos), "--index", idx, "--model", "ViT-B-33", "--pretrained", str(tiny_model.weights)]
-    )
-    assert_one_line_error(r, "unknown model", "ViT-B-32")
-    r = cli.invoke(
-        app,
-        [
-            "index",
-            str(photos),
-            "--index",
-            idx,
-            "--model",
-            str(tiny_model.config),
-            "--pretrained",
-            str(tmp_path / "missing.pt"),
-        ],
-    )
-    assert_one_line_error(r, "checkpoint file not found")
+    def index_with(model: str, pretrained: str):
+        return cli.invoke(
+            app, ["index", str(photos), "--index", str(tmp_path / "idx"), "--model", model, "--pretrained", pretrained]
+        )
+
+    assert_one_line_error(index_with("ViT-B-33", str(tiny_model.weights)), "unknown model", "ViT-B-32")
+    assert_one_line_error(index_with(str(tiny_model.config), str(tmp_path / "missing.pt")), "checkpoint file not found")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00not a checkpoint")
-    r = cli.invoke(
-        app, ["index", str(photos), "--index", idx, "--model", str(tiny_model.config), "--pretrained", str(garbage)]
+    assert_one_line_error(index_with(str(tiny_model.config), str(garbage)), "cannot load checkpoint")
+    assert_one_line_error(index_with("ViT-B-32", "no_such_tag"), "unknown pretrained tag", "laion2b_s34b_b79k")
+    assert_one_line_error(
+        index_with(str(tmp_path / "nope.json"), str(tiny_model.weights)), "model config file not found"
     )
-    assert_one_line_error(r, "cannot load checkpoint")
-    r = cli.invoke(app, ["index", str(photos), "--index", idx, "--model", "ViT-B-32", "--pretrained", "no_such_tag"])
-    assert_one_line_error(r, "unknown pretrained tag", "laion2b_s34b_b79k")
-    r = cli.invoke(
-        app,
-        [
-            "index",
-            str(photos),
-            "--index",
-            idx,
-            "--model",
-            str(tmp_path / "nope.json"),
-            "--pretrained",
-            str(tiny_model.weights),
-        ],
-    )
-    assert_one_line_error(r, "model config file not found")
     assert not (tmp_path / "idx").exists()  # nothing is created before the inputs are known to be good
 
 
