@@ -128,8 +128,13 @@ def main() -> None:
             )
             build_s = time.perf_counter() - t0
             if proc.returncode != 0:
-                sys.exit(f"autofaiss failed: {proc.stderr[-2000:]}")
-            af = faiss.read_index(str(Path(tmp) / "af.index"))
+                print(f"autofaiss failed: {proc.stderr[-2000:]}", file=sys.stderr)
+                af = None
+            else:
+                af = faiss.read_index(str(Path(tmp) / "af.index"))
+    else:
+        af = None
+    if af is not None:
         key = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "?"
         # autofaiss's index ids are row numbers, which here are our ids
         rows.append(measure("autofaiss (its nprobe)", af, queries, truth, None, build_s, key))
