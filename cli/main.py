@@ -291,7 +291,9 @@ def info(
     for key, value in data["counts"].items():
         table.add_row(key, str(value))
     for key, value in data["index_types"].items():
-        table.add_row(f"{key} index", value)
+        tuned = data["ann"].get(key, {})
+        extra = f" ({tuned['params']}, recall@10 {tuned['recall_at_10']:.3f})" if tuned.get("params") else ""
+        table.add_row(f"{key} index", value + extra)
     table.add_row("size on disk", _human_bytes(data["size_bytes"]))
     table.add_row("format", str(data["format_version"]))
     out.print(table)

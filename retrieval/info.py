@@ -22,6 +22,10 @@ def index_info(index_dir: Path, *, with_failures: bool = False) -> dict[str, Any
         "dim": manifest["dim"],
         "counts": manifest.get("counts", {}),
         "index_types": manifest.get("index_types", {}),
+        "ann": {
+            kind: {k: info.get(k) for k in ("factory", "params", "recall_at_10", "reason")}
+            for kind, info in manifest.get("ann", {}).items()
+        },
         "size_bytes": size,
         "generation": manifest.get("snapshot", {}).get("generation", 0),
     }
