@@ -17,8 +17,8 @@ from typing import Any
 
 from _report import machine, markdown_table, write_report
 
+from retrieval.config import EncoderConfig
 from retrieval.datasets import DatasetName
-from retrieval.encoder import EncoderConfig
 from retrieval.errors import ClipdexError
 from retrieval.evaluate import EvalConfig, evaluate
 

@@ -136,7 +136,7 @@ def _progress() -> Progress:
 
 
 def _encoder_config(model: str | None, pretrained: str | None, device: Device) -> Any:
-    from retrieval.encoder import DEFAULT_MODEL, DEFAULT_PRETRAINED, EncoderConfig
+    from retrieval.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, EncoderConfig
 
     if model is None and pretrained is None:
         return None
@@ -339,7 +339,7 @@ def import_(
 ) -> None:
     """Build an index from clip-retrieval embeddings without re-encoding; --model encodes the queries."""
     from indexer.importer import import_clip_retrieval
-    from retrieval.encoder import EncoderConfig
+    from retrieval.config import EncoderConfig
     from retrieval.store import read_manifest
 
     encoder = _encoder_config(model, pretrained, device) or EncoderConfig(device=device.value)
@@ -424,8 +424,8 @@ def eval_(
 ) -> None:
     """Measure text→image and image→text recall@1/5/10 exactly as CLIP_benchmark does."""
     from indexer.decode import default_workers
+    from retrieval.config import EncoderConfig
     from retrieval.datasets import DatasetName
-    from retrieval.encoder import EncoderConfig
     from retrieval.evaluate import EvalConfig, evaluate
     from retrieval.store import index_encoder_config
 

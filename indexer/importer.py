@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from retrieval.build import AnnSettings
-from retrieval.encoder import EncoderConfig, ModelSpec, load_encoder
+from retrieval.config import EncoderConfig, ModelSpec
+from retrieval.encoder import load_encoder
 from retrieval.errors import InputError
 from retrieval.store import MANIFEST, IndexWriter, Kind, Record, read_manifest
 

@@ -17,7 +17,8 @@ import torch
 from indexer.decode import ImageFiles, content_hash, default_workers, iter_decoded
 from indexer.sources import FileEntry, TextSource, check_roots, open_texts, scan_roots
 from retrieval.build import AnnSettings
-from retrieval.encoder import EncoderConfig, ModelSpec, load_encoder
+from retrieval.config import EncoderConfig, ModelSpec
+from retrieval.encoder import load_encoder
 from retrieval.errors import ClipdexError, IndexFormatError, InputError
 from retrieval.imaging import DEFAULT_MAX_PIXELS, MAX_ASPECT
 from retrieval.store import (

@@ -1,8 +1,34 @@
-"""clipdex retrieval: encode with open_clip, store and search embeddings, measure recall@k."""
+"""clipdex retrieval: encode with open_clip, store and search embeddings, measure recall@k.
 
-from retrieval.encoder import DEFAULT_MODEL, DEFAULT_PRETRAINED, Encoder, EncoderConfig, ModelSpec, load_encoder
+Names are imported on first use, so that `clipdex info` or `check` start without loading torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from retrieval.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, EncoderConfig, ModelSpec
 from retrieval.errors import ClipdexError
-from retrieval.search import Hit, Searcher, Target
+
+if TYPE_CHECKING:
+    from retrieval.encoder import Encoder, load_encoder
+    from retrieval.search import Hit, Searcher, Target
+
+_LAZY = {
+    "Encoder": "retrieval.encoder",
+    "load_encoder": "retrieval.encoder",
+    "Hit": "retrieval.search",
+    "Searcher": "retrieval.search",
+    "Target": "retrieval.search",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'retrieval' has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_MODEL",

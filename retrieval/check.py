@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from retrieval import ann
-from retrieval.encoder import sha256_file
+from retrieval.config import sha256_file
 from retrieval.errors import IndexFormatError
 from retrieval.store import CATALOG, VECTORS, Kind, read_manifest, snapshot_files
 

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,52 +19,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from retrieval.config import EncoderConfig, ModelSpec, sha256_file
 from retrieval.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-# Best Flickr30k/COCO recall per GFLOP in open_clip's published retrieval table (see README).
-DEFAULT_MODEL = "ViT-B-32"
-DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
-
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 _HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    """Which model to load. `pretrained` is a tag, `hf-hub:org/repo`, or a checkpoint path."""
-
-    model: str = DEFAULT_MODEL
-    pretrained: str | None = DEFAULT_PRETRAINED
-    device: str = "auto"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What an index records about its model, enough to load the same one again."""
-
-    name: str
-    pretrained: str | None
-    checkpoint_sha256: str | None = None
-    config: dict[str, Any] | None = field(default=None, compare=False)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "pretrained": self.pretrained,
-            "checkpoint_sha256": self.checkpoint_sha256,
-            "config": self.config,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ModelSpec:
-        return cls(
-            name=data["name"],
-            pretrained=data.get("pretrained"),
-            checkpoint_sha256=data.get("checkpoint_sha256"),
-            config=data.get("config"),
-        )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -77,14 +36,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
     return torch.device(device)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def register_model_config(path: Path) -> tuple[str, dict[str, Any]]:

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from retrieval.config import EncoderConfig
 from retrieval.datasets import DatasetName, load_dataset
-from retrieval.encoder import Encoder, EncoderConfig, load_encoder
+from retrieval.encoder import Encoder, load_encoder
 from retrieval.errors import DatasetError
 from retrieval.metrics import recall_at_k
 

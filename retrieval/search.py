@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from retrieval import ann
-from retrieval.encoder import Encoder, load_encoder, resolve_device, sha256_file
+from retrieval.config import sha256_file
+from retrieval.encoder import Encoder, load_encoder, resolve_device
 from retrieval.errors import IndexFormatError, InputError
 from retrieval.imaging import ImageDecodeError, decode_image
 from retrieval.store import VECTORS, Kind, index_encoder_config, read_manifest, snapshot_files

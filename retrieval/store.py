@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from retrieval import ann
 from retrieval.build import AnnSettings, LiveVectors, build_kind
-from retrieval.encoder import EncoderConfig, ModelSpec, sha256_file
+from retrieval.config import EncoderConfig, ModelSpec, sha256_file
 from retrieval.errors import IndexFormatError, IndexLockedError, IndexNotFoundError
 
 log = logging.getLogger(__name__)

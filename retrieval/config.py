@@ -1,0 +1,56 @@
+"""Typed settings shared by the encoder, the store and the CLI; importing this loads no model code."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Best Flickr30k/COCO recall per GFLOP in open_clip's published retrieval table (see README).
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Which model to load. `pretrained` is a tag, `hf-hub:org/repo`, or a checkpoint path."""
+
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = DEFAULT_PRETRAINED
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What an index records about its model, enough to load the same one again."""
+
+    name: str
+    pretrained: str | None
+    checkpoint_sha256: str | None = None
+    config: dict[str, Any] | None = field(default=None, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "pretrained": self.pretrained,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "config": self.config,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelSpec:
+        return cls(
+            name=data["name"],
+            pretrained=data.get("pretrained"),
+            checkpoint_sha256=data.get("checkpoint_sha256"),
+            config=data.get("config"),
+        )
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
