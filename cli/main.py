@@ -222,7 +222,7 @@ def index(
         parts = (
             ", ".join(f"{k} {v:.2f}s ({100 * v / total:.0f}%)" for k, v in summary.seconds.items()) if total else "-"
         )
-        err.print(f"time: {parts}", highlight=False)
+        err.print(f"time: {parts}", highlight=False, soft_wrap=True)
     if strict and summary.failed:
         raise typer.Exit(1)
 
