@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -217,8 +216,15 @@ def test_peak_memory_bounded_on_bombs_and_strips(tmp_path, tiny_model: TinyModel
         "--workers",
         "1",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1])
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"added": 2, "updated": 0, "removed": 0, "unchanged": 0, "failed": 1}
-    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    assert peak_mib < 2048, f"peak RSS {peak_mib:.0f} MiB"
+    # a fresh parent, so that the peak covers this run's processes only (RUSAGE_CHILDREN is cumulative)
+    wrapper = (
+        "import json, resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+        "print(json.dumps([p.returncode, p.stdout, p.stderr, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, cwd=Path(__file__).parents[1]
+    )
+    code, stdout, stderr, peak_kib = json.loads(proc.stdout)
+    assert code == 0, stderr
+    assert json.loads(stdout) == {"added": 2, "updated": 0, "removed": 0, "unchanged": 0, "failed": 1}
+    assert peak_kib / 1024 < 2048, f"peak RSS {peak_kib / 1024:.0f} MiB"
