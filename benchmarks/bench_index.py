@@ -137,7 +137,13 @@ def main() -> None:
     ap.add_argument("--folder", type=Path, help="images to index (default: generated JPEGs)")
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--workers", type=int, default=-1, help="decode workers for clipdex (-1: its default)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[-1],
+        help="decode workers for clipdex, one run each (-1: its default)",
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clip-retrieval-python", help="python of a virtualenv with clip-retrieval installed")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -154,7 +160,11 @@ def main() -> None:
         if args.pretrained is None:
             torch.save(model.state_dict(), weights)
         size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
-        runs: dict[str, list[float]] = {"model forward": [], "clipdex index": [], "clipdex index, startup excluded": []}
+        runs: dict[str, list[float]] = {"model forward": []}
+        label = {w: "" if len(args.workers) == 1 else f" (workers {'auto' if w < 0 else w})" for w in args.workers}
+        for w in args.workers:
+            runs[f"clipdex index{label[w]}"] = []
+            runs[f"clipdex index, startup excluded{label[w]}"] = []
         profile = ""
         if args.clip_retrieval_python:
             runs["clip-retrieval inference"] = []
@@ -162,13 +172,16 @@ def main() -> None:
             runs["model forward"].append(
                 forward_throughput(model, size, args.batch_size, len(list(folder.glob("*.jpg"))))
             )
-            rate, profile = clipdex_throughput(folder, None, args.model, weights, args.batch_size, args.workers)
-            runs["clipdex index"].append(rate)
-            runs["clipdex index, startup excluded"].append(steady_rate(profile, len(list(folder.glob("*.jpg")))))
+            for w in args.workers:
+                rate, profile = clipdex_throughput(folder, None, args.model, weights, args.batch_size, w)
+                runs[f"clipdex index{label[w]}"].append(rate)
+                runs[f"clipdex index, startup excluded{label[w]}"].append(
+                    steady_rate(profile, len(list(folder.glob("*.jpg"))))
+                )
             if args.clip_retrieval_python:
                 runs["clip-retrieval inference"].append(
                     clip_retrieval_throughput(
-                        args.clip_retrieval_python, folder, args.model, weights, args.batch_size, args.workers
+                        args.clip_retrieval_python, folder, args.model, weights, args.batch_size, max(args.workers)
                     )
                 )
         medians = {k: statistics.median(v) for k, v in runs.items()}
