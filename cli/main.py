@@ -381,10 +381,7 @@ def check(
 ) -> None:
     """Verify that manifest, catalog, vectors and FAISS indexes agree; exit 1 and list what is wrong if not."""
     from retrieval.check import check_index
-    from retrieval.store import read_manifest
 
-    if not index_dir.is_dir():
-        read_manifest(index_dir)  # raises the usual one-line "not found"
     report = check_index(index_dir)
     if as_json:
         print(json.dumps(report.to_json()))

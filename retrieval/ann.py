@@ -106,7 +106,7 @@ def build_index(
 ) -> faiss.Index:
     """Build from (vectors, ids) batches; `train` is a sample for indexes that need training."""
     inner = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    index = inner if _has_native_ids(inner) else faiss.IndexIDMap2(inner)
+    index = inner if find_ivf(inner) is not None else faiss.IndexIDMap2(inner)  # IVF lists store ids natively
     if not inner.is_trained:
         if train is None or len(train) == 0:
             raise ValueError(f"{factory} needs training vectors")
@@ -119,14 +119,8 @@ def build_index(
     return index
 
 
-def _has_native_ids(index: faiss.Index) -> bool:
-    base = faiss.downcast_index(index)
-    if isinstance(base, faiss.IndexPreTransform):
-        base = faiss.downcast_index(base.index)
-    return isinstance(base, faiss.IndexIVF)
-
-
-def _ivf(index: faiss.Index) -> Any:
+def find_ivf(index: faiss.Index) -> Any:
+    """The IndexIVF inside an index (under an id map or a pre-transform), or None."""
     base = faiss.downcast_index(index)
     if isinstance(base, faiss.IndexIDMap | faiss.IndexIDMap2):
         base = faiss.downcast_index(base.index)
@@ -140,7 +134,7 @@ def index_ids(index: faiss.Index) -> np.ndarray:
     top = faiss.downcast_index(index)
     if isinstance(top, faiss.IndexIDMap | faiss.IndexIDMap2):
         return faiss.vector_to_array(top.id_map)
-    ivf = _ivf(index)
+    ivf = find_ivf(index)
     if ivf is None:
         raise TypeError(f"{type(top).__name__} does not carry catalog ids")
     invlists = ivf.invlists
@@ -209,7 +203,7 @@ def tune(
     if is_exact(index) or len(queries) == 0:
         recall = 1.0 if is_exact(index) else None
         return Tuning(params="", recall_at_10=recall, queries=len(queries))
-    ivf = _ivf(index)
+    ivf = find_ivf(index)
     if ivf is not None:
         values = [
             v
@@ -293,15 +287,6 @@ def read_index(path: Path, *, params: str = "", mmap: bool = True) -> faiss.Inde
         index = faiss.read_index(str(path))  # this index type cannot be mapped
     apply_params(index, params)
     return index
-
-
-def search(index: VectorIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (scores, ids) per query; ids are -1 past the end of a small index."""
-    k = max(1, min(k, index.ntotal)) if index.ntotal else 0
-    if k == 0:
-        empty = np.zeros((len(queries), 0))
-        return empty.astype(np.float32), empty.astype(np.int64)
-    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
 
 class TorchFlatIndex:

@@ -147,7 +147,7 @@ def _build_kind(
 
 
 def _train_size(index: faiss.Index, n: int) -> int:
-    ivf = ann._ivf(index)
+    ivf = ann.find_ivf(index)
     cells = ivf.nlist if ivf is not None else 256
     return int(min(n, max(40 * cells, 20_000), 200_000))  # FAISS wants at least 39 points per cell
 

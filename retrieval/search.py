@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -42,14 +42,7 @@ class Hit:
     text: str | None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "rank": self.rank,
-            "score": self.score,
-            "id": self.id,
-            "kind": self.kind,
-            "path": self.path,
-            "text": self.text,
-        }
+        return asdict(self)
 
 
 class Searcher:

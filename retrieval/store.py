@@ -203,17 +203,6 @@ class IndexWriter:
         cur = self.con.execute(f"SELECT {', '.join(COLUMNS)} FROM items WHERE {sql_where}", params or [])
         return [dict(zip(COLUMNS, r, strict=True)) for r in cur.fetchall()]
 
-    def vectors_at(self, locations: list[tuple[int, int]]) -> np.ndarray:
-        """Vectors stored at (shard, row) locations, in the order given."""
-        out = np.empty((len(locations), self.dim), dtype=np.float32)
-        by_shard: dict[int, list[int]] = {}
-        for i, (shard, _) in enumerate(locations):
-            by_shard.setdefault(shard, []).append(i)
-        for shard, positions in by_shard.items():
-            rows = np.array([locations[i][1] for i in positions])
-            out[positions] = self._load_shard(shard)[rows]
-        return out
-
     # -- commit ---------------------------------------------------------------------------------
 
     def commit(self, records: list[Record], *, delete_ids: list[int] | None = None) -> None:
