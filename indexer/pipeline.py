@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,7 +30,6 @@ from retrieval.store import (
     Status,
     acquire_lock,
     index_encoder_config,
-    read_manifest,
 )
 
 log = logging.getLogger(__name__)
@@ -104,11 +104,11 @@ def run_index(config: IndexConfig, *, progress: Progress | None = None) -> Summa
         texts = open_texts(
             config.texts.expanduser().absolute(), text_column=config.text_column, image_column=config.image_column
         )
-    encoder_config = _encoder_config(config)
+    encoder_config, existing = _encoder_config(config)
     # an existing index is locked before the model loads, so a second indexer is refused at once
-    lock = acquire_lock(config.index_dir) if (config.index_dir / MANIFEST).exists() else None
+    lock = acquire_lock(config.index_dir) if existing is not None else None
     try:
-        encoder = load_encoder(encoder_config, expect=_existing_spec(config.index_dir))
+        encoder = load_encoder(encoder_config, expect=existing)
         writer = IndexWriter(config.index_dir, encoder.spec, encoder.dim, lock=lock)
     except BaseException:
         if lock is not None:
@@ -131,19 +131,13 @@ def run_index(config: IndexConfig, *, progress: Progress | None = None) -> Summa
     return run.summary
 
 
-def _existing_spec(index_dir: Path) -> ModelSpec | None:
-    if not (index_dir / MANIFEST).exists():
-        return None
-    return ModelSpec.from_json(read_manifest(index_dir)["model"])
-
-
-def _encoder_config(config: IndexConfig) -> EncoderConfig:
-    spec = _existing_spec(config.index_dir)
-    if spec is None:
-        return config.encoder or EncoderConfig(device=config.device)
-    stored, _ = index_encoder_config(config.index_dir, device=config.device)
+def _encoder_config(config: IndexConfig) -> tuple[EncoderConfig, ModelSpec | None]:
+    """The model to index with, and the model the index already holds (None for a new index)."""
+    if not (config.index_dir / MANIFEST).exists():
+        return config.encoder or EncoderConfig(device=config.device), None
+    stored, spec = index_encoder_config(config.index_dir, device=config.device)
     if config.encoder is None:
-        return stored
+        return stored, spec
     asked = config.encoder
     asked_name = Path(asked.model).stem if asked.model.endswith(".json") else asked.model
     asked_weights = (
@@ -156,7 +150,7 @@ def _encoder_config(config: IndexConfig) -> EncoderConfig:
             f"{config.index_dir} was built with {spec.name} / {spec.pretrained}, not {asked_name} / {asked_weights}; "
             "leave out --model/--pretrained to keep using it, or index into a new directory"
         )
-    return EncoderConfig(model=asked.model, pretrained=asked.pretrained, device=config.device)
+    return EncoderConfig(model=asked.model, pretrained=asked.pretrained, device=config.device), spec
 
 
 class _Run:
@@ -198,7 +192,7 @@ class _Run:
         self.to_delete.extend(r["id"] for r in gone)
         self.summary.removed += len(gone)
 
-        known = self._known_locations(Kind.IMAGE)
+        known = _by_hash(existing.values())
         self.summary.add_time("scan", time.perf_counter() - t0)
         dataset = ImageFiles(
             [e.path for e in work],
@@ -280,7 +274,7 @@ class _Run:
         existing = {(r["text"], r["path"]): r for r in existing_rows if r["status"] == Status.OK.value}
         stale_failures = [r["id"] for r in existing_rows if r["status"] != Status.OK.value]
         self.to_delete.extend(stale_failures)
-        known = self._known_locations(Kind.TEXT)
+        known = _by_hash(self.writer.rows("kind = 'text'"))
         seen: set[tuple[str, str | None]] = set()
         queue: list[Record] = []
         self.progress.start("texts", None)
@@ -335,11 +329,6 @@ class _Run:
 
     # -- commits --------------------------------------------------------------------------------
 
-    def _known_locations(self, kind: Kind) -> dict[str, dict[str, Any]]:
-        """Stored rows by content hash, so renamed and duplicate content reuses its vector."""
-        rows = self.writer.rows("kind = ? AND status = 'ok' AND hash IS NOT NULL", [kind.value])
-        return {r["hash"]: r for r in rows}
-
     def _count_new(self, old: dict[str, Any] | None) -> None:
         if old is not None and old["status"] == Status.OK.value:
             self.summary.updated += 1
@@ -376,6 +365,11 @@ class _Run:
         self.writer.commit([], delete_ids=self.to_delete)
         self.writer.publish()
         self.summary.add_time("publish", time.perf_counter() - t0)
+
+
+def _by_hash(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Stored rows by content hash, so renamed and duplicate content reuses its vector."""
+    return {r["hash"]: r for r in rows if r["status"] == Status.OK.value and r["hash"] is not None}
 
 
 def scan_one(path: Path, source: str) -> FileEntry | None:
