@@ -190,6 +190,17 @@ def search_reranked(
     return scores_out, ids_out
 
 
+def parameter_ladder(index: faiss.Index) -> list[str]:
+    """Search settings from fastest to most thorough (ParameterSpace strings); empty when there is nothing to tune."""
+    ivf = find_ivf(index)
+    if ivf is not None:
+        steps = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096)
+        return [f"nprobe={v}" for v in steps if v <= ivf.nlist] or ["nprobe=1"]
+    if "HNSW" in describe(index):
+        return [f"efSearch={v}" for v in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)]
+    return []
+
+
 def tune(
     index: faiss.Index,
     queries: np.ndarray,
@@ -203,17 +214,8 @@ def tune(
     if is_exact(index) or len(queries) == 0:
         recall = 1.0 if is_exact(index) else None
         return Tuning(params="", recall_at_10=recall, queries=len(queries))
-    ivf = find_ivf(index)
-    if ivf is not None:
-        values = [
-            v
-            for v in (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096)
-            if v <= ivf.nlist
-        ]
-        names = [f"nprobe={v}" for v in values] or ["nprobe=1"]
-    elif "HNSW" in describe(index):
-        names = [f"efSearch={v}" for v in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)]
-    else:
+    names = parameter_ladder(index)
+    if not names:
         return Tuning(params="", recall_at_10=_recall(index, queries, truth, fetch), queries=len(queries))
     curve: list[tuple[str, float]] = []
     for name in names:

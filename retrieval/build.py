@@ -174,8 +174,8 @@ def _tune(
         truth = ann.exact_top_k(q, live.batches(), k)
         truths.append(truth)
         tunings.append(ann.tune(index, q, truth, target=settings.target_recall, fetch=fetch))
-    order = [name for name, _ in max((t.curve for t in tunings), key=len)] or [tunings[0].params]
-    chosen = max((t.params for t in tunings), key=lambda p: order.index(p) if p in order else -1)
+    ladder = ann.parameter_ladder(index)
+    chosen = max((t.params for t in tunings), key=ladder.index) if ladder else ""  # the most thorough one needed
     recalls = [ann.recall_at(index, q, t, chosen, fetch) for q, t in zip(sets, truths, strict=True)]
     ann.apply_params(index, chosen)
     log.info("tuned %s: %s gives recall@10 >= %.3f", ann.describe(index), chosen, min(recalls))
