@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -218,7 +219,7 @@ class IndexWriter:
             shard = self._next_shard
             self._next_shard += 1
             stacked = np.stack([r.vector for r in fresh])  # type: ignore[misc]
-            digest = _atomic_save_npy(self._shard_path(shard), stacked.astype(self._vector_dtype(len(fresh))))
+            digest = _atomic_save_npy(self._shard_path(shard), stacked.astype(self._vector_dtype(fresh)))
             new_shard = (shard, len(fresh), digest)
             for row, r in enumerate(fresh):
                 r.shard, r.row = shard, row
@@ -242,10 +243,13 @@ class IndexWriter:
         """Index type, memory budget and target recall for this and later publishes."""
         self.manifest["ann_settings"] = settings.to_json()
 
-    def _vector_dtype(self, adding: int) -> type:
-        """float32 while search is exact (results equal brute force); float16 once the index is approximate anyway."""
-        live = self.con.execute("SELECT count(*) FROM items WHERE status = 'ok'").fetchone()[0]  # type: ignore[index]
-        return np.float16 if int(live) + adding > ann.EXACT_MAX else np.float32
+    def _vector_dtype(self, fresh: list[Record]) -> type:
+        """float32 while any kind in the shard is small enough for exact search (results must equal brute
+        force); float16 once every kind in it has an approximate index anyway. Exact search is per kind."""
+        adding = Counter(r.kind.value for r in fresh)
+        live = dict(self.con.execute("SELECT kind, count(*) FROM items WHERE status = 'ok' GROUP BY kind").fetchall())
+        exact = any(int(live.get(kind, 0)) + n <= ann.EXACT_MAX for kind, n in adding.items())
+        return np.float32 if exact else np.float16
 
     def touch(self, updates: list[tuple[int, int, float]]) -> None:
         """Record a new size/mtime for files whose content hash did not change."""

@@ -186,3 +186,29 @@ def test_import_errors(cli, tmp_path, tiny_model):
     write_clip_retrieval(tmp_path / "wide", [50], 48)
     r = cli.invoke(app, ["import", str(tmp_path / "wide"), "--index", str(tmp_path / "i2"), *tiny_model.cli_args()])
     assert r.exit_code == 2 and "wrong --model" in r.stderr
+
+
+def test_float16_shards_only_past_exact_size_per_kind(tmp_path, tiny_model, monkeypatch):
+    from retrieval.encoder import EncoderConfig, load_encoder
+    from retrieval.store import IndexWriter, Kind, Record
+
+    monkeypatch.setattr(ann, "EXACT_MAX", 100)
+    encoder = load_encoder(EncoderConfig(model=str(tiny_model.config), pretrained=str(tiny_model.weights)))
+    writer = IndexWriter(tmp_path / "idx", encoder.spec, encoder.dim)
+
+    def add(kind: Kind, n: int, seed: int) -> np.dtype:
+        writer.commit(
+            [
+                Record(id=writer.new_id(), kind=kind, source="s", path=None, text="t", vector=v)
+                for v in clustered(n, 32, seed)
+            ]
+        )
+        return np.load(sorted((tmp_path / "idx" / "vectors").glob("*.npy"))[-1]).dtype
+
+    try:
+        assert add(Kind.IMAGE, 80, 1) == np.float32
+        assert add(Kind.TEXT, 80, 2) == np.float32  # 160 items in all, but each kind is still exact-sized
+        assert add(Kind.IMAGE, 50, 3) == np.float16  # images pass 100
+        assert add(Kind.TEXT, 10, 4) == np.float32
+    finally:
+        writer.close()
