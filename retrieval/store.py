@@ -383,7 +383,7 @@ class IndexWriter:
             "created": time.time(),
             "model": self.spec.to_json(),
             "dim": self.dim,
-            "vector_dtype": "float32 up to the exact-search size, float16 past it (per shard, in the .npy header)",
+            "vector_dtype": "float32 while a kind is exact-search sized, float16 past it (per shard, in the .npy header)",
             "metric": "cosine",
             "counts": {"images": 0, "texts": 0, "failed": 0},
             "index_types": {},
