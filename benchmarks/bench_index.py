@@ -65,7 +65,7 @@ def clipdex_throughput(
         cmd = [
             sys.executable,
             "-m",
-            "cli",
+            "clipdex",
             "index",
             str(folder),
             "--index",

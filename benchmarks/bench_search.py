@@ -25,8 +25,8 @@ import faiss
 import numpy as np
 from _report import machine, markdown_table, write_report
 
-from retrieval import ann
-from retrieval.build import AnnSettings, LiveVectors, build_kind
+from clipdex.retrieval import ann
+from clipdex.retrieval.build import AnnSettings, LiveVectors, build_kind
 
 _AUTOFAISS = """
 import sys, numpy as np

@@ -20,8 +20,8 @@ import open_clip
 import torch
 from _report import machine, markdown_table, write_report
 
-from retrieval.config import ModelSpec
-from retrieval.encoder import Encoder
+from clipdex.retrieval.config import ModelSpec
+from clipdex.retrieval.encoder import Encoder
 
 WORDS = """a man woman child dog cat red blue green small large old young wooden street beach park table
 walks sits runs holds looks plays stands near under beside with on in at the of and""".split()

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from retrieval.errors import ClipdexError
+from clipdex.retrieval.errors import ClipdexError
 
 app = typer.Typer(
     name="clipdex",
@@ -84,8 +84,8 @@ TargetRecallOpt = Annotated[
 def _ann_settings(
     index_type: str | None, memory: str | None, target_recall: float | None, *, keep_default: bool
 ) -> Any:
-    from retrieval.ann import DEFAULT_TARGET_RECALL, parse_memory
-    from retrieval.build import AnnSettings
+    from clipdex.retrieval.ann import DEFAULT_TARGET_RECALL, parse_memory
+    from clipdex.retrieval.build import AnnSettings
 
     if keep_default and index_type is None and memory is None and target_recall is None:
         return None
@@ -136,7 +136,7 @@ def _progress() -> Progress:
 
 
 def _encoder_config(model: str | None, pretrained: str | None, device: Device) -> Any:
-    from retrieval.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, EncoderConfig
+    from clipdex.retrieval.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, EncoderConfig
 
     if model is None and pretrained is None:
         return None
@@ -186,7 +186,7 @@ def index(
     as_json: JsonOpt = False,
 ) -> None:
     """Index folders of images and/or a caption file; re-running only encodes what changed."""
-    from indexer.pipeline import IndexConfig, run_index
+    from clipdex.indexer.pipeline import IndexConfig, run_index
 
     config = IndexConfig(
         paths=tuple(paths or ()),
@@ -239,7 +239,7 @@ def search(
     as_json: JsonOpt = False,
 ) -> None:
     """Search an index with a text or an image (image→image by default)."""
-    from retrieval.search import Searcher, Target
+    from clipdex.retrieval.search import Searcher, Target
 
     if (query is None) == (image is None):
         raise ClipdexError("give either a text query or --image FILE (not both)")
@@ -276,7 +276,7 @@ def info(
     as_json: JsonOpt = False,
 ) -> None:
     """Describe an index: model, dimension, counts, index types, size on disk."""
-    from retrieval.info import index_info
+    from clipdex.retrieval.info import index_info
 
     data = index_info(index_dir, with_failures=failed)
     if as_json:
@@ -316,7 +316,7 @@ def build(
     as_json: JsonOpt = False,
 ) -> None:
     """Rebuild the ANN indexes from the stored vectors (no re-encoding): choose, train, tune."""
-    from indexer.importer import rebuild
+    from clipdex.indexer.importer import rebuild
 
     manifest = rebuild(index_dir, _ann_settings(index_type, memory, target_recall, keep_default=False))
     _print_ann(manifest, as_json)
@@ -338,9 +338,9 @@ def import_(
     as_json: JsonOpt = False,
 ) -> None:
     """Build an index from clip-retrieval embeddings without re-encoding; --model encodes the queries."""
-    from indexer.importer import import_clip_retrieval
-    from retrieval.config import EncoderConfig
-    from retrieval.store import read_manifest
+    from clipdex.indexer.importer import import_clip_retrieval
+    from clipdex.retrieval.config import EncoderConfig
+    from clipdex.retrieval.store import read_manifest
 
     encoder = _encoder_config(model, pretrained, device) or EncoderConfig(device=device.value)
     settings = _ann_settings(index_type, memory, target_recall, keep_default=False)
@@ -380,7 +380,7 @@ def check(
     as_json: JsonOpt = False,
 ) -> None:
     """Verify that manifest, catalog, vectors and FAISS indexes agree; exit 1 and list what is wrong if not."""
-    from retrieval.check import check_index
+    from clipdex.retrieval.check import check_index
 
     report = check_index(index_dir)
     if as_json:
@@ -420,11 +420,11 @@ def eval_(
     as_json: JsonOpt = False,
 ) -> None:
     """Measure text→image and image→text recall@1/5/10 exactly as CLIP_benchmark does."""
-    from indexer.decode import default_workers
-    from retrieval.config import EncoderConfig
-    from retrieval.datasets import DatasetName
-    from retrieval.evaluate import EvalConfig, evaluate
-    from retrieval.store import index_encoder_config
+    from clipdex.indexer.decode import default_workers
+    from clipdex.retrieval.config import EncoderConfig
+    from clipdex.retrieval.datasets import DatasetName
+    from clipdex.retrieval.evaluate import EvalConfig, evaluate
+    from clipdex.retrieval.store import index_encoder_config
 
     if index_dir is not None:
         if model or pretrained:
@@ -472,7 +472,7 @@ def _setup_logging() -> None:
     # failures on the root logger) would break the one-line error rule, and our message says it all.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("clipdex: %(message)s"))
-    for name in ("retrieval", "indexer", "cli"):
+    for name in ("clipdex",):
         logger = logging.getLogger(name)
         logger.setLevel(logging.WARNING)
         logger.addHandler(handler)

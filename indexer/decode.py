@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from retrieval.imaging import MAX_FILE_BYTES, ImageDecodeError, decode_image
+from clipdex.retrieval.imaging import MAX_FILE_BYTES, ImageDecodeError, decode_image
 
 
 def content_hash(data: bytes) -> str:

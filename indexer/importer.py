@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from retrieval.build import AnnSettings
-from retrieval.config import EncoderConfig, ModelSpec
-from retrieval.encoder import load_encoder
-from retrieval.errors import InputError
-from retrieval.store import MANIFEST, IndexWriter, Kind, Record, read_manifest
+from clipdex.retrieval.build import AnnSettings
+from clipdex.retrieval.config import EncoderConfig, ModelSpec
+from clipdex.retrieval.encoder import load_encoder
+from clipdex.retrieval.errors import InputError
+from clipdex.retrieval.store import MANIFEST, IndexWriter, Kind, Record, read_manifest
 
 log = logging.getLogger(__name__)
 

@@ -15,14 +15,14 @@ from typing import Any, Protocol
 
 import torch
 
-from indexer.decode import ImageFiles, content_hash, default_workers, iter_decoded
-from indexer.sources import FileEntry, TextSource, check_roots, open_texts, scan_roots
-from retrieval.build import AnnSettings
-from retrieval.config import EncoderConfig, ModelSpec
-from retrieval.encoder import load_encoder
-from retrieval.errors import ClipdexError, IndexFormatError, InputError
-from retrieval.imaging import DEFAULT_MAX_PIXELS, MAX_ASPECT
-from retrieval.store import (
+from clipdex.indexer.decode import ImageFiles, content_hash, default_workers, iter_decoded
+from clipdex.indexer.sources import FileEntry, TextSource, check_roots, open_texts, scan_roots
+from clipdex.retrieval.build import AnnSettings
+from clipdex.retrieval.config import EncoderConfig, ModelSpec
+from clipdex.retrieval.encoder import load_encoder
+from clipdex.retrieval.errors import ClipdexError, IndexFormatError, InputError
+from clipdex.retrieval.imaging import DEFAULT_MAX_PIXELS, MAX_ASPECT
+from clipdex.retrieval.store import (
     MANIFEST,
     IndexWriter,
     Kind,

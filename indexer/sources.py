@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from retrieval.errors import InputError
+from clipdex.retrieval.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -8,19 +8,19 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from retrieval.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, EncoderConfig, ModelSpec
-from retrieval.errors import ClipdexError
+from clipdex.retrieval.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, EncoderConfig, ModelSpec
+from clipdex.retrieval.errors import ClipdexError
 
 if TYPE_CHECKING:
-    from retrieval.encoder import Encoder, load_encoder
-    from retrieval.search import Hit, Searcher, Target
+    from clipdex.retrieval.encoder import Encoder, load_encoder
+    from clipdex.retrieval.search import Hit, Searcher, Target
 
 _LAZY = {
-    "Encoder": "retrieval.encoder",
-    "load_encoder": "retrieval.encoder",
-    "Hit": "retrieval.search",
-    "Searcher": "retrieval.search",
-    "Target": "retrieval.search",
+    "Encoder": "clipdex.retrieval.encoder",
+    "load_encoder": "clipdex.retrieval.encoder",
+    "Hit": "clipdex.retrieval.search",
+    "Searcher": "clipdex.retrieval.search",
+    "Target": "clipdex.retrieval.search",
 }
 
 

@@ -15,8 +15,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from retrieval import ann
-from retrieval.errors import InputError
+from clipdex.retrieval import ann
+from clipdex.retrieval.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from retrieval import ann
-from retrieval.config import sha256_file
-from retrieval.errors import IndexFormatError
-from retrieval.store import CATALOG, VECTORS, Kind, read_manifest, snapshot_files
+from clipdex.retrieval import ann
+from clipdex.retrieval.config import sha256_file
+from clipdex.retrieval.errors import IndexFormatError
+from clipdex.retrieval.store import CATALOG, VECTORS, Kind, read_manifest, snapshot_files
 
 log = logging.getLogger(__name__)
 

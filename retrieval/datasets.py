@@ -13,7 +13,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from retrieval.errors import DatasetError
+from clipdex.retrieval.errors import DatasetError
 
 SPLITS = ("train", "val", "test")
 

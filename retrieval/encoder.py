@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from retrieval.config import EncoderConfig, ModelSpec, sha256_file
-from retrieval.errors import ModelError
+from clipdex.retrieval.config import EncoderConfig, ModelSpec, sha256_file
+from clipdex.retrieval.errors import ModelError
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from retrieval.config import EncoderConfig
-from retrieval.datasets import DatasetName, load_dataset
-from retrieval.encoder import Encoder, load_encoder
-from retrieval.errors import DatasetError
-from retrieval.metrics import recall_at_k
+from clipdex.retrieval.config import EncoderConfig
+from clipdex.retrieval.datasets import DatasetName, load_dataset
+from clipdex.retrieval.encoder import Encoder, load_encoder
+from clipdex.retrieval.errors import DatasetError
+from clipdex.retrieval.metrics import recall_at_k
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def evaluate(config: EvalConfig, *, encoder: Encoder | None = None) -> dict[str,
 
 def encode_image_files(encoder: Encoder, paths: list[Path], *, batch_size: int, workers: int) -> np.ndarray:
     """Decode (without EXIF rotation, as the benchmark protocol does) and encode, in file order."""
-    from indexer.decode import ImageFiles, iter_decoded
+    from clipdex.indexer.decode import ImageFiles, iter_decoded
 
     dataset = ImageFiles(paths, encoder.preprocess, max_pixels=1 << 62, exif_transpose=False)
     out = np.empty((len(paths), encoder.dim), dtype=np.float32)

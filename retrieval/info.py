@@ -8,8 +8,8 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from retrieval.errors import IndexFormatError
-from retrieval.store import read_manifest, snapshot_files
+from clipdex.retrieval.errors import IndexFormatError
+from clipdex.retrieval.store import read_manifest, snapshot_files
 
 
 def index_info(index_dir: Path, *, with_failures: bool = False) -> dict[str, Any]:

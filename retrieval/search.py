@@ -13,12 +13,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from retrieval import ann
-from retrieval.config import sha256_file
-from retrieval.encoder import Encoder, load_encoder, resolve_device
-from retrieval.errors import IndexFormatError, InputError
-from retrieval.imaging import ImageDecodeError, decode_image
-from retrieval.store import VECTORS, Kind, index_encoder_config, read_manifest, snapshot_files
+from clipdex.retrieval import ann
+from clipdex.retrieval.config import sha256_file
+from clipdex.retrieval.encoder import Encoder, load_encoder, resolve_device
+from clipdex.retrieval.errors import IndexFormatError, InputError
+from clipdex.retrieval.imaging import ImageDecodeError, decode_image
+from clipdex.retrieval.store import VECTORS, Kind, index_encoder_config, read_manifest, snapshot_files
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from retrieval import ann
-from retrieval.build import AnnSettings, LiveVectors, build_kind
-from retrieval.config import EncoderConfig, ModelSpec, sha256_file
-from retrieval.errors import IndexFormatError, IndexLockedError, IndexNotFoundError
+from clipdex.retrieval import ann
+from clipdex.retrieval.build import AnnSettings, LiveVectors, build_kind
+from clipdex.retrieval.config import EncoderConfig, ModelSpec, sha256_file
+from clipdex.retrieval.errors import IndexFormatError, IndexLockedError, IndexNotFoundError
 
 log = logging.getLogger(__name__)
 

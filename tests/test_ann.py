@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cli.main import app
-from retrieval import Searcher, Target, ann
-from retrieval.check import check_index
+from clipdex.cli.main import app
+from clipdex.retrieval import Searcher, Target, ann
+from clipdex.retrieval.check import check_index
 
 
 def clustered(n: int, dim: int, seed: int, *, clusters: int = 50) -> np.ndarray:
@@ -136,9 +136,9 @@ def test_build_changes_index_type_and_keeps_results_sound(cli, tmp_path, tiny_mo
 
 
 def test_incremental_publish_reuses_the_trained_index(tmp_path, tiny_model):
-    from retrieval.build import AnnSettings
-    from retrieval.encoder import EncoderConfig, load_encoder
-    from retrieval.store import IndexWriter, Kind, Record
+    from clipdex.retrieval.build import AnnSettings
+    from clipdex.retrieval.encoder import EncoderConfig, load_encoder
+    from clipdex.retrieval.store import IndexWriter, Kind, Record
 
     encoder = load_encoder(EncoderConfig(model=str(tiny_model.config), pretrained=str(tiny_model.weights)))
     writer = IndexWriter(tmp_path / "idx", encoder.spec, encoder.dim)
@@ -189,8 +189,8 @@ def test_import_errors(cli, tmp_path, tiny_model):
 
 
 def test_float16_shards_only_past_exact_size_per_kind(tmp_path, tiny_model, monkeypatch):
-    from retrieval.encoder import EncoderConfig, load_encoder
-    from retrieval.store import IndexWriter, Kind, Record
+    from clipdex.retrieval.encoder import EncoderConfig, load_encoder
+    from clipdex.retrieval.store import IndexWriter, Kind, Record
 
     monkeypatch.setattr(ann, "EXACT_MAX", 100)
     encoder = load_encoder(EncoderConfig(model=str(tiny_model.config), pretrained=str(tiny_model.weights)))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from corpus import make_images
 
-from cli.main import app
+from clipdex.cli.main import app
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,14 @@ import pytest
 from conftest import TinyModel
 from corpus import make_images
 
-from retrieval import Searcher, Target
-from retrieval.check import check_index
+from clipdex.retrieval import Searcher, Target
+from clipdex.retrieval.check import check_index
 
 REPO = Path(__file__).parents[1]
 
 
 def clipdex(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cli", *map(str, args)]
+    return [sys.executable, "-m", "clipdex", *map(str, args)]
 
 
 def start(cmd: list[str]) -> subprocess.Popen:
@@ -150,9 +150,9 @@ def test_ctrl_c_keeps_work_and_second_indexer_refuses(tmp_path, tiny_model):
 
 def test_lock_is_released_when_the_holder_dies(tmp_path, tiny_model):
     """A lock file left by a dead process does not block: the kernel drops its flock."""
-    from retrieval.encoder import EncoderConfig, load_encoder
-    from retrieval.errors import IndexLockedError
-    from retrieval.store import IndexWriter
+    from clipdex.retrieval.encoder import EncoderConfig, load_encoder
+    from clipdex.retrieval.errors import IndexLockedError
+    from clipdex.retrieval.store import IndexWriter
 
     encoder = load_encoder(EncoderConfig(model=str(tiny_model.config), pretrained=str(tiny_model.weights)))
     writer = IndexWriter(tmp_path / "idx", encoder.spec, encoder.dim)

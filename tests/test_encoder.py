@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from retrieval.encoder import EncoderConfig, _encode_text_trimmed, load_encoder
-from retrieval.errors import ModelError
+from clipdex.retrieval.encoder import EncoderConfig, _encode_text_trimmed, load_encoder
+from clipdex.retrieval.errors import ModelError
 
 CAPTIONS = [
     "a dog",

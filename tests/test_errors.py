@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from corpus import make_images
 
-from cli.main import app
+from clipdex.cli.main import app
 
 
 def assert_one_line_error(result, *needles: str) -> None:
@@ -126,7 +126,7 @@ def test_real_entry_point_prints_one_line(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "cli",
+        "clipdex",
         "index",
         str(tmp_path / "p"),
         "--index",

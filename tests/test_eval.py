@@ -11,7 +11,7 @@ from clip_benchmark.datasets.builder import build_dataset, get_dataset_collate_f
 from clip_benchmark.metrics import zeroshot_retrieval
 from corpus import make_coco_fixture, make_flickr_fixture, make_karpathy_fixture
 
-from cli.main import app
+from clipdex.cli.main import app
 
 
 def clip_benchmark_recalls(tiny_model, name: str, root) -> dict[str, float]:

@@ -15,8 +15,8 @@ import pytest
 from conftest import assert_same_ranking, brute_force
 from corpus import draw, make_images, random_scene
 
-from cli.main import app
-from retrieval import Searcher, Target
+from clipdex.cli.main import app
+from clipdex.retrieval import Searcher, Target
 
 
 def run(cli, *args: str, code: int = 0) -> str:
@@ -202,8 +202,8 @@ def _catalog(index: Path) -> dict[str, tuple]:
 
 
 def test_python_api(tmp_path, tiny_model):
-    from indexer import IndexConfig, run_index
-    from retrieval import EncoderConfig
+    from clipdex.indexer import IndexConfig, run_index
+    from clipdex.retrieval import EncoderConfig
 
     items = make_images(tmp_path / "p", 20, seed=5)
     summary = run_index(
@@ -226,11 +226,11 @@ def test_python_api(tmp_path, tiny_model):
 
 def test_search_sees_last_published_state_while_writer_holds_catalog(tmp_path, tiny_model):
     """Readers never open the DuckDB file, so a writer holding it does not block a search."""
-    from retrieval.encoder import EncoderConfig, load_encoder
-    from retrieval.store import IndexWriter
+    from clipdex.retrieval.encoder import EncoderConfig, load_encoder
+    from clipdex.retrieval.store import IndexWriter
 
     make_images(tmp_path / "p", 5, seed=9)
-    from indexer import IndexConfig, run_index
+    from clipdex.indexer import IndexConfig, run_index
 
     enc_cfg = EncoderConfig(model=str(tiny_model.config), pretrained=str(tiny_model.weights))
     run_index(IndexConfig(paths=(tmp_path / "p",), index_dir=tmp_path / "idx", workers=0, encoder=enc_cfg))

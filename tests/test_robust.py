@@ -15,8 +15,8 @@ from conftest import TinyModel
 from corpus import draw, make_images, random_scene
 from PIL import Image
 
-from cli.main import app
-from retrieval.imaging import ImageDecodeError, decode_image
+from clipdex.cli.main import app
+from clipdex.retrieval.imaging import ImageDecodeError, decode_image
 
 
 def scene_image(seed: int) -> Image.Image:
@@ -168,8 +168,8 @@ def test_caption_file_bad_rows_are_reported_not_fatal(cli, tmp_path, tiny_model:
 
 
 def test_files_vanishing_mid_run(cli, tmp_path, tiny_model: TinyModel, monkeypatch):
-    import indexer.pipeline as pipeline
-    from indexer.sources import FileEntry
+    import clipdex.indexer.pipeline as pipeline
+    from clipdex.indexer.sources import FileEntry
 
     items = make_images(tmp_path / "p", 4, seed=4)
     index = tmp_path / "idx"
@@ -206,7 +206,7 @@ def test_peak_memory_bounded_on_bombs_and_strips(tmp_path, tiny_model: TinyModel
     cmd = [
         sys.executable,
         "-m",
-        "cli",
+        "clipdex",
         "index",
         str(root),
         "--index",

@@ -1,0 +1,55 @@
+"""clipdex: cross-modal image–text search with open_clip, FAISS and DuckDB.
+
+This file is the `clipdex` import package; the source folders `retrieval/`, `indexer/` and `cli/` are
+installed as its subpackages (see `[tool.setuptools.package-dir]` in pyproject.toml). Names are imported on
+first use, so that `import clipdex` does not load torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from clipdex.indexer.pipeline import IndexConfig, Summary, run_index
+    from clipdex.retrieval.config import EncoderConfig
+    from clipdex.retrieval.encoder import Encoder, load_encoder
+    from clipdex.retrieval.errors import ClipdexError
+    from clipdex.retrieval.search import Hit, Searcher, Target
+
+_LAZY = {
+    "ClipdexError": "clipdex.retrieval.errors",
+    "EncoderConfig": "clipdex.retrieval.config",
+    "Encoder": "clipdex.retrieval.encoder",
+    "load_encoder": "clipdex.retrieval.encoder",
+    "Hit": "clipdex.retrieval.search",
+    "Searcher": "clipdex.retrieval.search",
+    "Target": "clipdex.retrieval.search",
+    "IndexConfig": "clipdex.indexer.pipeline",
+    "Summary": "clipdex.indexer.pipeline",
+    "run_index": "clipdex.indexer.pipeline",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name == "__version__":
+        from importlib.metadata import version
+
+        return version("clipdex")
+    raise AttributeError(f"module 'clipdex' has no attribute {name!r}")
+
+
+__all__ = [
+    "ClipdexError",
+    "Encoder",
+    "EncoderConfig",
+    "Hit",
+    "IndexConfig",
+    "Searcher",
+    "Summary",
+    "Target",
+    "load_encoder",
+    "run_index",
+]

@@ -1,0 +1,3 @@
+from clipdex.cli.main import main
+
+main()
