@@ -340,27 +340,27 @@ def import_(
     """Build an index from clip-retrieval embeddings without re-encoding; --model encodes the queries."""
     from clipdex.indexer.importer import import_clip_retrieval
     from clipdex.retrieval.config import EncoderConfig
-    from clipdex.retrieval.store import read_manifest
+    from clipdex.retrieval.manifest import read_manifest
 
     encoder = _encoder_config(model, pretrained, device) or EncoderConfig(device=device.value)
     settings = _ann_settings(index_type, memory, target_recall, keep_default=False)
     summary = import_clip_retrieval(src, index_dir, encoder, settings)
     manifest = read_manifest(index_dir)
     if as_json:
-        print(json.dumps({**summary.to_json(), "ann": manifest.get("ann", {})}))
+        print(json.dumps({**summary.to_json(), "ann": manifest.ann}))
     else:
         out.print(f"imported {summary.images} images and {summary.texts} texts from {summary.partitions} partitions")
         _print_ann(manifest, False)
 
 
-def _print_ann(manifest: dict[str, Any], as_json: bool) -> None:
+def _print_ann(manifest: Any, as_json: bool) -> None:
     if as_json:
-        print(json.dumps({"ann": manifest.get("ann", {}), "counts": manifest.get("counts", {})}))
+        print(json.dumps({"ann": manifest.ann, "counts": manifest.counts}))
         return
     table = Table(title="ANN indexes", show_header=True)
     for col in ("kind", "vectors", "index", "params", "recall@10", "why"):
         table.add_column(col)
-    for kind, info in manifest.get("ann", {}).items():
+    for kind, info in manifest.ann.items():
         recall = info.get("recall_at_10")
         table.add_row(
             kind,
@@ -424,7 +424,7 @@ def eval_(
     from clipdex.retrieval.config import EncoderConfig
     from clipdex.retrieval.datasets import DatasetName
     from clipdex.retrieval.evaluate import EvalConfig, evaluate
-    from clipdex.retrieval.store import index_encoder_config
+    from clipdex.retrieval.manifest import index_encoder_config
 
     if index_dir is not None:
         if model or pretrained:

@@ -12,28 +12,29 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from clipdex.retrieval.build import AnnSettings
-from clipdex.retrieval.config import EncoderConfig, ModelSpec
+from clipdex.retrieval.build import AnnSettings, index_writer
+from clipdex.retrieval.config import EncoderConfig
 from clipdex.retrieval.encoder import load_encoder
 from clipdex.retrieval.errors import InputError
-from clipdex.retrieval.store import MANIFEST, IndexWriter, Kind, Record, read_manifest
+from clipdex.retrieval.items import Kind, Record
+from clipdex.retrieval.manifest import MANIFEST, Manifest, read_manifest
+from clipdex.retrieval.writer import IndexWriter
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 65536
 
 
-def rebuild(index_dir: Path, settings: AnnSettings) -> dict[str, Any]:
+def rebuild(index_dir: Path, settings: AnnSettings) -> Manifest:
     """Re-choose, re-train and re-tune the ANN indexes from the stored vectors; no model is loaded."""
     manifest = read_manifest(index_dir)
-    writer = IndexWriter(index_dir, ModelSpec.from_json(manifest["model"]), int(manifest["dim"]))
+    writer = index_writer(index_dir, manifest.model, manifest.dim)
     try:
-        return writer.publish(settings=settings, rebuild=True)
+        return writer.publish(settings=settings.to_json(), rebuild=True)
     finally:
         writer.close()
 
@@ -67,15 +68,13 @@ def import_clip_retrieval(src: Path, index_dir: Path, encoder: EncoderConfig, se
         raise InputError(
             f"{src} holds no clip-retrieval output (img_emb/img_emb_N.npy, text_emb/text_emb_N.npy, metadata/metadata_N.parquet)"
         )
-    if (index_dir / MANIFEST).exists() and any(
-        read_manifest(index_dir).get("counts", {}).get(k) for k in ("images", "texts")
-    ):
+    if (index_dir / MANIFEST).exists() and any(read_manifest(index_dir).counts.get(k) for k in ("images", "texts")):
         raise InputError(f"{index_dir} already holds an index; import into a new directory")
     model = load_encoder(encoder)
-    writer = IndexWriter(index_dir, model.spec, model.dim)
+    writer = index_writer(index_dir, model.spec, model.dim)
     images = texts = 0
     try:
-        writer.set_ann_settings(settings)
+        writer.set_ann_settings(settings.to_json())
         seen: set[str] = set()
         for part in parts:
             for records in _read_partition(src, part, model.dim, writer, seen):

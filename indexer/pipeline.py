@@ -17,20 +17,15 @@ import torch
 
 from clipdex.indexer.decode import ImageFiles, content_hash, default_workers, iter_decoded
 from clipdex.indexer.sources import FileEntry, TextSource, check_roots, open_texts, scan_roots
-from clipdex.retrieval.build import AnnSettings
+from clipdex.retrieval.build import AnnSettings, index_writer
 from clipdex.retrieval.config import EncoderConfig, ModelSpec
 from clipdex.retrieval.encoder import load_encoder
 from clipdex.retrieval.errors import ClipdexError, IndexFormatError, InputError
 from clipdex.retrieval.imaging import DEFAULT_MAX_PIXELS, MAX_ASPECT
-from clipdex.retrieval.store import (
-    MANIFEST,
-    IndexWriter,
-    Kind,
-    Record,
-    Status,
-    acquire_lock,
-    index_encoder_config,
-)
+from clipdex.retrieval.items import Kind, Record, Status
+from clipdex.retrieval.lock import acquire_lock
+from clipdex.retrieval.manifest import MANIFEST, index_encoder_config
+from clipdex.retrieval.writer import IndexWriter
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +104,13 @@ def run_index(config: IndexConfig, *, progress: Progress | None = None) -> Summa
     lock = acquire_lock(config.index_dir) if existing is not None else None
     try:
         encoder = load_encoder(encoder_config, expect=existing)
-        writer = IndexWriter(config.index_dir, encoder.spec, encoder.dim, lock=lock)
+        writer = index_writer(config.index_dir, encoder.spec, encoder.dim, lock=lock)
     except BaseException:
         if lock is not None:
             lock.close()
         raise
     if config.ann is not None:
-        writer.set_ann_settings(config.ann)
+        writer.set_ann_settings(config.ann.to_json())
     run = _Run(config, writer, encoder, progress)
     try:
         run.images(roots, texts)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,6 +21,10 @@ from typing import Any, Protocol
 
 import faiss
 import numpy as np
+from faiss.contrib.exhaustive_search import knn_ground_truth
+from faiss.contrib.inspect_tools import get_flat_data, get_invlist
+
+from clipdex.retrieval.atomic import TMP_SUFFIX, finish_tmp
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +124,10 @@ def build_index(
 
 def find_ivf(index: faiss.Index) -> Any:
     """The IndexIVF inside an index (under an id map or a pre-transform), or None."""
-    base = faiss.downcast_index(index)
-    if isinstance(base, faiss.IndexIDMap | faiss.IndexIDMap2):
-        base = faiss.downcast_index(base.index)
-    if isinstance(base, faiss.IndexPreTransform):
-        base = faiss.downcast_index(base.index)
-    return base if isinstance(base, faiss.IndexIVF) else None
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:  # not an inverted-file index
+        return None
 
 
 def index_ids(index: faiss.Index) -> np.ndarray:
@@ -137,14 +138,7 @@ def index_ids(index: faiss.Index) -> np.ndarray:
     ivf = find_ivf(index)
     if ivf is None:
         raise TypeError(f"{type(top).__name__} does not carry catalog ids")
-    invlists = ivf.invlists
-    parts = []
-    for cell in range(ivf.nlist):
-        size = invlists.list_size(cell)
-        if size:
-            ptr = invlists.get_ids(cell)
-            parts.append(faiss.rev_swig_ptr(ptr, size).copy())
-            invlists.release_ids(cell, ptr)
+    parts = [get_invlist(ivf.invlists, cell)[0] for cell in range(ivf.nlist)]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
@@ -246,23 +240,18 @@ def _recall(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, fetch: F
 
 
 def exact_top_k(queries: np.ndarray, batches: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> np.ndarray:
-    """Exact top-k ids for each query over streamed (vectors, ids) batches (faiss's knn, merged)."""
-    heap_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    heap_ids = np.full((len(queries), k), -1, dtype=np.int64)
+    """Exact top-k ids for each query over streamed (vectors, ids) batches (FAISS's knn_ground_truth)."""
+    ids: list[np.ndarray] = []
+
+    def vectors() -> Iterable[np.ndarray]:
+        for x, batch_ids in batches:
+            ids.append(np.asarray(batch_ids, dtype=np.int64))
+            yield np.ascontiguousarray(x, dtype=np.float32)
+
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    for vectors, ids in batches:
-        if not len(ids):
-            continue
-        kk = min(k, len(ids))
-        scores, pos = faiss.knn(
-            q, np.ascontiguousarray(vectors, dtype=np.float32), kk, metric=faiss.METRIC_INNER_PRODUCT
-        )
-        merged_scores = np.concatenate([heap_scores, scores], axis=1)
-        merged_ids = np.concatenate([heap_ids, np.asarray(ids)[pos]], axis=1)
-        order = np.argsort(-merged_scores, axis=1, kind="stable")[:, :k]
-        heap_scores = np.take_along_axis(merged_scores, order, axis=1)
-        heap_ids = np.take_along_axis(merged_ids, order, axis=1)
-    return heap_ids
+    _, pos = knn_ground_truth(q, vectors(), k, metric_type=faiss.METRIC_INNER_PRODUCT)
+    every = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+    return np.where(pos >= 0, every[np.clip(pos, 0, max(len(every) - 1, 0))] if len(every) else -1, -1)
 
 
 def apply_params(index: faiss.Index, params: str) -> None:
@@ -271,11 +260,9 @@ def apply_params(index: faiss.Index, params: str) -> None:
 
 
 def write_index(index: faiss.Index, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + TMP_SUFFIX)
     faiss.write_index(index, str(tmp))
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    finish_tmp(tmp, path)
 
 
 def read_index(path: Path, *, params: str = "", mmap: bool = True) -> faiss.Index:
@@ -321,8 +308,7 @@ class TorchFlatIndex:
 def flat_contents(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
     """(vectors, ids) of an exact IDMap(Flat) index."""
     top: Any = faiss.downcast_index(index)
-    inner = faiss.downcast_index(top.index)
-    return inner.reconstruct_n(0, inner.ntotal), faiss.vector_to_array(top.id_map)
+    return get_flat_data(faiss.downcast_index(top.index)), faiss.vector_to_array(top.id_map)
 
 
 def place(index: faiss.Index, device: str) -> VectorIndex:

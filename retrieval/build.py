@@ -8,25 +8,31 @@ periodic publish of a long indexing run.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
 from clipdex.retrieval import ann
+from clipdex.retrieval.config import ModelSpec
 from clipdex.retrieval.errors import InputError
+from clipdex.retrieval.items import Kind
+from clipdex.retrieval.lock import WriteLock
+from clipdex.retrieval.shards import LiveVectors
+from clipdex.retrieval.snapshot import BuiltIndex, PreviousIndex
+from clipdex.retrieval.writer import IndexWriter
 
 log = logging.getLogger(__name__)
 
 _TUNE_QUERIES = 1000
-_CHUNK = 65536
 
 
 @dataclass(frozen=True)
 class AnnSettings:
-    """What the user asked for; stored in the manifest so later publishes keep it."""
+    """What the user asked for; stored in the manifest (`ann_settings`) so later publishes keep it."""
 
     index_type: str | None = None  # a FAISS factory string; None: automatic
     memory: int | None = None  # bytes the index may take; None: no limit
@@ -41,64 +47,45 @@ class AnnSettings:
         return cls(data.get("index_type"), data.get("memory"), data.get("target_recall", ann.DEFAULT_TARGET_RECALL))
 
 
-class LiveVectors:
-    """The searchable vectors of one kind, read from shards on demand: never all in memory at once."""
+class FaissBuilder:
+    """The IndexBuilder that publishing uses: FAISS indexes chosen, trained and tuned by `build_kind`."""
 
-    def __init__(
-        self, ids: np.ndarray, shards: np.ndarray, rows: np.ndarray, load: Callable[[int], np.ndarray], dim: int
-    ):
-        order = np.argsort(ids, kind="stable")
-        self.ids, self.shards, self.rows = ids[order], shards[order], rows[order]
-        self._load = load
-        self.dim = dim
+    def build(
+        self,
+        kind: Kind,
+        live: LiveVectors,
+        *,
+        other: LiveVectors,
+        previous: PreviousIndex | None,
+        settings: dict[str, Any] | None,
+        out: Path,
+    ) -> BuiltIndex:
+        index, info = build_kind(
+            live,
+            AnnSettings.from_json(settings),
+            previous=previous,
+            queries=lambda: other.sample(min(1000, len(other)), np.random.default_rng(3)),
+        )
+        ann.write_index(index, out)
+        return BuiltIndex(ann.describe(index), int(index.ntotal), info)
 
-    def __len__(self) -> int:
-        return len(self.ids)
 
-    def batches(self, only: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(float32 vectors, ids) shard by shard, optionally restricted to the ids in `only`."""
-        keep = np.ones(len(self.ids), dtype=bool) if only is None else np.isin(self.ids, only)
-        for shard in np.unique(self.shards[keep]).tolist():
-            sel = keep & (self.shards == shard)
-            data = self._load(int(shard))
-            rows, ids = self.rows[sel], self.ids[sel]
-            for start in range(0, len(rows), _CHUNK):
-                yield np.asarray(data[rows[start : start + _CHUNK]], dtype=np.float32), ids[start : start + _CHUNK]
-
-    def fetch(self, ids: np.ndarray) -> np.ndarray:
-        """Stored vectors of the given ids (which must be live), as float32."""
-        pos = np.searchsorted(self.ids, ids)
-        out = np.empty((len(ids), self.dim), dtype=np.float32)
-        for shard in np.unique(self.shards[pos]).tolist():
-            mask = self.shards[pos] == shard
-            out[mask] = self._load(int(shard))[self.rows[pos][mask]]
-        return out
-
-    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        if n >= len(self.ids):
-            return (
-                np.concatenate([v for v, _ in self.batches()]) if len(self.ids) else np.zeros((0, self.dim), np.float32)
-            )
-        pick = np.sort(rng.choice(len(self.ids), size=n, replace=False))
-        out = np.empty((n, self.dim), dtype=np.float32)
-        for shard in np.unique(self.shards[pick]).tolist():
-            mask = self.shards[pick] == shard
-            out[mask] = self._load(int(shard))[self.rows[pick][mask]]
-        return out
+def index_writer(index_dir: Path, spec: ModelSpec, dim: int, *, lock: WriteLock | None = None) -> IndexWriter:
+    """A writer whose publishes build FAISS indexes, storing vectors as float16 once a kind outgrows exact search."""
+    return IndexWriter(index_dir, spec, dim, builder=FaissBuilder(), float16_above=ann.EXACT_MAX, lock=lock)
 
 
 def build_kind(
     live: LiveVectors,
     settings: AnnSettings,
     *,
-    previous: faiss.Index | None = None,
-    previous_info: dict[str, Any] | None = None,
+    previous: PreviousIndex | None = None,
     queries: Callable[[], np.ndarray] | None = None,
 ) -> tuple[faiss.Index, dict[str, Any]]:
     """An index over `live`, and the manifest record of how it was chosen and tuned."""
     n = len(live)
     try:
-        return _build_kind(live, settings, previous, previous_info, queries)
+        return _build_kind(live, settings, previous, queries)
     except (ValueError, RuntimeError) as e:  # an impossible budget, or a factory string FAISS rejects
         raise InputError(f"cannot build the index for {n} vectors: {str(e).strip().splitlines()[0][:300]}") from e
 
@@ -106,8 +93,7 @@ def build_kind(
 def _build_kind(
     live: LiveVectors,
     settings: AnnSettings,
-    previous: faiss.Index | None,
-    previous_info: dict[str, Any] | None,
+    previous: PreviousIndex | None,
     queries: Callable[[], np.ndarray] | None,
 ) -> tuple[faiss.Index, dict[str, Any]]:
     n = len(live)
@@ -115,7 +101,7 @@ def _build_kind(
         plan = ann.IndexPlan(settings.index_type, "--index-type", 0)
     else:
         plan = ann.plan_index(n, live.dim, memory=settings.memory)
-    info = dict(previous_info or {})
+    info = dict(previous.info) if previous is not None else {}
     reuse = (
         previous is not None
         and plan.factory == info.get("factory")
@@ -124,8 +110,9 @@ def _build_kind(
     )
     if reuse:
         assert previous is not None
-        _update_in_place(previous, live)
-        return previous, {**info, "n": n}
+        index = ann.read_index(previous.path, mmap=False)
+        _update_in_place(index, live, previous.live)
+        return index, {**info, "n": n}
     train = None
     probe = faiss.index_factory(live.dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
     if not probe.is_trained:
@@ -189,8 +176,9 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def _update_in_place(index: faiss.Index, live: LiveVectors) -> None:
-    held = ann.index_ids(index)
+def _update_in_place(index: faiss.Index, live: LiveVectors, before: LiveVectors) -> None:
+    """Bring an index built from `before` up to `live`."""
+    held = before.ids
     gone = np.setdiff1d(held, live.ids)
     if len(gone):
         index.remove_ids(faiss.IDSelectorBatch(gone))

@@ -13,9 +13,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipdex.retrieval import ann
+from clipdex.retrieval.catalog import CATALOG
 from clipdex.retrieval.config import sha256_file
 from clipdex.retrieval.errors import IndexFormatError
-from clipdex.retrieval.store import CATALOG, VECTORS, Kind, read_manifest, snapshot_files
+from clipdex.retrieval.items import Kind
+from clipdex.retrieval.manifest import Manifest, read_manifest
+from clipdex.retrieval.shards import shard_path
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +47,17 @@ def check_index(index_dir: Path) -> CheckReport:
     except IndexFormatError as e:
         report.problems.append(str(e))
         return report
-    dim = int(manifest.get("dim", 0))
+    dim = manifest.dim
     published = _check_snapshot(index_dir, manifest, dim, report)
     _check_catalog(index_dir, dim, published, report)
     return report
 
 
-def _check_snapshot(index_dir: Path, manifest: dict[str, Any], dim: int, report: CheckReport) -> dict[str, np.ndarray]:
+def _check_snapshot(index_dir: Path, manifest: Manifest, dim: int, report: CheckReport) -> dict[str, np.ndarray]:
     """Verify the published files; return the searchable ids per kind as the snapshot has them."""
-    files = snapshot_files(manifest)
-    checksums = manifest.get("snapshot", {}).get("sha256", {})
-    counts = manifest.get("counts", {})
+    files = manifest.snapshot.files
+    checksums = manifest.snapshot.sha256
+    counts = manifest.counts
     ids: dict[str, np.ndarray] = {}
     for key, name in files.items():
         path = index_dir / name
@@ -161,7 +164,7 @@ def _check_vectors(
     live = con.execute("SELECT id, kind, shard, row FROM items WHERE status = 'ok' ORDER BY id").fetchnumpy()
     vectors: dict[int, np.ndarray] = {}
     for shard in np.unique(live["shard"]).tolist():
-        path = index_dir / VECTORS / f"{int(shard):06d}.npy"
+        path = shard_path(index_dir, int(shard))
         if int(shard) not in shards:
             report.problems.append(f"vector shard {path.name} is used by the catalog but not registered")
             continue

@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipdex.retrieval.errors import IndexFormatError
-from clipdex.retrieval.store import read_manifest, snapshot_files
+from clipdex.retrieval.manifest import Manifest, read_manifest
 
 
 def index_info(index_dir: Path, *, with_failures: bool = False) -> dict[str, Any]:
@@ -17,25 +17,29 @@ def index_info(index_dir: Path, *, with_failures: bool = False) -> dict[str, Any
     size = sum(p.stat().st_size for p in index_dir.rglob("*") if p.is_file())
     data: dict[str, Any] = {
         "index": str(index_dir),
-        "format_version": manifest["format_version"],
-        "model": {k: manifest["model"].get(k) for k in ("name", "pretrained", "checkpoint_sha256")},
-        "dim": manifest["dim"],
-        "counts": manifest.get("counts", {}),
-        "index_types": manifest.get("index_types", {}),
+        "format_version": manifest.format_version,
+        "model": {
+            "name": manifest.model.name,
+            "pretrained": manifest.model.pretrained,
+            "checkpoint_sha256": manifest.model.checkpoint_sha256,
+        },
+        "dim": manifest.dim,
+        "counts": manifest.counts,
+        "index_types": manifest.index_types,
         "ann": {
             kind: {k: info.get(k) for k in ("factory", "params", "recall_at_10", "reason")}
-            for kind, info in manifest.get("ann", {}).items()
+            for kind, info in manifest.ann.items()
         },
         "size_bytes": size,
-        "generation": manifest.get("snapshot", {}).get("generation", 0),
+        "generation": manifest.snapshot.generation,
     }
     if with_failures:
         data["failures"] = _failures(index_dir, manifest)
     return data
 
 
-def _failures(index_dir: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    name = snapshot_files(manifest).get("items")
+def _failures(index_dir: Path, manifest: Manifest) -> list[dict[str, Any]]:
+    name = manifest.snapshot.files.get("items")
     if not name:
         return []
     try:

@@ -18,7 +18,9 @@ from clipdex.retrieval.config import sha256_file
 from clipdex.retrieval.encoder import Encoder, load_encoder, resolve_device
 from clipdex.retrieval.errors import IndexFormatError, InputError
 from clipdex.retrieval.imaging import ImageDecodeError, decode_image
-from clipdex.retrieval.store import VECTORS, Kind, index_encoder_config, read_manifest, snapshot_files
+from clipdex.retrieval.items import Kind
+from clipdex.retrieval.manifest import index_encoder_config, read_manifest
+from clipdex.retrieval.shards import shard_path
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +68,10 @@ class Searcher:
                     raise IndexFormatError(f"{self.dir}: snapshot files named in the manifest are missing") from None
 
     def _open_snapshot(self) -> None:
-        files = snapshot_files(self.manifest)
-        _verify(self.dir, files, self.manifest.get("snapshot", {}).get("sha256", {}))
+        files = self.manifest.snapshot.files
+        _verify(self.dir, files, self.manifest.snapshot.sha256)
         self._indexes: dict[Target, Any] = {}
-        tuned = self.manifest.get("ann", {})
+        tuned = self.manifest.ann
         for target in Target:
             name = files.get(target.value)
             if name:
@@ -79,8 +81,7 @@ class Searcher:
         self._ids = np.zeros(0, dtype=np.int64)
         self._items: Any = None  # an arrow table, looked up per hit: no Python object per item
         if "items" in files:
-            columns = ["id", "kind", "path", "text", "status", "shard", "row"]
-            table = _read(self.dir / files["items"], lambda p: pq.read_table(p, columns=columns))
+            table = _read(self.dir / files["items"], _read_items)
             self._items = table.filter(pc.equal(table["status"], "ok"))
             self._ids = self._items["id"].to_numpy()
             self._shard = self._items["shard"].to_numpy(zero_copy_only=False)
@@ -130,10 +131,10 @@ class Searcher:
     def _fetch(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors of the given ids, read from memory-mapped shards (for exact re-ranking)."""
         pos = np.searchsorted(self._ids, ids)
-        out = np.empty((len(ids), int(self.manifest["dim"])), dtype=np.float32)
+        out = np.empty((len(ids), self.manifest.dim), dtype=np.float32)
         for shard in np.unique(self._shard[pos]).tolist():
             if shard not in self._shards:
-                path = self.dir / VECTORS / f"{int(shard):06d}.npy"
+                path = shard_path(self.dir, int(shard))
                 self._shards[shard] = _read(path, lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
             mask = self._shard[pos] == shard
             out[mask] = self._shards[shard][self._row[pos][mask]]
@@ -153,6 +154,17 @@ class Searcher:
             Hit(rank=r + 1, score=float(s), id=int(i), kind=row["kind"], path=row["path"], text=row["text"])
             for r, (s, i, row) in enumerate(zip(scores, ids, rows, strict=True))
         ]
+
+
+def _read_items(path: Path) -> Any:
+    """The item columns hits show; an image's `text` is its first linked caption."""
+    names = pq.read_schema(path).names
+    columns = ["id", "kind", "path", "text", "status", "shard", "row"]
+    table = pq.read_table(path, columns=columns + (["caption"] if "caption" in names else []))
+    if "caption" in names:  # format 1 stored the caption in `text` already
+        text = pc.if_else(pc.equal(table["kind"], "image"), table["caption"], table["text"])
+        table = table.set_column(columns.index("text"), "text", text).drop_columns(["caption"])
+    return table
 
 
 _VERIFY_BELOW = 512 << 20  # larger files are left to `clipdex check`, so that opening stays fast

@@ -136,14 +136,14 @@ def test_build_changes_index_type_and_keeps_results_sound(cli, tmp_path, tiny_mo
 
 
 def test_incremental_publish_reuses_the_trained_index(tmp_path, tiny_model):
-    from clipdex.retrieval.build import AnnSettings
+    from clipdex.retrieval.build import AnnSettings, index_writer
     from clipdex.retrieval.encoder import EncoderConfig, load_encoder
-    from clipdex.retrieval.store import IndexWriter, Kind, Record
+    from clipdex.retrieval.items import Kind, Record
 
     encoder = load_encoder(EncoderConfig(model=str(tiny_model.config), pretrained=str(tiny_model.weights)))
-    writer = IndexWriter(tmp_path / "idx", encoder.spec, encoder.dim)
+    writer = index_writer(tmp_path / "idx", encoder.spec, encoder.dim)
     try:
-        writer.set_ann_settings(AnnSettings(index_type="IVF32,Flat"))
+        writer.set_ann_settings(AnnSettings(index_type="IVF32,Flat").to_json())
         x = clustered(3_000, 32, 9)
         writer.commit(
             [
@@ -151,7 +151,7 @@ def test_incremental_publish_reuses_the_trained_index(tmp_path, tiny_model):
                 for i, v in enumerate(x)
             ]
         )
-        first = writer.publish()["ann"]["images"]
+        first = writer.publish().ann["images"]
         more = clustered(500, 32, 10)
         writer.commit(
             [
@@ -160,7 +160,7 @@ def test_incremental_publish_reuses_the_trained_index(tmp_path, tiny_model):
             ],
             delete_ids=list(range(100)),
         )
-        second = writer.publish()["ann"]["images"]
+        second = writer.publish().ann["images"]
     finally:
         writer.close()
     assert second["trained_n"] == first["trained_n"] == 3_000 and second["n"] == 3_400
@@ -189,12 +189,13 @@ def test_import_errors(cli, tmp_path, tiny_model):
 
 
 def test_float16_shards_only_past_exact_size_per_kind(tmp_path, tiny_model, monkeypatch):
+    from clipdex.retrieval.build import index_writer
     from clipdex.retrieval.encoder import EncoderConfig, load_encoder
-    from clipdex.retrieval.store import IndexWriter, Kind, Record
+    from clipdex.retrieval.items import Kind, Record
 
     monkeypatch.setattr(ann, "EXACT_MAX", 100)
     encoder = load_encoder(EncoderConfig(model=str(tiny_model.config), pretrained=str(tiny_model.weights)))
-    writer = IndexWriter(tmp_path / "idx", encoder.spec, encoder.dim)
+    writer = index_writer(tmp_path / "idx", encoder.spec, encoder.dim)
 
     def add(kind: Kind, n: int, seed: int) -> np.dtype:
         writer.commit(

@@ -150,15 +150,15 @@ def test_ctrl_c_keeps_work_and_second_indexer_refuses(tmp_path, tiny_model):
 
 def test_lock_is_released_when_the_holder_dies(tmp_path, tiny_model):
     """A lock file left by a dead process does not block: the kernel drops its flock."""
+    from clipdex.retrieval.build import index_writer
     from clipdex.retrieval.encoder import EncoderConfig, load_encoder
     from clipdex.retrieval.errors import IndexLockedError
-    from clipdex.retrieval.store import IndexWriter
 
     encoder = load_encoder(EncoderConfig(model=str(tiny_model.config), pretrained=str(tiny_model.weights)))
-    writer = IndexWriter(tmp_path / "idx", encoder.spec, encoder.dim)
+    writer = index_writer(tmp_path / "idx", encoder.spec, encoder.dim)
     with pytest.raises(IndexLockedError, match=f"pid {os.getpid()}"):
-        IndexWriter(tmp_path / "idx", encoder.spec, encoder.dim)
+        index_writer(tmp_path / "idx", encoder.spec, encoder.dim)
     writer.close()
     code = "import sys, os; sys.path.insert(0, '.'); import fcntl; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write('pid 1\\n'); f.flush(); os._exit(0)"
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "idx" / "write.lock")], check=True)
-    IndexWriter(tmp_path / "idx", encoder.spec, encoder.dim).close()
+    index_writer(tmp_path / "idx", encoder.spec, encoder.dim).close()

@@ -226,8 +226,8 @@ def test_python_api(tmp_path, tiny_model):
 
 def test_search_sees_last_published_state_while_writer_holds_catalog(tmp_path, tiny_model):
     """Readers never open the DuckDB file, so a writer holding it does not block a search."""
+    from clipdex.retrieval.build import index_writer
     from clipdex.retrieval.encoder import EncoderConfig, load_encoder
-    from clipdex.retrieval.store import IndexWriter
 
     make_images(tmp_path / "p", 5, seed=9)
     from clipdex.indexer import IndexConfig, run_index
@@ -235,7 +235,7 @@ def test_search_sees_last_published_state_while_writer_holds_catalog(tmp_path, t
     enc_cfg = EncoderConfig(model=str(tiny_model.config), pretrained=str(tiny_model.weights))
     run_index(IndexConfig(paths=(tmp_path / "p",), index_dir=tmp_path / "idx", workers=0, encoder=enc_cfg))
     encoder = load_encoder(enc_cfg)
-    writer = IndexWriter(tmp_path / "idx", encoder.spec, encoder.dim)
+    writer = index_writer(tmp_path / "idx", encoder.spec, encoder.dim)
     try:
         assert len(Searcher(tmp_path / "idx", encoder=encoder).search_text("circle", k=10)) == 5
     finally:

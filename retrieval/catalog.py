@@ -1,0 +1,196 @@
+"""catalog.duckdb: one row per item, the vector shards, and small resumable-job state; only writers open it.
+
+Every change is one transaction, so a crash leaves the last committed state. Readers never open this file:
+they read the published snapshot (see snapshot.py), which carries a full copy of the rows.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from clipdex.retrieval.items import Kind, Record
+
+CATALOG = "catalog.duckdb"
+
+# (name, DuckDB type, arrow type): the items table, in order. New columns are only ever appended, so an older
+# catalog is brought up to date by adding the missing ones (see Catalog._migrate).
+ITEM_COLUMNS: tuple[tuple[str, str, pa.DataType], ...] = (
+    ("id", "BIGINT NOT NULL", pa.int64()),
+    ("kind", "VARCHAR NOT NULL", pa.string()),
+    ("source", "VARCHAR", pa.string()),
+    ("path", "VARCHAR", pa.string()),
+    ("text", "VARCHAR", pa.string()),
+    ("size", "BIGINT", pa.int64()),
+    ("mtime", "DOUBLE", pa.float64()),
+    ("hash", "VARCHAR", pa.string()),
+    ("width", "INTEGER", pa.int32()),
+    ("height", "INTEGER", pa.int32()),
+    ("status", "VARCHAR NOT NULL", pa.string()),
+    ("error", "VARCHAR", pa.string()),
+    ("shard", "INTEGER", pa.int32()),
+    ("row", "INTEGER", pa.int32()),
+    ("updated", "DOUBLE", pa.float64()),
+)
+COLUMNS = tuple(name for name, _, _ in ITEM_COLUMNS)
+_ARROW_SCHEMA = pa.schema([(name, kind) for name, _, kind in ITEM_COLUMNS])
+_SHARDS = "CREATE TABLE IF NOT EXISTS shards (shard INTEGER NOT NULL, rows INTEGER NOT NULL, sha256 VARCHAR NOT NULL)"
+_STATE = "CREATE TABLE IF NOT EXISTS state (key VARCHAR PRIMARY KEY, value VARCHAR)"
+
+
+class Catalog:
+    def __init__(self, index_dir: Path, *, read_only: bool = False):
+        self.path = index_dir / CATALOG
+        self.con = duckdb.connect(str(self.path), read_only=read_only)
+        if not read_only:
+            try:
+                self._migrate()
+            except BaseException:
+                self.con.close()
+                raise
+
+    def _migrate(self) -> None:
+        first = ITEM_COLUMNS[0]
+        self.con.execute(f"CREATE TABLE IF NOT EXISTS items ({first[0]} {first[1]})")
+        for name, sql_type, _ in ITEM_COLUMNS[1:]:
+            nullable = sql_type.replace(" NOT NULL", "")  # added columns cannot be NOT NULL on existing rows
+            self.con.execute(f'ALTER TABLE items ADD COLUMN IF NOT EXISTS "{name}" {nullable}')
+        self.con.execute(_SHARDS)
+        self.con.execute(_STATE)
+
+    def close(self) -> None:
+        self.con.close()
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def rows(self, sql_where: str = "TRUE", params: list[Any] | None = None) -> list[dict[str, Any]]:
+        cols = ", ".join(f'"{c}"' for c in COLUMNS)
+        cur = self.con.execute(f"SELECT {cols} FROM items WHERE {sql_where}", params or [])
+        return [dict(zip(COLUMNS, r, strict=True)) for r in cur.fetchall()]
+
+    def scalar(self, sql: str, params: list[Any] | None = None) -> Any:
+        row = self.con.execute(sql, params or []).fetchone()
+        return None if row is None else row[0]
+
+    def next_id(self) -> int:
+        return int(self.scalar("SELECT COALESCE(MAX(id), -1) + 1 FROM items"))
+
+    def max_shard(self) -> int:
+        return int(self.scalar("SELECT COALESCE(MAX(shard), -1) FROM items"))
+
+    def live(self, kind: Kind) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, shards, rows) of the searchable items of one kind."""
+        live = self.con.execute(
+            "SELECT id, shard, row FROM items WHERE kind = ? AND status = 'ok'", [kind.value]
+        ).fetchnumpy()
+        return (
+            np.asarray(live["id"], dtype=np.int64),
+            np.asarray(live["shard"], dtype=np.int64),
+            np.asarray(live["row"], dtype=np.int64),
+        )
+
+    def live_counts(self) -> dict[str, int]:
+        return {
+            k: int(n)
+            for k, n in self.con.execute(
+                "SELECT kind, count(*) FROM items WHERE status = 'ok' GROUP BY kind"
+            ).fetchall()
+        }
+
+    def failed_count(self) -> int:
+        return int(self.scalar("SELECT COUNT(*) FROM items WHERE status = 'failed'"))
+
+    def used_shards(self) -> set[int]:
+        return {
+            int(s) for (s,) in self.con.execute("SELECT DISTINCT shard FROM items WHERE shard IS NOT NULL").fetchall()
+        }
+
+    def registered_shards(self) -> dict[int, tuple[int, str]]:
+        return {
+            int(s): (int(n), h) for s, n, h in self.con.execute("SELECT shard, rows, sha256 FROM shards").fetchall()
+        }
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def commit(
+        self,
+        records: list[Record],
+        *,
+        delete_ids: list[int] | None = None,
+        new_shard: tuple[int, int, str] | None = None,
+    ) -> None:
+        """Register a shard, replace the rows of `records` and delete `delete_ids`, in one transaction."""
+        touched = [r.id for r in records] + list(delete_ids or [])
+        with self._transaction():
+            if new_shard is not None:
+                self.con.execute("INSERT INTO shards VALUES (?, ?, ?)", list(new_shard))
+            if touched:
+                self.con.execute("DELETE FROM items WHERE id IN (SELECT unnest($1::BIGINT[]))", [touched])
+            if records:
+                rows = _records_table(records, time.time())  # noqa: F841 (read by DuckDB's replacement scan below)
+                self.con.execute(
+                    f"INSERT INTO items ({', '.join(chr(34) + c + chr(34) for c in COLUMNS)}) SELECT * FROM rows"
+                )
+
+    def touch(self, updates: list[tuple[int, int, float]]) -> None:
+        """Record a new size/mtime for files whose content hash did not change."""
+        if not updates:
+            return
+        changes = pa.table(  # noqa: F841 (read by DuckDB's replacement scan below)
+            {"id": [u[0] for u in updates], "size": [u[1] for u in updates], "mtime": [u[2] for u in updates]}
+        )
+        with self._transaction():
+            self.con.execute(
+                "UPDATE items SET size = changes.size, mtime = changes.mtime FROM changes WHERE items.id = changes.id"
+            )
+
+    def forget_shards(self, keep: set[int]) -> None:
+        """Unregister shards outside `keep` (their files are being deleted)."""
+        self.con.execute("DELETE FROM shards WHERE shard NOT IN (SELECT unnest($1::INTEGER[]))", [sorted(keep)])
+
+    def export(self, path: Path) -> None:
+        """Write every row to parquet (the snapshot's item table), adding `caption`: an image's first linked
+        caption, so image hits can show one."""
+        cols = ", ".join(f'i."{c}"' for c in COLUMNS)
+        self.con.execute(
+            f"""COPY (
+                WITH first_caption AS (
+                    SELECT path, arg_min(text, id) AS caption FROM items
+                    WHERE kind = 'text' AND status = 'ok' AND path IS NOT NULL GROUP BY path
+                )
+                SELECT {cols}, CASE WHEN i.kind = 'image' THEN f.caption ELSE NULL END AS caption
+                FROM items i LEFT JOIN first_caption f ON i.kind = 'image' AND f.path = i.path
+                ORDER BY i.id
+            ) TO '{_sql_str(path)}' (FORMAT parquet)"""
+        )
+
+    def _transaction(self) -> Any:
+        return _Transaction(self.con)
+
+
+class _Transaction:
+    def __init__(self, con: duckdb.DuckDBPyConnection):
+        self.con = con
+
+    def __enter__(self) -> None:
+        self.con.execute("BEGIN TRANSACTION")
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self.con.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def _records_table(records: list[Record], now: float) -> pa.Table:
+    values: dict[str, list[Any]] = {c: [getattr(r, c, None) for r in records] for c in COLUMNS}
+    values["kind"] = [r.kind.value for r in records]
+    values["status"] = [r.status.value for r in records]
+    values["updated"] = [now] * len(records)
+    return pa.table(values, schema=_ARROW_SCHEMA)
+
+
+def _sql_str(path: Path) -> str:
+    return str(path).replace("'", "''")

@@ -1,0 +1,40 @@
+"""The one-writer rule: an exclusive flock on write.lock, which the kernel drops when its holder dies."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import TextIO
+
+from clipdex.retrieval.errors import IndexLockedError
+
+LOCK = "write.lock"
+
+
+class WriteLock:
+    """The exclusive right to write an index directory (or read its catalog), held until `close`."""
+
+    def __init__(self, f: TextIO):
+        self._f = f
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def acquire_lock(index_dir: Path, *, holder: str = "") -> WriteLock:
+    """Take the lock at once or raise IndexLockedError naming who holds it. The lock file says who we are."""
+    path = index_dir / LOCK
+    f = path.open("a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        f.seek(0)
+        who = f.read().strip() or "another process"
+        f.close()
+        raise IndexLockedError(f"{path.parent} is being written by {who}; wait for it to finish") from e
+    f.seek(0)
+    f.truncate()
+    f.write(f"{holder + ' ' if holder else ''}pid {os.getpid()}\n")
+    f.flush()
+    return WriteLock(f)

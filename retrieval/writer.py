@@ -1,0 +1,208 @@
+"""`IndexWriter`: one indexing run's exclusive, transactional access to an index directory.
+
+It ties the storage pieces together (lock, manifest, catalog, vector shards, snapshot publishing); what
+kind of ANN index to build is decided by the `IndexBuilder` it is given (retrieval.build.open_writer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipdex.retrieval import snapshot
+from clipdex.retrieval.atomic import atomic_write_bytes
+from clipdex.retrieval.catalog import Catalog
+from clipdex.retrieval.config import ModelSpec
+from clipdex.retrieval.errors import IndexFormatError
+from clipdex.retrieval.items import Kind, Record
+from clipdex.retrieval.lock import WriteLock, acquire_lock
+from clipdex.retrieval.manifest import (
+    MANIFEST,
+    Manifest,
+    check_index_dir,
+    model_config_path,
+    read_manifest,
+    write_manifest,
+)
+from clipdex.retrieval.shards import (
+    VECTORS,
+    LiveVectors,
+    load_shard,
+    remove_unused,
+    save_shard,
+    shard_numbers,
+    shard_path,
+)
+from clipdex.retrieval.snapshot import IndexBuilder, PreviousIndex
+
+log = logging.getLogger(__name__)
+
+
+class IndexWriter:
+    """Exclusive, transactional access to an index directory for one run."""
+
+    def __init__(
+        self,
+        index_dir: Path,
+        spec: ModelSpec,
+        dim: int,
+        *,
+        builder: IndexBuilder,
+        float16_above: int | None = None,
+        lock: WriteLock | None = None,
+    ):
+        check_index_dir(index_dir)
+        self.dir = index_dir
+        self.spec = spec
+        self.dim = dim
+        self.builder = builder
+        self.float16_above = float16_above  # per kind: past this many live items, new shards are float16
+        index_dir.mkdir(parents=True, exist_ok=True)
+        (index_dir / VECTORS).mkdir(exist_ok=True)
+        self._lock = lock or acquire_lock(index_dir)
+        try:
+            self.manifest = self._load_or_create_manifest()
+            self.catalog = Catalog(index_dir)
+            self._next_id = self.catalog.next_id()
+            self._next_shard = max([self.catalog.max_shard(), *shard_numbers(index_dir)], default=-1) + 1
+            self._remove_orphans()
+        except BaseException:
+            self._lock.close()
+            raise
+
+    # -- ids and lookups ------------------------------------------------------------------------
+
+    def new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
+
+    def rows(self, sql_where: str = "TRUE", params: list[Any] | None = None) -> list[dict[str, Any]]:
+        return self.catalog.rows(sql_where, params)
+
+    def live_vectors(self, kind: Kind) -> LiveVectors:
+        return LiveVectors(*self.catalog.live(kind), self._load_shard, self.dim)
+
+    # -- commit ---------------------------------------------------------------------------------
+
+    def commit(self, records: list[Record], *, delete_ids: list[int] | None = None) -> None:
+        """Write new vectors to one shard, then upsert rows and delete ids in one transaction.
+
+        A crash before the transaction commits leaves at most an unreferenced shard file,
+        which the next writer removes.
+        """
+        fresh = [r for r in records if r.vector is not None]
+        new_shard: tuple[int, int, str] | None = None
+        if fresh:
+            shard = self._next_shard
+            self._next_shard += 1
+            stacked = np.stack([r.vector for r in fresh])  # type: ignore[misc]
+            digest = save_shard(shard_path(self.dir, shard), stacked.astype(self._vector_dtype(fresh)))
+            new_shard = (shard, len(fresh), digest)
+            for row, r in enumerate(fresh):
+                r.shard, r.row = shard, row
+        self.catalog.commit(records, delete_ids=delete_ids, new_shard=new_shard)
+
+    def touch(self, updates: list[tuple[int, int, float]]) -> None:
+        self.catalog.touch(updates)
+
+    def set_ann_settings(self, settings: dict[str, Any]) -> None:
+        """Index type, memory budget and target recall for this and later publishes."""
+        self.manifest.ann_settings = settings
+
+    def _vector_dtype(self, fresh: list[Record]) -> type:
+        """float32 while any kind in the shard is small enough for exact search (results must equal brute
+        force); float16 once every kind in it has an approximate index anyway. Exact search is per kind."""
+        if self.float16_above is None:
+            return np.float32
+        adding = Counter(r.kind.value for r in fresh)
+        live = self.catalog.live_counts()
+        exact = any(int(live.get(kind, 0)) + n <= self.float16_above for kind, n in adding.items())
+        return np.float32 if exact else np.float16
+
+    # -- publish --------------------------------------------------------------------------------
+
+    def publish(self, *, settings: dict[str, Any] | None = None, rebuild: bool = False) -> Manifest:
+        """Build ANN indexes from the committed catalog and make them the current snapshot.
+
+        `settings` replace the stored ANN settings; `rebuild` re-trains even where the previous index could be
+        updated in place.
+        """
+        if settings is not None:
+            self.manifest.ann_settings = settings
+        live = {kind: self.live_vectors(kind) for kind in Kind}
+        previous = {kind: None if rebuild else self._previous_index(kind) for kind in Kind}
+        files, index_types, counts, ann = snapshot.write_index_files(
+            self.dir, self.manifest, live, previous, self.builder, self.catalog.export
+        )
+        counts["failed"] = self.catalog.failed_count()
+        snapshot.make_current(self.manifest, files, self.dir)
+        self.manifest.counts, self.manifest.index_types, self.manifest.ann = counts, index_types, ann
+        write_manifest(self.dir, self.manifest)
+        snapshot.remove_stale(self.dir, set(files.values()))
+        return self.manifest
+
+    def _previous_index(self, kind: Kind) -> PreviousIndex | None:
+        name = self.manifest.snapshot.files.get(kind.plural)
+        if not name or not (self.dir / name).is_file():
+            return None
+        live = snapshot.read_locations(self.dir, self.manifest, kind, self._load_shard)
+        if live is None:
+            return None
+        return PreviousIndex(self.dir / name, self.manifest.ann.get(kind.plural, {}), live)
+
+    def _load_shard(self, shard: int) -> np.ndarray:
+        return load_shard(shard_path(self.dir, shard))
+
+    # -- housekeeping ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        try:
+            self.catalog.close()
+        finally:
+            self._lock.close()
+
+    def _load_or_create_manifest(self) -> Manifest:
+        if (self.dir / MANIFEST).exists():
+            manifest = read_manifest(self.dir)
+            stored = manifest.model
+            if (stored.name, stored.pretrained, stored.checkpoint_sha256) != (
+                self.spec.name,
+                self.spec.pretrained,
+                self.spec.checkpoint_sha256,
+            ):
+                raise IndexFormatError(
+                    f"{self.dir} was built with model {stored.name} / {stored.pretrained}; "
+                    f"it cannot take embeddings from {self.spec.name} / {self.spec.pretrained}. Use a new --index directory"
+                )
+            return manifest
+        if self.spec.config is not None:
+            path = model_config_path(self.dir, self.spec)
+            path.parent.mkdir(exist_ok=True)
+            atomic_write_bytes(path, json.dumps(self.spec.config, indent=2).encode())
+        manifest = Manifest(model=self.spec, dim=self.dim)
+        write_manifest(self.dir, manifest)
+        return manifest
+
+    def _remove_orphans(self) -> None:
+        """Delete shard files no committed row uses: left by a run that died before its commit,
+        or holding only vectors of items removed since."""
+        used = self.catalog.used_shards()
+        self.catalog.forget_shards(used)
+        remove_unused(self.dir, used)
+        snapshot.remove_stale(self.dir, set(self.manifest.snapshot.files.values()))
+
+
+@contextmanager
+def open_writer(index_dir: Path, spec: ModelSpec, dim: int, **kwargs: Any) -> Iterator[IndexWriter]:
+    writer = IndexWriter(index_dir, spec, dim, **kwargs)
+    try:
+        yield writer
+    finally:
+        writer.close()
