@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -93,15 +94,7 @@ def _ann_settings(
         budget = parse_memory(memory) if memory else None
     except ValueError as e:
         raise ClipdexError(str(e)) from None
-    if index_type:
-        import faiss
-
-        try:
-            faiss.index_factory(8 if "PQ" not in index_type else 64, index_type, faiss.METRIC_INNER_PRODUCT)
-        except RuntimeError as e:
-            raise ClipdexError(
-                f"--index-type {index_type!r} is not a FAISS factory string ({str(e).splitlines()[0][:120]})"
-            ) from None
+    # --index-type is checked by the library at the index's own dimension
     return AnnSettings(index_type, budget, DEFAULT_TARGET_RECALL if target_recall is None else target_recall)
 
 
@@ -135,13 +128,18 @@ def _progress() -> Progress:
     )
 
 
-def _encoder_config(model: str | None, pretrained: str | None, device: Device) -> Any:
+def _encoder_config(model: str | None, pretrained: str | None, device: Device, index_dir: Path | None = None) -> Any:
+    """The model the user named; --pretrained alone names weights for the index's own architecture (or the
+    default one for a new index)."""
     from clipdex.retrieval.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, EncoderConfig
+    from clipdex.retrieval.manifest import MANIFEST, index_model
 
     if model is None and pretrained is None:
         return None
     if model is None:
-        return EncoderConfig(model=DEFAULT_MODEL, pretrained=pretrained, device=device.value)
+        existing = index_dir is not None and (index_dir / MANIFEST).is_file()
+        model = index_model(index_dir) if existing and index_dir is not None else DEFAULT_MODEL
+        return EncoderConfig(model=model, pretrained=pretrained, device=device.value)
     if pretrained is None and not model.startswith(("hf-hub:", "local-dir:")):
         if model == DEFAULT_MODEL:
             pretrained = DEFAULT_PRETRAINED
@@ -194,7 +192,7 @@ def index(
         texts=texts,
         text_column=text_column,
         image_column=image_column,
-        encoder=_encoder_config(model, pretrained, device),
+        encoder=_encoder_config(model, pretrained, device, index_dir),
         device=device.value,
         batch_size=batch_size,
         workers=workers,
@@ -217,6 +215,8 @@ def index(
             err.print(f"[yellow]failed[/] {path}: {reason}", highlight=False, soft_wrap=True)
         if len(summary.failures) > 20:
             err.print(f"… and {len(summary.failures) - 20} more: `clipdex info --failed --index {index_dir}`")
+    for note in summary.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     if profile:
         total = sum(summary.seconds.values())
         parts = (
@@ -375,17 +375,54 @@ def _print_ann(manifest: Any, as_json: bool) -> None:
 
 @app.command()
 @_friendly
+def remove(
+    paths: Annotated[
+        list[Path], typer.Argument(help="Files or folders: every item at or under them goes.", show_default=False)
+    ],
+    index_dir: IndexDir = ...,  # type: ignore[assignment]
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove items from an index, whether or not their files still exist (no model is loaded)."""
+    from clipdex.indexer.remove import remove_paths
+
+    summary = remove_paths(index_dir, paths)
+    if as_json:
+        print(json.dumps(summary.to_json()))
+    else:
+        out.print(f"removed {summary.removed} items", highlight=False)
+        if summary.unlinked_texts:
+            out.print(f"{summary.unlinked_texts} captions lost their image and are kept as texts", highlight=False)
+    for path in summary.not_indexed:
+        err.print(f"[yellow]note:[/] nothing indexed at or under {path}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@_friendly
 def check(
     index_dir: IndexDir = ...,  # type: ignore[assignment]
+    repair: Annotated[
+        bool,
+        typer.Option("--repair", help="Restore a consistent index from what is intact first, and say what was lost."),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Verify that manifest, catalog, vectors and FAISS indexes agree; exit 1 and list what is wrong if not."""
     from clipdex.retrieval.check import check_index
 
+    repaired = None
+    if repair:
+        from clipdex.retrieval.repair import repair_index
+
+        repaired = repair_index(index_dir)
     report = check_index(index_dir)
     if as_json:
-        print(json.dumps(report.to_json()))
+        print(json.dumps({**report.to_json(), **({"repair": repaired.to_json()} if repaired else {})}))
     else:
+        if repaired is not None:
+            for action in repaired.actions:
+                err.print(f"[green]repaired:[/] {action}", highlight=False, soft_wrap=True)
+            for lost in repaired.lost:
+                err.print(f"[yellow]lost:[/] {lost}", highlight=False, soft_wrap=True)
         for note in report.notes:
             err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
         for problem in report.problems:
@@ -482,6 +519,8 @@ def _setup_logging() -> None:
 
 def main() -> None:
     _setup_logging()
+    # clipdex applies its own pixel limit (--max-pixels) before decoding; PIL's warning below its own would be noise
+    warnings.filterwarnings("ignore", message=".*could be decompression bomb DOS attack")
     app()
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from clipdex.retrieval.imaging import MAX_FILE_BYTES, ImageDecodeError, decode_image
+from clipdex.retrieval.imaging import MAX_FILE_BYTES, DecodeOptions, ImageDecodeError
 
 
 def content_hash(data: bytes) -> str:
@@ -44,16 +44,12 @@ class ImageFiles(Dataset[Decoded]):
         transform: Callable[[Any], torch.Tensor],
         *,
         known_hashes: frozenset[str] = frozenset(),
-        max_pixels: int,
-        exif_transpose: bool = True,
-        max_aspect: float | None = None,
+        options: DecodeOptions,
     ):
         self.paths = paths
         self.transform = transform
         self.known_hashes = known_hashes
-        self.max_pixels = max_pixels
-        self.exif_transpose = exif_transpose
-        self.max_aspect = max_aspect
+        self.options = options
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -78,9 +74,7 @@ class ImageFiles(Dataset[Decoded]):
         if out.hash in self.known_hashes:
             return out
         try:
-            decoded = decode_image(
-                data, max_pixels=self.max_pixels, exif_transpose=self.exif_transpose, max_aspect=self.max_aspect
-            )
+            decoded = self.options.decode(data)
             out.pixels = self.transform(decoded.image)
             out.width, out.height = decoded.width, decoded.height
         except ImageDecodeError as e:

@@ -7,11 +7,13 @@ clip-retrieval writes, per partition i: `img_emb/img_emb_{i}.npy`, `text_emb/tex
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -21,8 +23,9 @@ from clipdex.retrieval.config import EncoderConfig
 from clipdex.retrieval.encoder import load_encoder
 from clipdex.retrieval.errors import InputError
 from clipdex.retrieval.items import Kind, Record
-from clipdex.retrieval.manifest import MANIFEST, Manifest, read_manifest
-from clipdex.retrieval.writer import IndexWriter
+from clipdex.retrieval.manifest import Manifest, check_index_dir, read_manifest
+from clipdex.retrieval.paths import canonical
+from clipdex.retrieval.writer import FreshIndexDir, IndexWriter
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,7 @@ _CHUNK = 65536
 def rebuild(index_dir: Path, settings: AnnSettings) -> Manifest:
     """Re-choose, re-train and re-tune the ANN indexes from the stored vectors; no model is loaded."""
     manifest = read_manifest(index_dir)
+    settings.validate(manifest.dim)
     writer = index_writer(index_dir, manifest.model, manifest.dim)
     try:
         return writer.publish(settings=settings.to_json(), rebuild=True)
@@ -41,12 +45,13 @@ def rebuild(index_dir: Path, settings: AnnSettings) -> Manifest:
 
 @dataclass(frozen=True)
 class ImportSummary:
-    images: int
+    images: int  # imported by this run (a resumed run counts what it added)
     texts: int
     partitions: int
+    resumed: bool = False
 
-    def to_json(self) -> dict[str, int]:
-        return {"images": self.images, "texts": self.texts, "partitions": self.partitions}
+    def to_json(self) -> dict[str, Any]:
+        return {"images": self.images, "texts": self.texts, "partitions": self.partitions, "resumed": self.resumed}
 
 
 def _partitions(src: Path) -> list[int]:
@@ -68,26 +73,42 @@ def import_clip_retrieval(src: Path, index_dir: Path, encoder: EncoderConfig, se
         raise InputError(
             f"{src} holds no clip-retrieval output (img_emb/img_emb_N.npy, text_emb/text_emb_N.npy, metadata/metadata_N.parquet)"
         )
-    if (index_dir / MANIFEST).exists() and any(read_manifest(index_dir).counts.get(k) for k in ("images", "texts")):
-        raise InputError(f"{index_dir} already holds an index; import into a new directory")
+    check_index_dir(index_dir)
     model = load_encoder(encoder)
+    settings.validate(model.dim)
+    fresh = FreshIndexDir(index_dir)
     writer = index_writer(index_dir, model.spec, model.dim)
-    images = texts = 0
+    # Progress is committed with each chunk's rows, so a killed import resumes where it stopped: never twice.
+    key = f"import:{canonical(src)}"
     try:
+        state = json.loads(writer.catalog.state(key) or "null")
+        if (state is None and writer.catalog.next_id() > 0) or (state or {}).get("published"):
+            raise InputError(f"{index_dir} already holds an index; import into a new directory")
+        done = {tuple(c) for c in (state or {}).get("done", [])}
         writer.set_ann_settings(settings.to_json())
-        seen: set[str] = set()
+        seen = {r["path"] for r in writer.rows("kind = 'image' AND path IS NOT NULL")}
+        images = texts = 0
         for part in parts:
-            for records in _read_partition(src, part, model.dim, writer, seen):
+            for start, records in _read_partition(src, part, model.dim, writer, seen, skip=done):
                 images += sum(r.kind is Kind.IMAGE for r in records)
                 texts += sum(r.kind is Kind.TEXT for r in records)
-                writer.commit(records)
+                done.add((part, start))
+                writer.commit(records, state={key: json.dumps({"done": sorted(done)})})
         writer.publish()
-    finally:
+        writer.commit([], state={key: json.dumps({"done": sorted(done), "published": True})})
+    except BaseException:
+        committed = writer.committed
         writer.close()
-    return ImportSummary(images, texts, len(parts))
+        if not committed:
+            fresh.undo()
+        raise
+    writer.close()
+    return ImportSummary(images, texts, len(parts), resumed=state is not None)
 
 
-def _read_partition(src: Path, part: int, dim: int, writer: IndexWriter, seen: set[str]) -> Iterator[list[Record]]:
+def _read_partition(
+    src: Path, part: int, dim: int, writer: IndexWriter, seen: set[str], *, skip: set[tuple[Any, ...]]
+) -> Iterator[tuple[int, list[Record]]]:
     meta_path = src / "metadata" / f"metadata_{part}.parquet"
     img_path = src / "img_emb" / f"img_emb_{part}.npy"
     txt_path = src / "text_emb" / f"text_emb_{part}.npy"
@@ -108,6 +129,9 @@ def _read_partition(src: Path, part: int, dim: int, writer: IndexWriter, seen: s
         )
     for start in range(0, n, _CHUNK):
         stop = min(start + _CHUNK, n)
+        if (part, start) in skip:  # committed by an earlier, interrupted run of this import
+            seen.update(p for p in paths[start:stop] if p is not None)
+            continue
         img_chunk = _normalised(img[start:stop]) if img is not None else None
         txt_chunk = _normalised(txt[start:stop]) if txt is not None else None
         records: list[Record] = []
@@ -120,8 +144,8 @@ def _read_partition(src: Path, part: int, dim: int, writer: IndexWriter, seen: s
                     seen.add(key)
                     records.append(item(id=writer.new_id(), kind=Kind.IMAGE, text=None, vector=img_chunk[j]))
             if txt_chunk is not None and caption is not None:
-                records.append(item(id=writer.new_id(), kind=Kind.TEXT, text=caption, vector=txt_chunk[j]))
-        yield records
+                records.append(item(id=writer.new_id(), kind=Kind.TEXT, text=caption, vector=txt_chunk[j], link=path))
+        yield start, records
 
 
 def _load(path: Path, dim: int) -> np.ndarray:

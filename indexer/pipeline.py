@@ -1,14 +1,18 @@
 """Index folders and caption files incrementally: scan → decode (workers) → encode → commit → publish.
 
 Only new or changed files are encoded. A file whose size/mtime changed but whose content hash did
-not is left alone; a renamed or duplicate file reuses the stored vector of its content.
+not is left alone; a renamed or duplicate file, or two identical files found in one run, share one
+stored vector. Paths are canonical, so a file reached by two spellings is one item.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,16 +20,18 @@ from typing import Any, Protocol
 import torch
 
 from clipdex.indexer.decode import ImageFiles, content_hash, default_workers, iter_decoded
-from clipdex.indexer.sources import FileEntry, TextSource, check_roots, open_texts, scan_roots
+from clipdex.indexer.sources import FileEntry, TextSource, check_roots, no_images_error, open_texts, scan_root
+from clipdex.retrieval import weights
 from clipdex.retrieval.build import AnnSettings, index_writer
 from clipdex.retrieval.config import EncoderConfig, ModelSpec
-from clipdex.retrieval.encoder import load_encoder
+from clipdex.retrieval.encoder import Encoder, load_encoder
 from clipdex.retrieval.errors import ClipdexError, IndexFormatError, InputError
-from clipdex.retrieval.imaging import DEFAULT_MAX_PIXELS, MAX_ASPECT
+from clipdex.retrieval.imaging import DEFAULT_MAX_PIXELS
 from clipdex.retrieval.items import Kind, Record, Status
 from clipdex.retrieval.lock import acquire_lock
-from clipdex.retrieval.manifest import MANIFEST, index_encoder_config
-from clipdex.retrieval.writer import IndexWriter
+from clipdex.retrieval.manifest import MANIFEST, check_index_dir, index_encoder_config
+from clipdex.retrieval.paths import canonical, is_at_or_under
+from clipdex.retrieval.writer import FreshIndexDir, IndexWriter
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,7 @@ class Summary:
     unchanged: int = 0
     failed: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # things the user should know that are not failures
     seconds: dict[str, float] = field(default_factory=dict)  # where the time went: scan, decode wait, encode, write
 
     def add_time(self, stage: str, seconds: float) -> None:
@@ -90,66 +97,125 @@ class _NoProgress:
 def run_index(config: IndexConfig, *, progress: Progress | None = None) -> Summary:
     """Bring the index at `config.index_dir` up to date with the given folders and caption file."""
     progress = progress or _NoProgress()
-    roots = [p.expanduser().absolute() for p in config.paths]
+    check_index_dir(config.index_dir)
+    roots = [canonical(p) for p in config.paths]
     if not roots and config.texts is None:
         raise InputError("nothing to index: give folders or image files, and/or --texts FILE")
     check_roots(roots)
+    is_new = not (config.index_dir / MANIFEST).exists()
+    if is_new:  # a root that does not exist is a typo; for an existing index it may be a folder that went away
+        for root in roots:
+            if not root.exists():
+                raise no_images_error(root)
     texts = None
     if config.texts is not None:
         texts = open_texts(
-            config.texts.expanduser().absolute(), text_column=config.text_column, image_column=config.image_column
+            canonical(config.texts),
+            text_column=config.text_column,
+            image_column=config.image_column,
+            require_images=is_new,
         )
+    fresh = FreshIndexDir(config.index_dir)
     encoder_config, existing = _encoder_config(config)
     # an existing index is locked before the model loads, so a second indexer is refused at once
     lock = acquire_lock(config.index_dir) if existing is not None else None
     try:
         encoder = load_encoder(encoder_config, expect=existing)
+        if config.ann is not None:
+            config.ann.validate(encoder.dim)
         writer = index_writer(config.index_dir, encoder.spec, encoder.dim, lock=lock)
     except BaseException:
         if lock is not None:
             lock.close()
+        fresh.undo()
         raise
+    if config.encoder is not None or not _is_cached_copy(encoder.spec):
+        writer.record_model_location(encoder.spec)
     if config.ann is not None:
         writer.set_ann_settings(config.ann.to_json())
-    run = _Run(config, writer, encoder, progress)
     try:
-        run.images(roots, texts)
-        if texts is not None:
-            run.texts(texts)
-        run.finish()
+        with _graceful_interrupt() as stop_requested:
+            run = _Run(config, writer, encoder, progress, stop_requested)
+            run.images(roots, texts)
+            if texts is not None:
+                run.texts(texts)
+            run.finish()
     except KeyboardInterrupt:
         run.flush()
         writer.publish()
-        raise Interrupted("interrupted: the work done so far is saved; run the same command again to finish") from None
-    finally:
         writer.close()
+        raise Interrupted("interrupted: the work done so far is saved; run the same command again to finish") from None
+    except BaseException:
+        committed = writer.committed
+        writer.close()
+        if not committed:
+            fresh.undo()
+        raise
+    writer.close()
+    if encoder.spec.checkpoint_sha256 and encoder.spec.pretrained:
+        weights.keep_copy(Path(encoder.spec.pretrained), encoder.spec.checkpoint_sha256)
     return run.summary
+
+
+@contextlib.contextmanager
+def _graceful_interrupt() -> Iterator[Callable[[], bool]]:
+    """While indexing, the first Ctrl-C asks the run to stop after the batch in hand (it then saves what it
+    did); a second one interrupts at once. A KeyboardInterrupt raised inside DuckDB, FAISS or torch would
+    surface as their own errors, so the signal is turned into a flag the run checks between batches."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    hits: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        hits.append(signum)
+        if len(hits) > 1:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(hits)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _is_cached_copy(spec: ModelSpec) -> bool:
+    return spec.pretrained is not None and Path(spec.pretrained).parent == weights.stored_copy("", "").parent
 
 
 def _encoder_config(config: IndexConfig) -> tuple[EncoderConfig, ModelSpec | None]:
     """The model to index with, and the model the index already holds (None for a new index)."""
     if not (config.index_dir / MANIFEST).exists():
         return config.encoder or EncoderConfig(device=config.device), None
-    stored, spec = index_encoder_config(config.index_dir, device=config.device)
     if config.encoder is None:
-        return stored, spec
+        return index_encoder_config(config.index_dir, device=config.device)
+    from clipdex.retrieval.manifest import read_manifest
+
+    spec = read_manifest(config.index_dir).model
     asked = config.encoder
     asked_name = Path(asked.model).stem if asked.model.endswith(".json") else asked.model
-    asked_weights = (
-        str(Path(asked.pretrained).expanduser().resolve())
-        if asked.pretrained and Path(asked.pretrained).expanduser().is_file()
-        else asked.pretrained
-    )
-    if (asked_name, asked_weights) != (spec.name, spec.pretrained):
+    asked_file = Path(asked.pretrained).expanduser() if asked.pretrained else None
+    same_weights = (
+        spec.checkpoint_sha256 is not None and asked_file is not None and asked_file.is_file()
+    ) or asked.pretrained == spec.pretrained  # a local checkpoint is compared by content when it loads
+    if asked_name != spec.name or not same_weights:
         raise IndexFormatError(
-            f"{config.index_dir} was built with {spec.name} / {spec.pretrained}, not {asked_name} / {asked_weights}; "
+            f"{config.index_dir} was built with {spec.name} / {spec.pretrained}, not {asked_name} / {asked.pretrained}; "
             "leave out --model/--pretrained to keep using it, or index into a new directory"
         )
     return EncoderConfig(model=asked.model, pretrained=asked.pretrained, device=config.device), spec
 
 
 class _Run:
-    def __init__(self, config: IndexConfig, writer: IndexWriter, encoder: Any, progress: Progress):
+    def __init__(
+        self,
+        config: IndexConfig,
+        writer: IndexWriter,
+        encoder: Encoder,
+        progress: Progress,
+        stop_requested: Callable[[], bool] = lambda: False,
+    ):
+        self.stop_requested = stop_requested
         self.config = config
         self.writer = writer
         self.encoder = encoder
@@ -159,20 +225,29 @@ class _Run:
         self.pending_batches = 0
         self.last_publish = time.monotonic()
         self.to_delete: list[int] = []
+        self.encoded_in_run: dict[str, Record] = {}  # content hash → the record that carries its vector
 
     # -- images ---------------------------------------------------------------------------------
 
     def images(self, roots: list[Path], texts: TextSource | None) -> None:
         t0 = time.perf_counter()
         entries: dict[str, FileEntry] = {}
-        for entry in scan_roots(roots):
-            entries.setdefault(str(entry.path), entry)
-        sources = {str(r) for r in roots}
+        scanned: list[str] = []
+        for root in roots:
+            found = 0
+            for entry in scan_root(root):
+                found += 1
+                entries.setdefault(str(entry.path), entry)
+            if found:
+                scanned.append(str(root))
+            else:
+                self._remove_gone_root(root)
+        sources = set(scanned)
         if texts is not None and texts.image_column:
             sources.add(str(texts.path))
             for row in texts:
                 if row.image is not None and row.image.is_file():  # a bad caption does not make its image bad
-                    e = scan_one(row.image, str(texts.path))
+                    e = _scan_one(row.image, str(texts.path))
                     if e is not None:
                         entries.setdefault(str(e.path), e)
         existing = {r["path"]: r for r in self.writer.rows("kind = 'image'")}
@@ -183,7 +258,11 @@ class _Run:
                 self.summary.unchanged += 1
             else:
                 work.append(entry)
-        gone = [r for p, r in existing.items() if p not in entries and r["source"] in sources]
+        gone = [
+            r
+            for p, r in existing.items()
+            if p not in entries and (r["source"] in sources or any(is_at_or_under(p, s) for s in scanned))
+        ]
         self.to_delete.extend(r["id"] for r in gone)
         self.summary.removed += len(gone)
 
@@ -193,8 +272,7 @@ class _Run:
             [e.path for e in work],
             self.encoder.preprocess,
             known_hashes=frozenset(known),
-            max_pixels=self.config.max_pixels,
-            max_aspect=MAX_ASPECT if self.encoder.crops_center else None,
+            options=self.encoder.decode_options(self.config.max_pixels),
         )
         workers = self.config.workers if self.config.workers is not None else default_workers()
         self.progress.start("images", len(work))
@@ -235,6 +313,7 @@ class _Run:
                     self.summary.unchanged += 1
                     continue
                 self._count_new(old)
+                assert d.hash is not None
                 if d.hash in known:
                     same = known[d.hash]
                     rec.shard, rec.row, rec.width, rec.height = (
@@ -244,8 +323,12 @@ class _Run:
                         same["height"],
                     )
                     self.pending.append(rec)
+                elif d.hash in self.encoded_in_run:  # an identical file earlier in this run: one vector for both
+                    rec.same_as = self.encoded_in_run[d.hash]
+                    self.pending.append(rec)
                 else:
                     assert d.pixels is not None
+                    self.encoded_in_run[d.hash] = rec
                     encode.append((rec, d.pixels))
             if encode:
                 pixels = torch.stack([p for _, p in encode])
@@ -261,29 +344,44 @@ class _Run:
             self._maybe_commit()
         self.writer.touch(touched)
 
+    def _remove_gone_root(self, root: Path) -> None:
+        """A folder given again that is now gone or holds no images: its items go, with a note. A root the index
+        never held is a mistake (a typo), and an error."""
+        ids = self.writer.catalog.ids_at_or_under([str(root)])
+        if not ids:
+            raise no_images_error(root)
+        self.to_delete.extend(ids)
+        self.summary.removed += len(ids)
+        state = "is gone" if not root.exists() else "holds no images now"
+        self.summary.notes.append(f"{root} {state}: removed the {len(ids)} items indexed from it")
+
     # -- texts ----------------------------------------------------------------------------------
 
     def texts(self, source: TextSource) -> None:
         src = str(source.path)
         existing_rows = self.writer.rows("kind = 'text' AND source = ?", [src])
-        existing = {(r["text"], r["path"]): r for r in existing_rows if r["status"] == Status.OK.value}
+        existing = {(r["text"], r["link"]): r for r in existing_rows if r["status"] == Status.OK.value}
         stale_failures = [r["id"] for r in existing_rows if r["status"] != Status.OK.value]
         self.to_delete.extend(stale_failures)
         known = _by_hash(self.writer.rows("kind = 'text'"))
         seen: set[tuple[str, str | None]] = set()
         queue: list[Record] = []
+        missing: list[str] = []
         self.progress.start("texts", None)
         chunk = max(self.config.batch_size, 256)
         for row in source:
-            image = str(row.image.absolute()) if row.image is not None else None
+            link = str(row.image) if row.image is not None else None
             if row.error is not None:
-                rec = Record(id=self.writer.new_id(), kind=Kind.TEXT, source=src, path=image, text=row.text or None)
+                rec = Record(id=self.writer.new_id(), kind=Kind.TEXT, source=src, path=None, text=row.text or None)
+                rec.link = link
                 self._fail(rec, f"line {row.line}: {row.error}")
                 continue
-            key = (row.text, image)
+            key = (row.text, link)
             if key in seen:
                 continue
             seen.add(key)
+            if row.image is not None and not row.image.is_file():
+                missing.append(str(row.image))
             if key in existing:
                 self.summary.unchanged += 1
                 continue
@@ -292,15 +390,20 @@ class _Run:
                 id=self.writer.new_id(),
                 kind=Kind.TEXT,
                 source=src,
-                path=image,
+                path=link,  # publishing unlinks it if that image is not indexed
                 text=row.text,
                 hash=content_hash(row.text.encode("utf-8")),
+                link=link,
             )
             assert rec.hash is not None
             if rec.hash in known:
                 rec.shard, rec.row = known[rec.hash]["shard"], known[rec.hash]["row"]
                 self.pending.append(rec)
+            elif rec.hash in self.encoded_in_run:
+                rec.same_as = self.encoded_in_run[rec.hash]
+                self.pending.append(rec)
             else:
+                self.encoded_in_run[rec.hash] = rec
                 queue.append(rec)
             if len(queue) >= chunk:
                 self._encode_texts(queue)
@@ -309,12 +412,17 @@ class _Run:
         gone = [r["id"] for k, r in existing.items() if k not in seen]
         self.to_delete.extend(gone)
         self.summary.removed += len(gone)
+        if missing:
+            self.summary.notes.append(
+                f"{len(missing)} captions in {source.path.name} name an image that does not exist (e.g. {missing[0]}); "
+                "they are indexed as texts without an image"
+            )
 
     def _encode_texts(self, queue: list[Record]) -> None:
         if not queue:
             return
         t0 = time.perf_counter()
-        vectors = self.encoder.encode_texts([r.text for r in queue], batch_size=self.config.batch_size)
+        vectors = self.encoder.encode_texts([r.text or "" for r in queue], batch_size=self.config.batch_size)
         self.summary.add_time("encode", time.perf_counter() - t0)
         for rec, vec in zip(queue, vectors, strict=True):
             rec.vector = vec
@@ -333,10 +441,12 @@ class _Run:
     def _fail(self, rec: Record, error: str) -> None:
         rec.status, rec.error = Status.FAILED, error
         self.summary.failed += 1
-        self.summary.failures.append((rec.path or rec.text or "", error))
+        self.summary.failures.append((rec.path or rec.link or rec.text or "", error))
         self.pending.append(rec)
 
     def _maybe_commit(self, force: bool = False) -> None:
+        if self.stop_requested():
+            raise KeyboardInterrupt
         self.pending_batches += 1
         if force or self.pending_batches >= self.config.commit_every:
             self.flush()
@@ -367,9 +477,9 @@ def _by_hash(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {r["hash"]: r for r in rows if r["status"] == Status.OK.value and r["hash"] is not None}
 
 
-def scan_one(path: Path, source: str) -> FileEntry | None:
+def _scan_one(path: Path, source: str) -> FileEntry | None:
     try:
         st = path.stat()
     except OSError:
         return None
-    return FileEntry(path=path.absolute(), size=st.st_size, mtime=st.st_mtime, source=source)
+    return FileEntry(path=path, size=st.st_size, mtime=st.st_mtime, source=source)

@@ -1,7 +1,8 @@
 """Find image files under folders and read caption corpora (.txt, .csv, .tsv, .jsonl, .parquet).
 
-Symlinks: a symlink to a file is indexed under the link's own path; symlinked folders are not
-descended into, so a link loop cannot make the walk run forever.
+Every path is canonical (`canonical`: absolute, `..` folded, symlinks resolved), so one file reached by
+two spellings (a relative path, a symlink, a caption row) is one item. Symlinked folders are followed,
+each real folder once, so a link loop cannot make the walk run forever.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from clipdex.retrieval.errors import InputError
+from clipdex.retrieval.paths import canonical
 
 log = logging.getLogger(__name__)
 
@@ -40,38 +42,49 @@ class FileEntry:
 
 
 def walk_images(root: Path) -> Iterator[Path]:
-    """Image files under `root`, in a stable (sorted) order."""
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if is_image_file(path):
-                yield path
+    """Canonical paths of the image files under the canonical folder `root`, in a stable (sorted) order.
+
+    Symlinked folders are followed into their real folder, which is walked once however it is reached."""
+    seen: set[tuple[int, int]] = set()
+
+    def walk(folder: Path) -> Iterator[Path]:
+        try:
+            st = folder.stat()
+            if (st.st_dev, st.st_ino) in seen:
+                return
+            seen.add((st.st_dev, st.st_ino))
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:  # unreadable or vanished folder: skip it, keep walking
+            log.warning("skipping folder %s: %s", folder, e.strerror or e)
+            return
+        subfolders = []
+        for entry in entries:
+            try:
+                if entry.is_dir():  # follows symlinks
+                    subfolders.append(canonical(entry.path) if entry.is_symlink() else Path(entry.path))
+                elif is_image_file(Path(entry.name)):
+                    yield canonical(entry.path) if entry.is_symlink() else Path(entry.path)
+            except OSError:
+                continue
+        for sub in subfolders:
+            yield from walk(sub)
+
+    yield from walk(root)
 
 
-def scan_roots(roots: list[Path]) -> Iterator[FileEntry]:
-    """Stat every image under the given folders and files. Raise on a missing or empty root."""
-    for root in roots:
-        source = str(root)
-        if root.is_dir():
-            found = False
-            for path in walk_images(root):
-                entry = _stat(path, source)
-                if entry is not None:
-                    found = True
-                    yield entry
-            if not found:
-                raise InputError(f"no image files under {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-        else:
-            entry = _stat(root, source)
-            if entry is not None:
-                yield entry
+def scan_root(root: Path) -> Iterator[FileEntry]:
+    """Stat every image at or under the canonical path `root` (a folder or one image file)."""
+    source = str(root)
+    paths = walk_images(root) if root.is_dir() else iter([root])
+    for path in paths:
+        entry = _stat(path, source)
+        if entry is not None:
+            yield entry
 
 
 def check_roots(roots: list[Path]) -> None:
+    """Refuse a root that is neither a folder nor an image file; say what to do instead."""
     for root in roots:
-        if not root.exists():
-            raise InputError(f"no such file or folder: {root}")
         if root.is_file() and not is_image_file(root):
             raise InputError(
                 f"{root} is not an image file (extensions: {', '.join(sorted(IMAGE_SUFFIXES))}); "
@@ -79,11 +92,17 @@ def check_roots(roots: list[Path]) -> None:
             )
 
 
+def no_images_error(root: Path) -> InputError:
+    if not root.exists():
+        return InputError(f"no such file or folder: {root}")
+    return InputError(f"no image files under {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+
+
 def _stat(path: Path, source: str) -> FileEntry | None:
     try:
         st = path.stat()
     except OSError as e:  # dangling symlink or vanished between listing and stat
-        log.warning("skipping %s: %s", path, e)
+        log.warning("skipping %s: %s", path, e.strerror or e)
         return None
     if not path.is_file():
         return None
@@ -95,6 +114,8 @@ def _stat(path: Path, source: str) -> FileEntry | None:
 
 @dataclass(frozen=True)
 class TextRow:
+    """One caption. `image` is the canonical path its row names, whether or not the file exists."""
+
     line: int
     text: str
     image: Path | None
@@ -120,8 +141,13 @@ class TextSource:
         return [c for c in (self.text_column, self.image_column) if c]
 
 
-def open_texts(path: Path, *, text_column: str | None = None, image_column: str | None = None) -> TextSource:
-    """Check a caption file and resolve its columns; raise InputError with the fix otherwise."""
+def open_texts(
+    path: Path, *, text_column: str | None = None, image_column: str | None = None, require_images: bool = True
+) -> TextSource:
+    """Check a caption file and resolve its columns; raise InputError with the fix otherwise.
+
+    With `require_images`, a file whose image column names no existing file is refused: its paths are
+    almost certainly read against the wrong folder."""
     if not path.is_file():
         raise InputError(f"caption file not found: {path}")
     suffix = path.suffix.lower()
@@ -150,7 +176,7 @@ def open_texts(path: Path, *, text_column: str | None = None, image_column: str 
     elif image_column not in columns:
         raise InputError(f"{path} has no column {image_column!r} (columns: {', '.join(columns)})")
     source = TextSource(path, text_column, image_column)
-    if image_column:
+    if image_column and require_images:
         _check_some_images_exist(source)
     return source
 
@@ -211,11 +237,7 @@ def _read_txt(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
 
 def _read_table(path: Path, suffix: str, columns: list[str]) -> Iterator[tuple[int, dict[str, object]]]:
     if suffix == ".parquet":
-        line = 0
-        for batch in pq.ParquetFile(path).iter_batches(columns=columns, batch_size=8192):
-            for values in batch.to_pylist():
-                line += 1
-                yield line, values
+        yield from _read_parquet(path, columns)
     elif suffix == ".jsonl":
         with _text_stream(path) as f:
             for line, raw in enumerate(f, start=1):
@@ -230,8 +252,32 @@ def _read_table(path: Path, suffix: str, columns: list[str]) -> Iterator[tuple[i
     else:
         with _text_stream(path) as f:
             reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            for values in reader:
+            while True:
+                try:
+                    values = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as e:  # e.g. a field over csv.field_size_limit: that row is bad, the rest are read
+                    yield reader.line_num, {"__error__": f"unreadable row ({e})"}
+                    continue
                 yield reader.line_num, dict(values)
+
+
+def _read_parquet(path: Path, columns: list[str]) -> Iterator[tuple[int, dict[str, object]]]:
+    """Rows row group by row group: a corrupt group is one bad row naming the lines lost, not a stopped run."""
+    pf = pq.ParquetFile(path)
+    line = 0
+    for group in range(pf.num_row_groups):
+        size = pf.metadata.row_group(group).num_rows
+        try:
+            rows = [v for batch in pf.iter_batches(columns=columns, row_groups=[group]) for v in batch.to_pylist()]
+        except Exception as e:  # arrow raises several types for corrupt pages
+            yield line + 1, {"__error__": f"row group {group} (rows {line + 1}-{line + size}) is unreadable: {e}"}
+            line += size
+            continue
+        for values in rows:
+            line += 1
+            yield line, values
 
 
 def _make_row(line: int, values: dict[str, object], text_column: str, image_column: str | None, base: Path) -> TextRow:
@@ -241,14 +287,13 @@ def _make_row(line: int, values: dict[str, object], text_column: str, image_colu
     image_value = values.get(image_column) if image_column else None
     image = None
     if isinstance(image_value, str) and image_value.strip():
-        image = Path(image_value.strip())
-        image = image if image.is_absolute() else base / image
+        if _has_surrogates(image_value):
+            return TextRow(line, "", None, "not valid UTF-8")
+        image = canonical(base / image_value.strip())  # an absolute value replaces the base
     if not isinstance(text, str) or not text.strip():
         return TextRow(line, "", image, "empty text")
-    if _has_surrogates(text) or (isinstance(image_value, str) and _has_surrogates(image_value)):
+    if _has_surrogates(text):
         return TextRow(line, "", None, "not valid UTF-8")
-    if image is not None and not image.is_file():
-        return TextRow(line, text, image, f"image not found: {image}")
     return TextRow(line, text, image)
 
 

@@ -28,6 +28,7 @@ from clipdex.retrieval.writer import IndexWriter
 log = logging.getLogger(__name__)
 
 _TUNE_QUERIES = 1000
+_RECHECK_QUERIES = 100  # per query set, when an updated index's recall is re-measured on publish
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,19 @@ class AnnSettings:
 
     def to_json(self) -> dict[str, Any]:
         return {"index_type": self.index_type, "memory": self.memory, "target_recall": self.target_recall}
+
+    def validate(self, dim: int) -> None:
+        """Refuse an --index-type FAISS cannot build at this index's dimension, before any work is done."""
+        if not self.index_type:
+            return
+        try:
+            faiss.index_factory(dim, self.index_type, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[-1][:160] if str(e).strip() else type(e).__name__
+            raise InputError(
+                f"--index-type {self.index_type!r} is not a FAISS factory string FAISS can build for dimension {dim} "
+                f"({first}); see the FAISS wiki's 'The index factory'"
+            ) from None
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> AnnSettings:
@@ -110,14 +124,18 @@ def _build_kind(
     )
     if reuse:
         assert previous is not None
-        index = ann.read_index(previous.path, mmap=False)
-        _update_in_place(index, live, previous.live)
-        return index, {**info, "n": n}
+        reused = _reuse(previous, live, settings, queries)
+        if reused is not None:
+            return reused
     train = None
     probe = faiss.index_factory(live.dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
-    if not probe.is_trained:
-        if n == 0:
-            plan = ann.IndexPlan("Flat", "empty", 0)
+    if n == 0:
+        plan = ann.IndexPlan("Flat", "no vectors yet", 0)
+    elif not probe.is_trained:
+        if n < _min_train(probe):
+            plan = ann.IndexPlan(
+                "Flat", f"{n} vectors are too few to train {plan.factory}: exact search until there are enough", 0
+            )
         else:
             train = live.sample(_train_size(probe, n), np.random.default_rng(0))
     index = ann.build_index(live.batches(), live.dim, factory=plan.factory, train=train)
@@ -133,6 +151,54 @@ def _build_kind(
     return index, record
 
 
+def _reuse(
+    previous: PreviousIndex, live: LiveVectors, settings: AnnSettings, queries: Callable[[], np.ndarray] | None
+) -> tuple[faiss.Index, dict[str, Any]] | None:
+    """The previous snapshot's trained index brought up to date, or None when it must be rebuilt: its type
+    cannot remove ids (HNSW), or recall at its tuned setting fell below the target and re-tuning cannot
+    restore it (the data drifted away from what the quantizer was trained on)."""
+    index = ann.read_index(previous.path, mmap=False)
+    info = {**previous.info, "n": len(live)}
+    changed = _update_in_place(index, live, previous.live)
+    if changed is None:
+        log.info("%s cannot remove ids: rebuilding", ann.describe(index))
+        return None
+    if not changed:
+        return index, info
+    params = info.get("params") or ""
+    ann.apply_params(index, params)
+    recall = _recall_now(index, live, queries, params)
+    if recall >= settings.target_recall:
+        return index, {**info, "recall_at_10": recall}
+    tuning = _tune(index, live, settings, queries)
+    if tuning.recall_at_10 is not None and tuning.recall_at_10 >= settings.target_recall:
+        return index, {**info, **tuning.to_json()}
+    log.info("recall@10 %.3f < %.2f after updates, even re-tuned: re-training", recall, settings.target_recall)
+    return None
+
+
+def _recall_now(index: faiss.Index, live: LiveVectors, queries: Callable[[], np.ndarray] | None, params: str) -> float:
+    """Recall@10 at `params` on fresh samples of the three tuning query sets (fewer queries than tuning)."""
+    sets = _query_sets(live, queries, _RECHECK_QUERIES)
+    k = min(10, len(live))
+    return min(ann.recall_at(index, q, ann.exact_top_k(q, live.batches(), k), params, live.fetch) for q in sets)
+
+
+def _min_train(index: faiss.Index) -> int:
+    """The fewest training vectors FAISS accepts: one per coarse cell, and one per centroid of a product
+    quantizer's codebooks (2^nbits); an OPQ rotation trains 8-bit codebooks."""
+    top = faiss.downcast_index(index)
+    ivf = ann.find_ivf(index)
+    least = ivf.nlist if ivf is not None else 1
+    for part in (top, ivf, faiss.downcast_index(top.index) if isinstance(top, faiss.IndexPreTransform) else None):
+        pq = getattr(part, "pq", None)
+        if pq is not None:
+            least = max(least, int(pq.ksub))
+    if isinstance(top, faiss.IndexPreTransform):
+        least = max(least, 256)
+    return least
+
+
 def _train_size(index: faiss.Index, n: int) -> int:
     ivf = ann.find_ivf(index)
     cells = ivf.nlist if ivf is not None else 256
@@ -145,15 +211,7 @@ def _tune(
     """Tune on three query sets and keep the setting that satisfies all of them: the other modality's
     vectors (what cross-modal queries look like), perturbed copies of our own (near-duplicate queries),
     and random directions (queries unrelated to the corpus, the hardest case for an inverted file)."""
-    rng = np.random.default_rng(1)
-    n_q = min(_TUNE_QUERIES, max(len(live), 1))
-    base = live.sample(n_q, rng)
-    noisy = base + rng.normal(scale=0.6 / np.sqrt(live.dim), size=base.shape).astype(np.float32)
-    random = rng.normal(size=(n_q, live.dim)).astype(np.float32)
-    sets = [_unit(noisy), _unit(random)]
-    other = queries() if queries is not None else np.zeros((0, live.dim), np.float32)
-    if len(other) >= 100:
-        sets.insert(0, _unit(other))
+    sets = _query_sets(live, queries, _TUNE_QUERIES)
     k = min(10, len(live))
     fetch = live.fetch
     tunings, truths = [], []
@@ -172,17 +230,34 @@ def _tune(
     )
 
 
+def _query_sets(live: LiveVectors, queries: Callable[[], np.ndarray] | None, n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    n_q = min(n, max(len(live), 1))
+    base = live.sample(n_q, rng)
+    noisy = base + rng.normal(scale=0.6 / np.sqrt(live.dim), size=base.shape).astype(np.float32)
+    random = rng.normal(size=(n_q, live.dim)).astype(np.float32)
+    sets = [_unit(noisy), _unit(random)]
+    other = queries() if queries is not None else np.zeros((0, live.dim), np.float32)
+    if len(other) >= 100:
+        sets.insert(0, _unit(other[:n]))
+    return sets
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def _update_in_place(index: faiss.Index, live: LiveVectors, before: LiveVectors) -> None:
-    """Bring an index built from `before` up to `live`."""
-    held = before.ids
-    gone = np.setdiff1d(held, live.ids)
-    if len(gone):
-        index.remove_ids(faiss.IDSelectorBatch(gone))
-    new = np.setdiff1d(live.ids, held)
-    if len(new):
-        for vectors, ids in live.batches(only=new):
-            index.add_with_ids(vectors, ids)
+def _update_in_place(index: faiss.Index, live: LiveVectors, before: LiveVectors) -> bool | None:
+    """Bring an index built from `before` up to `live`: drop deleted ids, replace edited ones (same id, new
+    vector), add new ones. Returns whether anything changed, or None if this index type cannot remove ids."""
+    edited = live.changed_since(before)
+    out = np.union1d(np.setdiff1d(before.ids, live.ids), edited)
+    add = np.union1d(np.setdiff1d(live.ids, before.ids), edited)
+    if len(out):
+        try:
+            index.remove_ids(faiss.IDSelectorBatch(out))
+        except RuntimeError:  # e.g. HNSW: "not implemented"
+            return None
+    for vectors, ids in live.batches(only=add):
+        index.add_with_ids(vectors, ids)
+    return bool(len(out) or len(add))

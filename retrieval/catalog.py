@@ -7,14 +7,17 @@ they read the published snapshot (see snapshot.py), which carries a full copy of
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from clipdex.retrieval.items import Kind, Record
+from clipdex.retrieval.paths import under_prefix
 
 CATALOG = "catalog.duckdb"
 
@@ -36,6 +39,7 @@ ITEM_COLUMNS: tuple[tuple[str, str, pa.DataType], ...] = (
     ("shard", "INTEGER", pa.int32()),
     ("row", "INTEGER", pa.int32()),
     ("updated", "DOUBLE", pa.float64()),
+    ("link", "VARCHAR", pa.string()),  # format 2: the image a caption row names (texts)
 )
 COLUMNS = tuple(name for name, _, _ in ITEM_COLUMNS)
 _ARROW_SCHEMA = pa.schema([(name, kind) for name, _, kind in ITEM_COLUMNS])
@@ -123,12 +127,15 @@ class Catalog:
         *,
         delete_ids: list[int] | None = None,
         new_shard: tuple[int, int, str] | None = None,
+        state: dict[str, str] | None = None,
     ) -> None:
-        """Register a shard, replace the rows of `records` and delete `delete_ids`, in one transaction."""
+        """Register a shard, replace the rows of `records`, delete `delete_ids` and set `state`, in one transaction."""
         touched = [r.id for r in records] + list(delete_ids or [])
         with self._transaction():
             if new_shard is not None:
                 self.con.execute("INSERT INTO shards VALUES (?, ?, ?)", list(new_shard))
+            for key, value in (state or {}).items():
+                self.con.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", [key, value])
             if touched:
                 self.con.execute("DELETE FROM items WHERE id IN (SELECT unnest($1::BIGINT[]))", [touched])
             if records:
@@ -148,6 +155,76 @@ class Catalog:
             self.con.execute(
                 "UPDATE items SET size = changes.size, mtime = changes.mtime FROM changes WHERE items.id = changes.id"
             )
+
+    def state(self, key: str) -> str | None:
+        """A value that a resumable job (e.g. an import) committed with its rows."""
+        value = self.scalar("SELECT value FROM state WHERE key = ?", [key])
+        return None if value is None else str(value)
+
+    def ids_at_or_under(self, roots: list[str]) -> list[int]:
+        """Items at or under any of the canonical `roots`: images by path, and anything indexed from a source
+        there (a caption file, a folder given on the command line)."""
+        if not roots:
+            return []
+        roots_table = pa.table({"root": roots, "prefix": [under_prefix(r) for r in roots]})  # noqa: F841
+        found = self.con.execute(
+            """SELECT DISTINCT i.id FROM items i, roots_table r
+               WHERE (i.kind = 'image' AND (i.path = r.root OR starts_with(i.path, r.prefix)))
+                  OR i.source = r.root OR starts_with(i.source, r.prefix)"""
+        ).fetchall()
+        return sorted(int(i) for (i,) in found)
+
+    def relink_texts(self) -> None:
+        """A caption's `path` is the image its row names while that image is searchable, else NULL."""
+        with self._transaction():
+            self.con.execute(
+                """UPDATE items SET path = new.path FROM (
+                       SELECT t.id, CASE WHEN i.path IS NOT NULL THEN t.link END AS path
+                       FROM items t LEFT JOIN (
+                           SELECT DISTINCT path FROM items WHERE kind = 'image' AND status = 'ok'
+                       ) i ON i.path = t.link
+                       WHERE t.kind = 'text'
+                   ) new
+                   WHERE items.id = new.id AND items.path IS DISTINCT FROM new.path"""
+            )
+
+    def unlinked_count(self) -> int:
+        return int(self.scalar("SELECT count(*) FROM items WHERE kind = 'text' AND link IS NOT NULL AND path IS NULL"))
+
+    def canonicalize_paths(self, canonical: Callable[[str], str]) -> int:
+        """Format 1 → 2: rewrite paths in their canonical spelling, keep one image per file (the oldest id),
+        and record each caption's image as its `link`. Returns the number of duplicate images dropped."""
+        rows = self.con.execute("SELECT id, kind, path FROM items WHERE path IS NOT NULL ORDER BY id").fetchall()
+        spelled = {p: canonical(p) for p in {r[2] for r in rows}}
+        keep: dict[str, int] = {}
+        drop: list[int] = []
+        for item_id, kind, path in rows:
+            if kind == "image":
+                if spelled[path] in keep:
+                    drop.append(int(item_id))
+                else:
+                    keep[spelled[path]] = int(item_id)
+        fixes = pa.table(  # noqa: F841 (read by DuckDB's replacement scan below)
+            {"old": list(spelled), "new": list(spelled.values())}
+        )
+        with self._transaction():
+            self.con.execute("UPDATE items SET path = fixes.new FROM fixes WHERE items.path = fixes.old")
+            self.con.execute("UPDATE items SET link = path WHERE kind = 'text' AND link IS NULL")
+            if drop:
+                self.con.execute("DELETE FROM items WHERE id IN (SELECT unnest($1::BIGINT[]))", [drop])
+        return len(drop)
+
+    def restore(self, items: Path) -> int:
+        """Fill an empty catalog from a snapshot's item table (every row as of that generation); return the rows.
+
+        A format-1 table lacks some columns (they stay NULL) and held an image's caption in `text`."""
+        names = set(pq.read_schema(items).names)
+        columns = [f'"{c}"' if c in names else f'NULL AS "{c}"' for c in COLUMNS]
+        if "caption" not in names:
+            columns[COLUMNS.index("text")] = "CASE WHEN kind = 'image' THEN NULL ELSE text END AS text"
+        with self._transaction():
+            self.con.execute(f"INSERT INTO items SELECT {', '.join(columns)} FROM read_parquet('{_sql_str(items)}')")
+        return int(self.scalar("SELECT count(*) FROM items"))
 
     def forget_shards(self, keep: set[int]) -> None:
         """Unregister shards outside `keep` (their files are being deleted)."""

@@ -23,12 +23,17 @@ class EncoderConfig:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What an index records about its model, enough to load the same one again."""
+    """What an index records about its model, enough to load the same one again.
+
+    For a local checkpoint, `pretrained` is where it was last seen and `checkpoint_sha256` what it is; size and
+    mtime let a load skip re-hashing an unchanged file."""
 
     name: str
     pretrained: str | None
     checkpoint_sha256: str | None = None
     config: dict[str, Any] | None = field(default=None, compare=False)
+    checkpoint_size: int | None = field(default=None, compare=False)
+    checkpoint_mtime: float | None = field(default=None, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -40,7 +45,17 @@ class ModelSpec:
             pretrained=data.get("pretrained"),
             checkpoint_sha256=data.get("checkpoint_sha256"),
             config=data.get("config"),
+            checkpoint_size=data.get("checkpoint_size"),
+            checkpoint_mtime=data.get("checkpoint_mtime"),
         )
+
+    def same_model(self, other: ModelSpec) -> bool:
+        """Same architecture and the same weights: by content for a local checkpoint, by name otherwise."""
+        if self.name != other.name:
+            return False
+        if self.checkpoint_sha256 or other.checkpoint_sha256:
+            return self.checkpoint_sha256 == other.checkpoint_sha256
+        return self.pretrained == other.pretrained
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clipdex.retrieval.config import EncoderConfig, ModelSpec, sha256_file
+from clipdex.retrieval.config import EncoderConfig, ModelSpec
 from clipdex.retrieval.errors import ModelError
+from clipdex.retrieval.imaging import DEFAULT_MAX_PIXELS, MAX_ASPECT, DecodeOptions
+from clipdex.retrieval.weights import checkpoint_sha
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,10 @@ class Encoder:
         cfg = getattr(getattr(self.model, "visual", None), "preprocess_cfg", None) or {}
         return cfg.get("resize_mode", "shortest") == "shortest"
 
+    def decode_options(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodeOptions:
+        """How indexed files and query images are decoded for this model: one rule for both."""
+        return DecodeOptions(max_pixels=max_pixels, max_aspect=MAX_ASPECT if self.crops_center else None)
+
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.type != "cuda":
             return contextlib.nullcontext()
@@ -233,11 +239,11 @@ def load_encoder(config: EncoderConfig, *, expect: ModelSpec | None = None) -> E
     device = resolve_device(config.device)
     name, model_cfg = _resolve_model_name(config.model)
     recorded, checkpoint = _resolve_pretrained(name, config.pretrained)
-    sha = sha256_file(checkpoint) if checkpoint is not None else None
+    sha = checkpoint_sha(checkpoint, expect) if checkpoint is not None else None
     if expect is not None and expect.checkpoint_sha256 and sha != expect.checkpoint_sha256:
         raise ModelError(
-            f"checkpoint {recorded} has changed since the index was built (sha256 {sha} != "
-            f"{expect.checkpoint_sha256}); restore it or build a new index"
+            f"checkpoint {recorded} is not the one the index was built with (sha256 {sha[:16] if sha else None}… "
+            f"!= {expect.checkpoint_sha256[:16]}…); give the original file, or build a new index"
         )
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
@@ -252,7 +258,15 @@ def load_encoder(config: EncoderConfig, *, expect: ModelSpec | None = None) -> E
     except Exception as e:
         raise ModelError(_explain_load_failure(name, recorded, checkpoint, e)) from e
     model.eval()
-    spec = ModelSpec(name=name, pretrained=recorded, checkpoint_sha256=sha, config=model_cfg)
+    st = checkpoint.stat() if checkpoint is not None else None
+    spec = ModelSpec(
+        name=name,
+        pretrained=recorded,
+        checkpoint_sha256=sha,
+        config=model_cfg,
+        checkpoint_size=st.st_size if st else None,
+        checkpoint_mtime=st.st_mtime if st else None,
+    )
     return Encoder(model, preprocess, tokenizer, device, spec)
 
 

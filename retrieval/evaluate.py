@@ -15,6 +15,7 @@ from clipdex.retrieval.config import EncoderConfig
 from clipdex.retrieval.datasets import DatasetName, load_dataset
 from clipdex.retrieval.encoder import Encoder, load_encoder
 from clipdex.retrieval.errors import DatasetError
+from clipdex.retrieval.imaging import DecodeOptions
 from clipdex.retrieval.metrics import recall_at_k
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def encode_image_files(encoder: Encoder, paths: list[Path], *, batch_size: int, 
     """Decode (without EXIF rotation, as the benchmark protocol does) and encode, in file order."""
     from clipdex.indexer.decode import ImageFiles, iter_decoded
 
-    dataset = ImageFiles(paths, encoder.preprocess, max_pixels=1 << 62, exif_transpose=False)
+    dataset = ImageFiles(paths, encoder.preprocess, options=DecodeOptions(max_pixels=1 << 62, exif_transpose=False))
     out = np.empty((len(paths), encoder.dim), dtype=np.float32)
     for batch in iter_decoded(dataset, batch_size=batch_size, workers=min(workers, len(paths))):
         for d in batch:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
-import warnings
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +29,39 @@ class DecodedImage:
     height: int
 
 
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How files become images, the same for indexing and for query images (see Encoder.decode_options)."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    exif_transpose: bool = True
+    max_aspect: float | None = None
+
+    def decode(self, data: bytes) -> DecodedImage:
+        return decode_image(
+            data, max_pixels=self.max_pixels, exif_transpose=self.exif_transpose, max_aspect=self.max_aspect
+        )
+
+
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pil_limit(max_pixels: int) -> Iterator[None]:
+    """Lift PIL's process-wide bomb limit only while decoding under a higher limit of our own (checked before
+    any pixel is decoded), and restore it after, so other code in the process keeps PIL's protection."""
+    if max_pixels <= DEFAULT_MAX_PIXELS:
+        yield
+        return
+    with _PIL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
 def decode_image(
     data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, exif_transpose: bool = True, max_aspect: float | None = None
 ) -> DecodedImage:
@@ -36,13 +71,9 @@ def decode_image(
     """
     if not data:
         raise ImageDecodeError("empty file")
-    if max_pixels > DEFAULT_MAX_PIXELS:
-        # the caller raised the limit above PIL's own refusal threshold; our check below replaces it
-        Image.MAX_IMAGE_PIXELS = None
     try:
-        with warnings.catch_warnings():
-            # our own limit replaces PIL's process-wide one, which only warns below 2x
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        # Between PIL's limit and twice it PIL only warns (the CLI silences that warning: our own limit decides)
+        with _pil_limit(max_pixels):
             img: Image.Image = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > max_pixels:

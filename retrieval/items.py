@@ -46,3 +46,4 @@ class Record:
     shard: int | None = None
     row: int | None = None
     link: str | None = None
+    same_as: Record | None = None  # share this record's vector (identical content met earlier in the same run)

@@ -12,11 +12,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clipdex.retrieval import weights
 from clipdex.retrieval.atomic import atomic_write_bytes
 from clipdex.retrieval.config import EncoderConfig, ModelSpec
 from clipdex.retrieval.errors import IndexFormatError, IndexNotFoundError, InputError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: canonical paths, caption links (`link`), full rows in the snapshot
 MANIFEST = "manifest.json"
 MODEL_DIR = "model"
 VECTOR_DTYPE_RULE = "float32 while a kind is exact-search sized, float16 past it (per shard, in the .npy header)"
@@ -115,8 +116,17 @@ def model_config_path(index_dir: Path, spec: ModelSpec) -> Path:
     return index_dir / MODEL_DIR / f"{spec.name}.json"
 
 
+def index_model(index_dir: Path, spec: ModelSpec | None = None) -> str:
+    """The --model value that rebuilds an index's architecture: its name, or the config JSON kept in the index."""
+    spec = spec or read_manifest(index_dir).model
+    return str(model_config_path(index_dir, spec)) if spec.config is not None else spec.name
+
+
 def index_encoder_config(index_dir: Path, *, device: str = "auto") -> tuple[EncoderConfig, ModelSpec]:
-    """The encoder config that reloads the model an index was built with."""
+    """The encoder config that reloads the model an index was built with: its checkpoint where it was recorded,
+    or the content-addressed copy when the file has moved (retrieval.weights)."""
     spec = read_manifest(index_dir).model
-    model = str(model_config_path(index_dir, spec)) if spec.config is not None else spec.name
-    return EncoderConfig(model=model, pretrained=spec.pretrained, device=device), spec
+    model = index_model(index_dir, spec)
+    checkpoint = weights.locate(spec)
+    pretrained = str(checkpoint) if checkpoint is not None else spec.pretrained
+    return EncoderConfig(model=model, pretrained=pretrained, device=device), spec

@@ -17,9 +17,10 @@ from clipdex.retrieval import ann
 from clipdex.retrieval.config import sha256_file
 from clipdex.retrieval.encoder import Encoder, load_encoder, resolve_device
 from clipdex.retrieval.errors import IndexFormatError, InputError
-from clipdex.retrieval.imaging import ImageDecodeError, decode_image
+from clipdex.retrieval.imaging import ImageDecodeError
 from clipdex.retrieval.items import Kind
 from clipdex.retrieval.manifest import index_encoder_config, read_manifest
+from clipdex.retrieval.paths import canonical
 from clipdex.retrieval.shards import shard_path
 
 log = logging.getLogger(__name__)
@@ -58,14 +59,21 @@ class Searcher:
         self.dir = Path(index_dir)
         self.device = device
         self._encoder = encoder
+        self.reload()
+
+    def reload(self) -> None:
+        """Open the snapshot the manifest names now (a writer may have published a newer one)."""
         for attempt in range(3):
             self.manifest = read_manifest(self.dir)
             try:
                 self._open_snapshot()
-                break
+                return
             except FileNotFoundError:
                 if attempt == 2:  # a writer replaced the snapshot between our reads, three times over
-                    raise IndexFormatError(f"{self.dir}: snapshot files named in the manifest are missing") from None
+                    raise IndexFormatError(
+                        f"{self.dir}: snapshot files named in the manifest are missing; run `clipdex check --index "
+                        f"{self.dir}` for details"
+                    ) from None
 
     def _open_snapshot(self) -> None:
         files = self.manifest.snapshot.files
@@ -105,22 +113,44 @@ class Searcher:
         return self.search_vectors(self.encoder.encode_texts([query]), k=k, target=target)[0]
 
     def search_image(
-        self, image: str | Path | Image.Image, *, k: int = 10, target: Target = Target.IMAGES
+        self, image: str | Path | bytes | Image.Image, *, k: int = 10, target: Target = Target.IMAGES
     ) -> list[Hit]:
-        if not isinstance(image, Image.Image):
-            path = Path(image)
+        """Search with an image file, its bytes, or a decoded image; files and bytes are decoded as indexing
+        decodes them (pixel limit, EXIF orientation, aspect guard)."""
+        return self.search_vectors(self.embed_image(image), k=k, target=target)[0]
+
+    def embed_image(self, image: str | Path | bytes | Image.Image) -> np.ndarray:
+        if isinstance(image, Image.Image):
+            return self.encoder.encode_pil([image.convert("RGB")])
+        options = self.encoder.decode_options()
+        if isinstance(image, bytes):
             try:
-                image = decode_image(path.read_bytes()).image
-            except FileNotFoundError:
-                raise InputError(f"query image not found: {path}") from None
-            except (OSError, ImageDecodeError) as e:
-                raise InputError(f"cannot read query image {path}: {e}") from e
-        return self.search_vectors(self.encoder.encode_pil([image.convert("RGB")]), k=k, target=target)[0]
+                return self.encoder.encode_pil([options.decode(image).image])
+            except ImageDecodeError as e:
+                raise InputError(f"cannot read the query image: {e}") from e
+        path = canonical(image)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise InputError(f"query image not found: {path}") from None
+        except OSError as e:
+            raise InputError(f"cannot read query image {path}: {e.strerror or e}") from e
+        try:
+            return self.encoder.encode_pil([options.decode(data).image])
+        except ImageDecodeError as e:
+            raise InputError(f"cannot read query image {path}: {e}") from e
 
     def search_vectors(self, queries: np.ndarray, *, k: int = 10, target: Target = Target.IMAGES) -> list[list[Hit]]:
         """Top-k hits for each L2-normalised query vector."""
         if k < 1:
             raise InputError(f"k must be at least 1 (got {k})")
+        try:
+            return self._search(queries, k, target)
+        except FileNotFoundError:  # a writer published since we opened and cleaned up what we were reading
+            self.reload()
+            return self._search(queries, k, target)
+
+    def _search(self, queries: np.ndarray, k: int, target: Target) -> list[list[Hit]]:
         index = self._indexes.get(target)
         if index is None or index.ntotal == 0:
             return [[] for _ in range(len(queries))]
@@ -128,9 +158,19 @@ class Searcher:
         scores, ids = ann.search_reranked(index, queries, k, self._fetch)
         return [self._hits(s, i) for s, i in zip(scores, ids, strict=True)]
 
+    def _positions(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of the item table holding `ids`; an id the table lacks means the snapshot is damaged."""
+        pos = np.minimum(np.searchsorted(self._ids, ids), max(len(self._ids) - 1, 0))
+        if len(ids) and (not len(self._ids) or not np.array_equal(self._ids[pos], ids)):
+            raise IndexFormatError(
+                f"{self.dir}: the FAISS index holds ids missing from the item table; run `clipdex check --index "
+                f"{self.dir}`"
+            )
+        return pos
+
     def _fetch(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors of the given ids, read from memory-mapped shards (for exact re-ranking)."""
-        pos = np.searchsorted(self._ids, ids)
+        pos = self._positions(ids)
         out = np.empty((len(ids), self.manifest.dim), dtype=np.float32)
         for shard in np.unique(self._shard[pos]).tolist():
             if shard not in self._shards:
@@ -143,12 +183,7 @@ class Searcher:
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
         keep = ids >= 0
         scores, ids = scores[keep], ids[keep]
-        pos = np.searchsorted(self._ids, ids)
-        pos = np.minimum(pos, max(len(self._ids) - 1, 0))
-        if len(ids) and not np.array_equal(self._ids[pos], ids):
-            raise IndexFormatError(
-                f"{self.dir}: the FAISS index holds ids missing from the item table; run `clipdex check`"
-            )
+        pos = self._positions(ids)
         rows = self._items.take(pos).to_pylist() if len(ids) else []
         return [
             Hit(rank=r + 1, score=float(s), id=int(i), kind=row["kind"], path=row["path"], text=row["text"])

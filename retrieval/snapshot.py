@@ -67,18 +67,26 @@ def read_locations(index_dir: Path, manifest: Manifest, kind: Kind, load: Any) -
     name = manifest.snapshot.files.get(ITEMS)
     if not name or not (index_dir / name).is_file():
         return None
-    table = pq.read_table(index_dir / name, columns=["id", "kind", "status", "shard", "row"])
+    try:
+        table = pq.read_table(index_dir / name, columns=["id", "kind", "status", "shard", "row"])
+    except Exception:  # a damaged snapshot: build afresh instead of updating it
+        return None
     table = table.filter(pc.and_(pc.equal(table["kind"], kind.value), pc.equal(table["status"], "ok")))
     ids, shards, rows = (table[c].to_numpy(zero_copy_only=False).astype(np.int64) for c in ("id", "shard", "row"))
     return LiveVectors(ids, shards, rows, load, manifest.dim)
 
 
-def snapshot_shards(index_dir: Path, manifest: Manifest) -> set[int]:
-    """Shards the published snapshot reads: clean-up must keep them even when no committed row does."""
+def snapshot_shards(index_dir: Path, manifest: Manifest) -> set[int] | None:
+    """Shards the published snapshot reads: clean-up must keep them even when no committed row does.
+
+    None when its item table cannot be read: then nobody can tell which shards it needs, so keep them all."""
     name = manifest.snapshot.files.get(ITEMS)
     if not name or not (index_dir / name).is_file():
         return set()
-    shards = pq.read_table(index_dir / name, columns=["shard"])["shard"].drop_null()
+    try:
+        shards = pq.read_table(index_dir / name, columns=["shard"])["shard"].drop_null()
+    except Exception:  # a damaged snapshot: `clipdex check` reports it
+        return None
     return {int(s) for s in shards.unique().to_pylist()}
 
 

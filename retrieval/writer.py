@@ -1,16 +1,16 @@
 """`IndexWriter`: one indexing run's exclusive, transactional access to an index directory.
 
 It ties the storage pieces together (lock, manifest, catalog, vector shards, snapshot publishing); what
-kind of ANN index to build is decided by the `IndexBuilder` it is given (retrieval.build.open_writer).
+kind of ANN index to build is decided by the `IndexBuilder` it is given (retrieval.build.index_writer).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from clipdex.retrieval.errors import IndexFormatError
 from clipdex.retrieval.items import Kind, Record
 from clipdex.retrieval.lock import WriteLock, acquire_lock
 from clipdex.retrieval.manifest import (
+    FORMAT_VERSION,
     MANIFEST,
     Manifest,
     check_index_dir,
@@ -31,6 +32,7 @@ from clipdex.retrieval.manifest import (
     read_manifest,
     write_manifest,
 )
+from clipdex.retrieval.paths import canonical
 from clipdex.retrieval.shards import (
     VECTORS,
     LiveVectors,
@@ -66,10 +68,13 @@ class IndexWriter:
         self.float16_above = float16_above  # per kind: past this many live items, new shards are float16
         index_dir.mkdir(parents=True, exist_ok=True)
         (index_dir / VECTORS).mkdir(exist_ok=True)
+        self.committed = False  # whether this writer has changed the catalog
         self._lock = lock or acquire_lock(index_dir)
         try:
             self.manifest = self._load_or_create_manifest()
             self.catalog = Catalog(index_dir)
+            if self.manifest.format_version < FORMAT_VERSION:
+                self._upgrade()
             self._next_id = self.catalog.next_id()
             self._next_shard = max([self.catalog.max_shard(), *shard_numbers(index_dir)], default=-1) + 1
             self._remove_orphans()
@@ -91,8 +96,10 @@ class IndexWriter:
 
     # -- commit ---------------------------------------------------------------------------------
 
-    def commit(self, records: list[Record], *, delete_ids: list[int] | None = None) -> None:
-        """Write new vectors to one shard, then upsert rows and delete ids in one transaction.
+    def commit(
+        self, records: list[Record], *, delete_ids: list[int] | None = None, state: dict[str, str] | None = None
+    ) -> None:
+        """Write new vectors to one shard, then upsert rows, delete ids and set job state in one transaction.
 
         A crash before the transaction commits leaves at most an unreferenced shard file,
         which the next writer removes.
@@ -107,10 +114,23 @@ class IndexWriter:
             new_shard = (shard, len(fresh), digest)
             for row, r in enumerate(fresh):
                 r.shard, r.row = shard, row
-        self.catalog.commit(records, delete_ids=delete_ids, new_shard=new_shard)
+        for r in records:
+            if r.same_as is not None:
+                assert r.same_as.shard is not None, "a shared vector is committed with or before its sharers"
+                r.shard, r.row = r.same_as.shard, r.same_as.row
+        self.catalog.commit(records, delete_ids=delete_ids, new_shard=new_shard, state=state)
+        self.committed = True
 
     def touch(self, updates: list[tuple[int, int, float]]) -> None:
         self.catalog.touch(updates)
+
+    def record_model_location(self, spec: ModelSpec) -> None:
+        """Note where the index's checkpoint is now (same content, maybe a new path, size or mtime)."""
+        stored = self.manifest.model
+        where = (spec.pretrained, spec.checkpoint_size, spec.checkpoint_mtime)
+        if stored.same_model(spec) and where != (stored.pretrained, stored.checkpoint_size, stored.checkpoint_mtime):
+            self.manifest.model = replace(spec, config=stored.config)
+            write_manifest(self.dir, self.manifest)
 
     def set_ann_settings(self, settings: dict[str, Any]) -> None:
         """Index type, memory budget and target recall for this and later publishes."""
@@ -136,16 +156,19 @@ class IndexWriter:
         """
         if settings is not None:
             self.manifest.ann_settings = settings
+        self.catalog.relink_texts()
         live = {kind: self.live_vectors(kind) for kind in Kind}
         previous = {kind: None if rebuild else self._previous_index(kind) for kind in Kind}
         files, index_types, counts, ann = snapshot.write_index_files(
             self.dir, self.manifest, live, previous, self.builder, self.catalog.export
         )
         counts["failed"] = self.catalog.failed_count()
+        counts["unlinked_texts"] = self.catalog.unlinked_count()
         snapshot.make_current(self.manifest, files, self.dir)
         self.manifest.counts, self.manifest.index_types, self.manifest.ann = counts, index_types, ann
+        self.manifest.format_version = FORMAT_VERSION
         write_manifest(self.dir, self.manifest)
-        snapshot.remove_stale(self.dir, set(files.values()))
+        self._remove_orphans()
         return self.manifest
 
     def _previous_index(self, kind: Kind) -> PreviousIndex | None:
@@ -172,11 +195,7 @@ class IndexWriter:
         if (self.dir / MANIFEST).exists():
             manifest = read_manifest(self.dir)
             stored = manifest.model
-            if (stored.name, stored.pretrained, stored.checkpoint_sha256) != (
-                self.spec.name,
-                self.spec.pretrained,
-                self.spec.checkpoint_sha256,
-            ):
+            if not stored.same_model(self.spec):
                 raise IndexFormatError(
                     f"{self.dir} was built with model {stored.name} / {stored.pretrained}; "
                     f"it cannot take embeddings from {self.spec.name} / {self.spec.pretrained}. Use a new --index directory"
@@ -191,18 +210,40 @@ class IndexWriter:
         return manifest
 
     def _remove_orphans(self) -> None:
-        """Delete shard files no committed row uses: left by a run that died before its commit,
-        or holding only vectors of items removed since."""
-        used = self.catalog.used_shards()
-        self.catalog.forget_shards(used)
-        remove_unused(self.dir, used)
+        """Delete files that neither the committed catalog nor the published snapshot uses: shards left by a
+        run that died before its commit or holding only vectors of items removed since, and snapshots of other
+        generations. A shard the published snapshot still reads stays, even if its rows are deleted and the
+        deletion is not yet published."""
+        published = snapshot.snapshot_shards(self.dir, self.manifest)
+        if published is not None:
+            used = self.catalog.used_shards() | published
+            self.catalog.forget_shards(used)
+            remove_unused(self.dir, used)
         snapshot.remove_stale(self.dir, set(self.manifest.snapshot.files.values()))
 
+    def _upgrade(self) -> None:
+        """Bring a format-1 catalog to format 2: canonical paths (one item per file), caption links."""
+        dropped = self.catalog.canonicalize_paths(lambda p: str(canonical(p)))
+        if dropped:
+            log.warning(
+                "%s: %d images were indexed twice under different spellings; kept one of each", self.dir, dropped
+            )
 
-@contextmanager
-def open_writer(index_dir: Path, spec: ModelSpec, dim: int, **kwargs: Any) -> Iterator[IndexWriter]:
-    writer = IndexWriter(index_dir, spec, dim, **kwargs)
-    try:
-        yield writer
-    finally:
-        writer.close()
+
+class FreshIndexDir:
+    """Remembers whether the index folder is new, so a first run that fails leaves nothing behind."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.existed = path.exists()
+        self.was_empty = self.existed and not any(path.iterdir())
+        self.had_index = (path / MANIFEST).exists()
+
+    def undo(self) -> None:
+        if self.had_index or not self.path.exists():
+            return
+        if not self.existed:
+            shutil.rmtree(self.path, ignore_errors=True)
+        elif self.was_empty:  # the user made the folder: keep it, empty
+            for p in self.path.iterdir():
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

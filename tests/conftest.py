@@ -29,6 +29,16 @@ class TinyModel:
         return ["--model", str(self.config), "--pretrained", str(self.weights)]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def weights_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Checkpoint copies that indexes keep (retrieval.weights) go to a test folder, not the user's cache."""
+    import os
+
+    folder = tmp_path_factory.mktemp("clipdex-cache")
+    os.environ["CLIPDEX_CACHE"] = str(folder)  # inherited by the subprocesses tests start
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     folder = tmp_path_factory.mktemp("model")
@@ -66,6 +76,21 @@ def reference(tiny_model: TinyModel) -> Reference:
 @pytest.fixture
 def cli() -> CliRunner:
     return CliRunner()
+
+
+def run(cli: CliRunner, *args: object, code: int = 0) -> str:
+    """Invoke the CLI in-process; assert its exit code; return stdout."""
+    from clipdex.cli.main import app
+
+    result = cli.invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    return result.stdout
+
+
+def search_json(cli: CliRunner, index: Path, *args: object) -> dict:
+    import json
+
+    return json.loads(run(cli, "search", *args, "--index", index, "--json"))
 
 
 def brute_force(query: np.ndarray, corpus: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,21 +12,10 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pytest
-from conftest import assert_same_ranking, brute_force
+from conftest import assert_same_ranking, brute_force, run, search_json
 from corpus import draw, make_images, random_scene
 
-from clipdex.cli.main import app
 from clipdex.retrieval import Searcher, Target
-
-
-def run(cli, *args: str, code: int = 0) -> str:
-    result = cli.invoke(app, [str(a) for a in args])
-    assert result.exit_code == code, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
-    return result.stdout
-
-
-def search_json(cli, index: Path, *args: str) -> dict:
-    return json.loads(run(cli, "search", *args, "--index", index, "--json"))
 
 
 @pytest.fixture
@@ -75,8 +64,6 @@ def test_index_then_search_matches_brute_force(cli, tmp_path, tiny_model, refere
 
     image_paths = sorted(str(p.absolute()) for p in paths)
     image_vecs = reference.images([Path(p) for p in image_paths])
-    texts = sorted({r["caption"] for r in caption_rows})
-    text_vecs = reference.texts(texts)
 
     # text → image
     for query in ["a large red circle on a blue background", "a green triangle", "cross"]:
@@ -92,18 +79,22 @@ def test_index_then_search_matches_brute_force(cli, tmp_path, tiny_model, refere
         assert all(h["kind"] == "image" for h in got["results"])
         assert [h["rank"] for h in got["results"]] == list(range(1, 11))
 
-    # image → text: texts are deduplicated by (caption, image) in the index; compare on caption text
+    # image → text: the index holds one text per (caption, image) row, so a caption linked to two images is
+    # two items with equal scores; compare whole rankings of (caption, image) keys against brute force
     query_image = paths[3]
-    got = search_json(cli, index, "--image", query_image, "--target", "texts", "-k", "8")
     qv = reference.images([query_image])[0]
-    scores_by_text = {t: float(s) for t, s in zip(texts, text_vecs @ qv, strict=True)}
-    got_scores = [h["score"] for h in got["results"]]
-    want = sorted(scores_by_text.values(), reverse=True)
-    # the index holds one row per (caption, image) pair, so a caption linked twice appears twice
-    assert all(h["kind"] == "text" and h["text"] in scores_by_text for h in got["results"])
-    np.testing.assert_allclose(got_scores, [scores_by_text[h["text"]] for h in got["results"]], atol=2e-5)
-    assert got_scores[0] == pytest.approx(want[0], abs=2e-5)
-    assert got_scores == sorted(got_scores, reverse=True)
+    rows = sorted({(r["caption"], str((tmp_path / r["image"]).resolve())) for r in caption_rows})
+    row_vecs = reference.texts([t for t, _ in rows])
+    for k in (8, len(rows)):
+        got = search_json(cli, index, "--image", query_image, "--target", "texts", "-k", k)
+        order, scores = brute_force(qv, row_vecs, k)
+        assert all(h["kind"] == "text" for h in got["results"])
+        assert_same_ranking(
+            [f"{h['text']}|{h['path']}" for h in got["results"]],
+            [h["score"] for h in got["results"]],
+            [f"{rows[i][0]}|{rows[i][1]}" for i in order],
+            scores,
+        )
 
     # image → image (the default target)
     got = search_json(cli, index, "--image", query_image, "-k", "5")
@@ -119,7 +110,7 @@ def test_index_then_search_matches_brute_force(cli, tmp_path, tiny_model, refere
     assert linked["text"] is not None  # images named in the caption file carry a caption
 
     info = json.loads(run(cli, "info", "--index", index, "--json"))
-    assert info["counts"] == {"images": len(paths), "texts": n_texts, "failed": 0}
+    assert info["counts"] == {"images": len(paths), "texts": n_texts, "failed": 0, "unlinked_texts": 0}
     assert info["dim"] == 32 and info["model"]["name"] == "tiny-clip"
     assert info["index_types"] == {"images": "IndexFlat", "texts": "IndexFlat"}
     assert info["size_bytes"] > 0
@@ -138,9 +129,12 @@ def test_image_to_text_ranking_on_pure_texts(cli, tmp_path, tiny_model, referenc
         [h["text"] for h in got["results"]], [h["score"] for h in got["results"]], [texts[i] for i in order], scores
     )
     assert all(h["path"] is None for h in got["results"])  # pure texts have no path
-    got = search_json(cli, index, "a red circle", "--target", "texts", "-k", "3")
-    order, scores = brute_force(reference.texts(["a red circle"])[0], reference.texts(texts), 3)
-    assert next(h["text"] for h in got["results"]) == texts[order[0]]
+    for query in ("a red circle", "blue square", "something yellow"):  # text → text, whole rankings
+        got = search_json(cli, index, query, "--target", "texts", "-k", "12")
+        order, scores = brute_force(reference.texts([query])[0], reference.texts(texts), 12)
+        assert_same_ranking(
+            [h["text"] for h in got["results"]], [h["score"] for h in got["results"]], [texts[i] for i in order], scores
+        )
 
 
 def test_reindex_add_edit_delete_rename(cli, tmp_path, tiny_model, reference):
@@ -225,18 +219,30 @@ def test_python_api(tmp_path, tiny_model):
 
 
 def test_search_sees_last_published_state_while_writer_holds_catalog(tmp_path, tiny_model):
-    """Readers never open the DuckDB file, so a writer holding it does not block a search."""
+    """Readers never open the DuckDB file: while a writer holds it with committed, unpublished changes (an
+    added image, a deleted one), a search answers from the last published state, then from the next."""
+    from clipdex.indexer import IndexConfig, run_index
     from clipdex.retrieval.build import index_writer
     from clipdex.retrieval.encoder import EncoderConfig, load_encoder
+    from clipdex.retrieval.items import Kind, Record
 
-    make_images(tmp_path / "p", 5, seed=9)
-    from clipdex.indexer import IndexConfig, run_index
-
+    items = make_images(tmp_path / "p", 5, seed=9)
     enc_cfg = EncoderConfig(model=str(tiny_model.config), pretrained=str(tiny_model.weights))
     run_index(IndexConfig(paths=(tmp_path / "p",), index_dir=tmp_path / "idx", workers=0, encoder=enc_cfg))
     encoder = load_encoder(enc_cfg)
+    published = {str(p) for p, _ in items}
     writer = index_writer(tmp_path / "idx", encoder.spec, encoder.dim)
     try:
-        assert len(Searcher(tmp_path / "idx", encoder=encoder).search_text("circle", k=10)) == 5
+        doomed = writer.rows("kind = 'image' AND path = ?", [str(items[0][0])])[0]["id"]
+        vector = encoder.encode_texts(["a new thing"])[0]
+        writer.commit(
+            [Record(id=writer.new_id(), kind=Kind.IMAGE, source="s", path="/new.png", text=None, vector=vector)],
+            delete_ids=[doomed],
+        )
+        during = Searcher(tmp_path / "idx", encoder=encoder).search_text("circle", k=10)
+        assert {h.path for h in during} == published  # committed is not published
+        writer.publish()
+        after = Searcher(tmp_path / "idx", encoder=encoder).search_text("circle", k=10)
+        assert {h.path for h in after} == published - {str(items[0][0])} | {"/new.png"}
     finally:
         writer.close()

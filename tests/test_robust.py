@@ -63,9 +63,8 @@ def build_zoo(root: Path) -> tuple[list[Path], dict[Path, str]]:
     save("one_pixel.png", Image.new("RGB", (1, 1), (10, 10, 200)))
     save("ünïcode dir/a photo with spaces.JPG", scene_image(13))
     save("UPPER.PNG", scene_image(14))
-    os.symlink(root / "rgb.jpg", root / "link_to_rgb.jpg")
-    good.append(root / "link_to_rgb.jpg")
-    os.symlink(root, root / "ünïcode dir" / "loop")  # a folder link back up: not followed
+    os.symlink(root / "rgb.jpg", root / "link_to_rgb.jpg")  # the same file as rgb.jpg: one item
+    os.symlink(root, root / "ünïcode dir" / "loop")  # a folder link back up: its real folder is walked once
 
     def broken(name: str, data: bytes, reason: str) -> None:
         (root / name).write_bytes(data)
@@ -99,6 +98,13 @@ def test_zoo_of_odd_files(cli, tmp_path, tiny_model: TinyModel):
         assert bad[Path(item["path"])] in item["error"], item
 
     # every good file is findable: queried with itself, it comes first
+    paths = {
+        h["path"]
+        for h in json.loads(cli.invoke(app, ["search", "x", "--index", str(index), "-k", "100", "--json"]).stdout)[
+            "results"
+        ]
+    }
+    assert paths == {str(p) for p in good}  # each file once, under its canonical path: no link, no loop copy
     for path in good:
         hits = json.loads(
             cli.invoke(app, ["search", "--image", str(path), "--index", str(index), "-k", "3", "--json"]).stdout
@@ -153,18 +159,21 @@ def test_caption_file_bad_rows_are_reported_not_fatal(cli, tmp_path, tiny_model:
     )
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert (
-        summary["failed"] == 3 and summary["added"] == 3 + 2
-    )  # three linked images (one row's caption is empty), two good captions
-    failed = json.loads(cli.invoke(app, ["info", "--index", str(tmp_path / "idx"), "--failed", "--json"]).stdout)[
-        "failures"
-    ]
-    reasons = sorted(f["error"] for f in failed)
-    assert reasons == [
-        "line 3: empty text",
-        "line 4: image not found: " + str(tmp_path / "p/missing.png"),
-        "line 5: not valid UTF-8",
-    ]
+    # three linked images (one row's caption is empty), two good captions, and the caption of a missing image,
+    # which is kept as a text without an image
+    assert summary["failed"] == 2 and summary["added"] == 3 + 3
+    assert "1 captions in caps.csv name an image that does not exist" in result.stderr
+    info = json.loads(cli.invoke(app, ["info", "--index", str(tmp_path / "idx"), "--failed", "--json"]).stdout)
+    reasons = sorted(f["error"] for f in info["failures"])
+    assert reasons == ["line 3: empty text", "line 5: not valid UTF-8"]
+    assert info["counts"]["unlinked_texts"] == 1
+    hits = json.loads(
+        cli.invoke(
+            app, ["search", "a caption for nothing", "--target", "texts", "--index", str(tmp_path / "idx"), "--json"]
+        ).stdout
+    )["results"]
+    orphan = next(h for h in hits if h["text"] == "a caption for nothing")
+    assert orphan["path"] is None
 
 
 def test_files_vanishing_mid_run(cli, tmp_path, tiny_model: TinyModel, monkeypatch):
@@ -174,14 +183,13 @@ def test_files_vanishing_mid_run(cli, tmp_path, tiny_model: TinyModel, monkeypat
     items = make_images(tmp_path / "p", 4, seed=4)
     index = tmp_path / "idx"
     assert cli.invoke(app, ["index", str(tmp_path / "p"), "--index", str(index), *tiny_model.cli_args()]).exit_code == 0
-    real_scan = pipeline.scan_roots
+    real_scan = pipeline.scan_root
     doomed = items[0][0]
-    listing = list(real_scan([tmp_path / "p"]))
+    listing = list(real_scan(tmp_path / "p"))
     ghost = FileEntry(tmp_path / "p" / "ghost.png", 10, 1.0, str(tmp_path / "p"))
     doomed.unlink()  # listed by the scan, gone by the time a worker reads it
-    monkeypatch.setattr(pipeline, "scan_roots", lambda roots: iter([*listing, ghost]))
     listing = [FileEntry(e.path, e.size, e.mtime + 1, e.source) if e.path == doomed else e for e in listing]
-    monkeypatch.setattr(pipeline, "scan_roots", lambda roots: iter([*listing, ghost]))
+    monkeypatch.setattr(pipeline, "scan_root", lambda root: iter([*listing, ghost]))
     result = cli.invoke(app, ["index", str(tmp_path / "p"), "--index", str(index), "--json"])
     assert json.loads(result.stdout) == {"added": 0, "updated": 0, "removed": 1, "unchanged": 3, "failed": 0}
 
