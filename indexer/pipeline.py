@@ -139,7 +139,7 @@ def run_index(config: IndexConfig, *, progress: Progress | None = None) -> Summa
             run.images(roots, texts)
             if texts is not None:
                 run.texts(texts)
-            run.finish()
+            run.finish(roots)
     except KeyboardInterrupt:
         run.flush()
         writer.publish()
@@ -348,7 +348,7 @@ class _Run:
         """A folder given again that is now gone or holds no images: its items go, with a note. A root the index
         never held is a mistake (a typo), and an error."""
         ids = self.writer.catalog.ids_at_or_under([str(root)])
-        if not ids:
+        if not ids and str(root) not in self.writer.manifest.roots:
             raise no_images_error(root)
         self.to_delete.extend(ids)
         self.summary.removed += len(ids)
@@ -464,9 +464,11 @@ class _Run:
         self.pending = []
         self.pending_batches = 0
 
-    def finish(self) -> None:
+    def finish(self, roots: list[Path]) -> None:
         self.flush()
         t0 = time.perf_counter()
+        known = self.writer.manifest.roots
+        self.writer.set_roots(known + [str(r) for r in roots if str(r) not in known])
         self.writer.commit([], delete_ids=self.to_delete)
         self.writer.publish()
         self.summary.add_time("publish", time.perf_counter() - t0)

@@ -8,7 +8,7 @@ from typing import Any
 
 from clipdex.retrieval.build import index_writer
 from clipdex.retrieval.manifest import read_manifest
-from clipdex.retrieval.paths import canonical
+from clipdex.retrieval.paths import canonical, is_at_or_under
 
 
 @dataclass
@@ -36,7 +36,9 @@ def remove_paths(index_dir: Path, paths: list[Path]) -> RemoveSummary:
             if not found:
                 summary.not_indexed.append(root)
             ids.update(found)
-        if ids:
+        kept_roots = [r for r in writer.manifest.roots if not any(is_at_or_under(r, root) for root in roots)]
+        if ids or kept_roots != writer.manifest.roots:
+            writer.set_roots(kept_roots)
             writer.commit([], delete_ids=sorted(ids))
             published = writer.publish()
             summary.unlinked_texts = published.counts.get("unlinked_texts", 0) - unlinked_before

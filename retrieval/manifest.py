@@ -46,6 +46,7 @@ class Manifest:
     ann_settings: dict[str, Any] | None = None  # what the user asked for (retrieval.build.AnnSettings)
     ann: dict[str, dict[str, Any]] = field(default_factory=dict)  # per kind: how its index was chosen and tuned
     snapshot: Snapshot = field(default_factory=Snapshot)
+    roots: list[str] = field(default_factory=list)  # folders and files given to `clipdex index`, canonical
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -66,6 +67,7 @@ class Manifest:
             index_types=dict(data.get("index_types") or {}),
             ann_settings=data.get("ann_settings"),
             ann=dict(data.get("ann") or {}),
+            roots=list(data.get("roots") or []),
             snapshot=Snapshot(
                 generation=int(snapshot.get("generation", 0)),
                 files=dict(snapshot.get("files") or {}),

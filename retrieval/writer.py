@@ -132,6 +132,10 @@ class IndexWriter:
             self.manifest.model = replace(spec, config=stored.config)
             write_manifest(self.dir, self.manifest)
 
+    def set_roots(self, roots: list[str]) -> None:
+        """The folders and files this index is kept up to date with (written with the next publish)."""
+        self.manifest.roots = roots
+
     def set_ann_settings(self, settings: dict[str, Any]) -> None:
         """Index type, memory budget and target recall for this and later publishes."""
         self.manifest.ann_settings = settings

@@ -8,12 +8,22 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 from PIL import Image
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from corpus import train_tiny_model, write_tiny_config
+
+# Stateful tests: a short run by default; `pytest --hypothesis-profile=long` for many more steps (RESULTS.md).
+settings.register_profile(
+    "clipdex", max_examples=4, stateful_step_count=12, deadline=None, suppress_health_check=list(HealthCheck)
+)
+settings.register_profile(
+    "long", max_examples=40, stateful_step_count=30, deadline=None, suppress_health_check=list(HealthCheck)
+)
+settings.load_profile("clipdex")
 
 
 @dataclass(frozen=True)

@@ -447,3 +447,23 @@ def test_text_rankings_after_reindexing_captions(cli, tmp_path, tiny_model, refe
     got = search_json(cli, index, "purple", "--target", "texts", "-k", "10")["results"]
     order, scores = brute_force(reference.texts(["purple"])[0], reference.texts(second), 6)
     assert_same_ranking([h["text"] for h in got], [h["score"] for h in got], [second[i] for i in order], scores)
+
+
+def test_check_and_an_indexer_never_meet_in_the_catalog(cli, tmp_path, tiny_model):
+    from clipdex.retrieval.lock import acquire_lock
+
+    make_images(tmp_path / "photos", 4, seed=57)
+    index = tmp_path / "idx"
+    run(cli, "index", tmp_path / "photos", "--index", index, *tiny_model.cli_args())
+    held = acquire_lock(index, holder="clipdex check")  # a check in progress
+    try:
+        result = cli.invoke(app, ["index", str(tmp_path / "photos"), "--index", str(index)])
+        assert_one_line_error(result, "being written by clipdex check")
+    finally:
+        held.close()
+    held = acquire_lock(index)  # an indexing run in progress
+    try:
+        report = check_index(index)
+        assert report.ok and any("indexing run holds the index" in n for n in report.notes)
+    finally:
+        held.close()
