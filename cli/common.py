@@ -1,0 +1,152 @@
+"""What every clipdex command shares: the app, one-line errors, option types, progress, output helpers."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from clipdex.retrieval.errors import ClipdexError
+
+app = typer.Typer(
+    name="clipdex",
+    help="Cross-modal image–text search: index photos and captions with CLIP, search them in milliseconds.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly(fn: F) -> F:
+    """Turn user errors into one line on stderr and a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ClipdexError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(130 if type(e).__name__ == "Interrupted" else 2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class TargetOpt(str, Enum):
+    images = "images"
+    texts = "texts"
+
+
+IndexDir = Annotated[Path, typer.Option("--index", "-i", help="Index directory.", show_default=False)]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="open_clip architecture (e.g. ViT-B-32), hf-hub:org/repo, or a model-config JSON file. "
+        "Default: ViT-B-32 for a new index, the index's own model otherwise."
+    ),
+]
+PretrainedOpt = Annotated[
+    str | None,
+    typer.Option(help="Pretrained tag (e.g. laion2b_s34b_b79k), hf-hub:org/repo, or a local checkpoint file."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
+IndexTypeOpt = Annotated[
+    str | None, typer.Option(help="FAISS factory string, e.g. IVF4096,SQ8 (default: chosen by size and --memory).")
+]
+MemoryOpt = Annotated[str | None, typer.Option(help="Memory budget for each ANN index, e.g. 4G (default: none).")]
+TargetRecallOpt = Annotated[
+    float | None, typer.Option(min=0.0, max=1.0, help="Recall@10 against exact search to tune for (default 0.95).")
+]
+
+
+def ann_settings(index_type: str | None, memory: str | None, target_recall: float | None, *, keep_default: bool) -> Any:
+    from clipdex.retrieval.ann import DEFAULT_TARGET_RECALL, parse_memory
+    from clipdex.retrieval.build import AnnSettings
+
+    if keep_default and index_type is None and memory is None and target_recall is None:
+        return None
+    try:
+        budget = parse_memory(memory) if memory else None
+    except ValueError as e:
+        raise ClipdexError(str(e)) from None
+    # --index-type is checked by the library at the index's own dimension
+    return AnnSettings(index_type, budget, DEFAULT_TARGET_RECALL if target_recall is None else target_recall)
+
+
+DeviceOpt = Annotated[Device, typer.Option(help="Where to run the model.")]
+
+
+class RichProgress:
+    def __init__(self, progress: Progress):
+        self._progress = progress
+        self._task: Any = None
+
+    def start(self, what: str, total: int | None) -> None:
+        if self._task is not None:
+            self._progress.update(self._task, visible=False)
+        self._task = self._progress.add_task(what, total=total)
+
+    def advance(self, n: int) -> None:
+        self._progress.advance(self._task, n)
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not err.is_terminal,
+        transient=False,
+    )
+
+
+def encoder_config(model: str | None, pretrained: str | None, device: Device, index_dir: Path | None = None) -> Any:
+    """The model the user named; --pretrained alone names weights for the index's own architecture (or the
+    default one for a new index)."""
+    from clipdex.retrieval.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, EncoderConfig
+    from clipdex.retrieval.manifest import MANIFEST, index_model
+
+    if model is None and pretrained is None:
+        return None
+    if model is None:
+        existing = index_dir is not None and (index_dir / MANIFEST).is_file()
+        model = index_model(index_dir) if existing and index_dir is not None else DEFAULT_MODEL
+        return EncoderConfig(model=model, pretrained=pretrained, device=device.value)
+    if pretrained is None and not model.startswith(("hf-hub:", "local-dir:")):
+        if model == DEFAULT_MODEL:
+            pretrained = DEFAULT_PRETRAINED
+        else:
+            raise ClipdexError(
+                f"--model {model} needs --pretrained: a tag, hf-hub:org/repo, or a local checkpoint file"
+            )
+    return EncoderConfig(model=model, pretrained=pretrained, device=device.value)
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{n} B"

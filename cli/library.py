@@ -1,0 +1,274 @@
+"""Commands that build and keep an index: index, remove, build, import, check, info."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from clipdex.cli.common import (
+    Device,
+    DeviceOpt,
+    IndexDir,
+    IndexTypeOpt,
+    JsonOpt,
+    MemoryOpt,
+    ModelOpt,
+    PretrainedOpt,
+    RichProgress,
+    TargetRecallOpt,
+    ann_settings,
+    app,
+    encoder_config,
+    err,
+    friendly,
+    human_bytes,
+    out,
+    progress_bar,
+)
+
+
+@app.command()
+@friendly
+def index(
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="Folders (walked recursively) and image files.", show_default=False)
+    ] = None,
+    index_dir: IndexDir = ...,  # type: ignore[assignment]
+    texts: Annotated[Path | None, typer.Option(help="Caption file: .txt, .csv, .tsv, .jsonl or .parquet.")] = None,
+    text_column: Annotated[str | None, typer.Option(help="Text column (default: caption, then text).")] = None,
+    image_column: Annotated[
+        str | None, typer.Option(help="Column of image paths, relative to the caption file (default: image).")
+    ] = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder batch.")] = 64,
+    workers: Annotated[int | None, typer.Option(min=0, help="Decode worker processes (default: cores - 1).")] = None,
+    device: DeviceOpt = Device.auto,
+    max_pixels: Annotated[
+        int, typer.Option(min=1, help="Refuse images with more pixels than this, without decoding them.")
+    ] = 178_956_970,
+    strict: Annotated[bool, typer.Option(help="Exit non-zero when any file failed.")] = False,
+    commit_every: Annotated[int, typer.Option(min=1, help="Commit to the catalog every N batches.")] = 16,
+    publish_every: Annotated[
+        float, typer.Option(min=0, help="Make committed work searchable at most every N seconds during a run.")
+    ] = 60.0,
+    index_type: IndexTypeOpt = None,
+    memory: MemoryOpt = None,
+    target_recall: TargetRecallOpt = None,
+    profile: Annotated[
+        bool, typer.Option(help="Report where the time went (scan, decode wait, encode, write).")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Index folders of images and/or a caption file; re-running only encodes what changed."""
+    from clipdex.indexer.pipeline import IndexConfig, run_index
+
+    config = IndexConfig(
+        paths=tuple(paths or ()),
+        index_dir=index_dir,
+        texts=texts,
+        text_column=text_column,
+        image_column=image_column,
+        encoder=encoder_config(model, pretrained, device, index_dir),
+        device=device.value,
+        batch_size=batch_size,
+        workers=workers,
+        max_pixels=max_pixels,
+        commit_every=commit_every,
+        publish_every_s=publish_every,
+        ann=ann_settings(index_type, memory, target_recall, keep_default=True),
+    )
+    with progress_bar() as bar:
+        summary = run_index(config, progress=RichProgress(bar))
+    if as_json:
+        print(json.dumps(summary.to_json()))
+    else:
+        table = Table(title=f"clipdex index → {index_dir}", show_header=True)
+        for key in summary.to_json():
+            table.add_column(key, justify="right")
+        table.add_row(*(str(v) for v in summary.to_json().values()))
+        out.print(table)
+        for path, reason in summary.failures[:20]:
+            err.print(f"[yellow]failed[/] {path}: {reason}", highlight=False, soft_wrap=True)
+        if len(summary.failures) > 20:
+            err.print(f"… and {len(summary.failures) - 20} more: `clipdex info --failed --index {index_dir}`")
+    for note in summary.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    if profile:
+        total = sum(summary.seconds.values())
+        parts = (
+            ", ".join(f"{k} {v:.2f}s ({100 * v / total:.0f}%)" for k, v in summary.seconds.items()) if total else "-"
+        )
+        err.print(f"time: {parts}", highlight=False, soft_wrap=True)
+    if strict and summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly
+def remove(
+    paths: Annotated[
+        list[Path], typer.Argument(help="Files or folders: every item at or under them goes.", show_default=False)
+    ],
+    index_dir: IndexDir = ...,  # type: ignore[assignment]
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove items from an index, whether or not their files still exist (no model is loaded)."""
+    from clipdex.indexer.remove import remove_paths
+
+    summary = remove_paths(index_dir, paths)
+    if as_json:
+        print(json.dumps(summary.to_json()))
+    else:
+        out.print(f"removed {summary.removed} items", highlight=False)
+        if summary.unlinked_texts:
+            out.print(f"{summary.unlinked_texts} captions lost their image and are kept as texts", highlight=False)
+    for path in summary.not_indexed:
+        err.print(f"[yellow]note:[/] nothing indexed at or under {path}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@friendly
+def build(
+    index_dir: IndexDir = ...,  # type: ignore[assignment]
+    index_type: IndexTypeOpt = None,
+    memory: MemoryOpt = None,
+    target_recall: TargetRecallOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rebuild the ANN indexes from the stored vectors (no re-encoding): choose, train, tune."""
+    from clipdex.indexer.importer import rebuild
+
+    manifest = rebuild(index_dir, ann_settings(index_type, memory, target_recall, keep_default=False))
+    print_ann(manifest, as_json)
+
+
+@app.command("import")
+@friendly
+def import_(
+    src: Annotated[
+        Path, typer.Argument(help="clip-retrieval output folder (img_emb/, text_emb/, metadata/).", show_default=False)
+    ],
+    index_dir: IndexDir = ...,  # type: ignore[assignment]
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    device: DeviceOpt = Device.auto,
+    index_type: IndexTypeOpt = None,
+    memory: MemoryOpt = None,
+    target_recall: TargetRecallOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build an index from clip-retrieval embeddings without re-encoding; --model encodes the queries."""
+    from clipdex.indexer.importer import import_clip_retrieval
+    from clipdex.retrieval.config import EncoderConfig
+    from clipdex.retrieval.manifest import read_manifest
+
+    encoder = encoder_config(model, pretrained, device) or EncoderConfig(device=device.value)
+    settings = ann_settings(index_type, memory, target_recall, keep_default=False)
+    summary = import_clip_retrieval(src, index_dir, encoder, settings)
+    manifest = read_manifest(index_dir)
+    if as_json:
+        print(json.dumps({**summary.to_json(), "ann": manifest.ann}))
+    else:
+        out.print(f"imported {summary.images} images and {summary.texts} texts from {summary.partitions} partitions")
+        print_ann(manifest, False)
+
+
+def print_ann(manifest: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"ann": manifest.ann, "counts": manifest.counts}))
+        return
+    table = Table(title="ANN indexes", show_header=True)
+    for col in ("kind", "vectors", "index", "params", "recall@10", "why"):
+        table.add_column(col)
+    for kind, info in manifest.ann.items():
+        recall = info.get("recall_at_10")
+        table.add_row(
+            kind,
+            str(info.get("n")),
+            info.get("factory", ""),
+            info.get("params") or "-",
+            "-" if recall is None else f"{recall:.3f}",
+            info.get("reason", ""),
+        )
+    out.print(table)
+
+
+@app.command()
+@friendly
+def check(
+    index_dir: IndexDir = ...,  # type: ignore[assignment]
+    repair: Annotated[
+        bool,
+        typer.Option("--repair", help="Restore a consistent index from what is intact first, and say what was lost."),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Verify that manifest, catalog, vectors and FAISS indexes agree; exit 1 and list what is wrong if not."""
+    from clipdex.retrieval.check import check_index
+
+    repaired = None
+    if repair:
+        from clipdex.retrieval.repair import repair_index
+
+        repaired = repair_index(index_dir)
+    report = check_index(index_dir)
+    if as_json:
+        print(json.dumps({**report.to_json(), **({"repair": repaired.to_json()} if repaired else {})}))
+    else:
+        if repaired is not None:
+            for action in repaired.actions:
+                err.print(f"[green]repaired:[/] {action}", highlight=False, soft_wrap=True)
+            for lost in repaired.lost:
+                err.print(f"[yellow]lost:[/] {lost}", highlight=False, soft_wrap=True)
+        for note in report.notes:
+            err.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+        for problem in report.problems:
+            out.print(f"[bold red]problem:[/] {problem}", highlight=False, soft_wrap=True)
+        if report.ok:
+            counts = ", ".join(f"{v} {k}" for k, v in report.counts.items())
+            out.print(f"[green]ok[/]: {index_dir} is consistent ({counts})", highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly
+def info(
+    index_dir: IndexDir = ...,  # type: ignore[assignment]
+    failed: Annotated[bool, typer.Option("--failed", help="List the items that failed, with the reason.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Describe an index: model, dimension, counts, index types, size on disk."""
+    from clipdex.retrieval.info import index_info
+
+    data = index_info(index_dir, with_failures=failed)
+    if as_json:
+        print(json.dumps(data, ensure_ascii=False))
+        return
+    table = Table(show_header=False, title=f"clipdex index {index_dir}")
+    table.add_column("", style="bold")
+    table.add_column("")
+    model = data["model"]
+    table.add_row("model", f"{model['name']} / {model['pretrained']}")
+    table.add_row("dim", str(data["dim"]))
+    for key, value in data["counts"].items():
+        table.add_row(key, str(value))
+    for key, value in data["index_types"].items():
+        tuned = data["ann"].get(key, {})
+        extra = f" ({tuned['params']}, recall@10 {tuned['recall_at_10']:.3f})" if tuned.get("params") else ""
+        table.add_row(f"{key} index", value + extra)
+    table.add_row("size on disk", human_bytes(data["size_bytes"]))
+    table.add_row("format", str(data["format_version"]))
+    out.print(table)
+    if failed:
+        fails = Table(title="failed items", show_header=True)
+        fails.add_column("path or text", overflow="fold")
+        fails.add_column("reason", overflow="fold")
+        for item in data["failures"]:
+            fails.add_row(item["path"] or item["text"] or "", item["error"] or "")
+        out.print(fails)
