@@ -115,7 +115,7 @@ def test_ctrl_c_keeps_work_and_second_indexer_refuses(tmp_path, tiny_model):
     deadline = time.monotonic() + 60
     # wait until the run has published something and holds the lock, then freeze it there: whatever this
     # machine's speed, the checks below happen while the run is unfinished
-    while time.monotonic() < deadline and not list(index.glob("images-*.faiss")):
+    while time.monotonic() < deadline and not _published_images(index):
         if proc.poll() is not None:
             pytest.fail(f"indexer ended early: {proc.stderr.read()}")
         time.sleep(0.05)
@@ -152,6 +152,14 @@ def test_ctrl_c_keeps_work_and_second_indexer_refuses(tmp_path, tiny_model):
     assert final.returncode == 0, final.stderr
     assert json.loads(final.stdout)["unchanged"] == saved  # nothing saved is encoded again
     assert_matches_disk(index, big_corpus)
+
+
+def _published_images(index: Path) -> int:
+    """Images in the published snapshot (its files are written before the manifest names them)."""
+    try:
+        return int(json.loads((index / "manifest.json").read_text())["counts"].get("images", 0))
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 def test_lock_is_released_when_the_holder_dies(tmp_path, tiny_model):
