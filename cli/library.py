@@ -31,7 +31,7 @@ from clipdex.cli.common import (
 )
 
 
-@app.command()
+@app.command(rich_help_panel="Index")
 @friendly
 def index(
     paths: Annotated[
@@ -108,7 +108,7 @@ def index(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(rich_help_panel="Index")
 @friendly
 def remove(
     paths: Annotated[
@@ -131,7 +131,7 @@ def remove(
         err.print(f"[yellow]note:[/] nothing indexed at or under {path}", highlight=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(rich_help_panel="Index")
 @friendly
 def build(
     index_dir: IndexDir = ...,  # type: ignore[assignment]
@@ -147,7 +147,7 @@ def build(
     print_ann(manifest, as_json)
 
 
-@app.command("import")
+@app.command("import", rich_help_panel="Index")
 @friendly
 def import_(
     src: Annotated[
@@ -198,7 +198,7 @@ def print_ann(manifest: Any, as_json: bool) -> None:
     out.print(table)
 
 
-@app.command()
+@app.command(rich_help_panel="Index")
 @friendly
 def check(
     index_dir: IndexDir = ...,  # type: ignore[assignment]
@@ -236,7 +236,7 @@ def check(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(rich_help_panel="Index")
 @friendly
 def info(
     index_dir: IndexDir = ...,  # type: ignore[assignment]
@@ -272,3 +272,35 @@ def info(
         for item in data["failures"]:
             fails.add_row(item["path"] or item["text"] or "", item["error"] or "")
         out.print(fails)
+
+
+@app.command(rich_help_panel="Index")
+@friendly
+def reindex(
+    index_dir: IndexDir = ...,  # type: ignore[assignment]
+    pretrained: Annotated[
+        str, typer.Option(help="The new weights (e.g. a `clipdex finetune` checkpoint).", show_default=False)
+    ] = ...,  # type: ignore[assignment]
+    model: ModelOpt = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder batch.")] = 64,
+    workers: Annotated[int | None, typer.Option(min=0, help="Decode worker processes (default: cores - 1).")] = None,
+    device: DeviceOpt = Device.auto,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-encode an index with another model in place; searches use the old one until the new one is ready."""
+    from clipdex.indexer.reindex import reindex as run_reindex
+
+    encoder = encoder_config(model, pretrained, device, index_dir)
+    with progress_bar() as bar:
+        summary = run_reindex(index_dir, encoder, batch_size=batch_size, workers=workers, progress=RichProgress(bar))
+    if as_json:
+        print(json.dumps(summary.to_json()))
+        return
+    what = "kept as they were (the image tower is unchanged)" if summary.images_kept else f"{summary.images} re-encoded"
+    out.print(
+        f"{index_dir} now uses {summary.model} / {summary.pretrained}: images {what}, {summary.texts} texts re-encoded",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if summary.failed:
+        err.print(f"[yellow]note:[/] {summary.failed} items could not be re-encoded: `clipdex info --failed`")

@@ -1,13 +1,14 @@
-"""Commands about models: eval (recall@k as CLIP_benchmark computes it)."""
+"""Commands about models: eval (recall@k as CLIP_benchmark computes it) and finetune."""
 
 from __future__ import annotations
 
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from clipdex.cli.common import (
@@ -18,6 +19,7 @@ from clipdex.cli.common import (
     PretrainedOpt,
     app,
     encoder_config,
+    err,
     friendly,
     out,
 )
@@ -29,11 +31,22 @@ class DatasetOpt(str, Enum):
     coco = "coco"
 
 
-@app.command("eval")
+@app.command("eval", rich_help_panel="Models")
 @friendly
 def eval_(
-    dataset: Annotated[DatasetOpt, typer.Argument(help="Which benchmark.")],
-    root: Annotated[Path, typer.Option(help="Dataset folder (layouts: data/README.md).", show_default=False)] = ...,  # type: ignore[assignment]
+    dataset: Annotated[
+        str,
+        typer.Argument(
+            help="flickr30k, coco, or your own pairs: a caption file with an image column.", show_default=False
+        ),
+    ],
+    root: Annotated[
+        Path | None, typer.Option(help="Benchmark folder (layouts: data/README.md).", show_default=False)
+    ] = None,
+    text_column: Annotated[
+        str | None, typer.Option(help="Pairs file: text column (default: caption, then text).")
+    ] = None,
+    image_column: Annotated[str | None, typer.Option(help="Pairs file: image column (default: image).")] = None,
     split: Annotated[str, typer.Option(help="Karpathy split: train, val or test.")] = "test",
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
@@ -46,7 +59,7 @@ def eval_(
     limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N images (a quick run).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure text→image and image→text recall@1/5/10 exactly as CLIP_benchmark does."""
+    """Measure text→image and image→text recall@1/5/10 exactly as CLIP_benchmark does, on a benchmark or your pairs."""
     from clipdex.indexer.decode import default_workers
     from clipdex.retrieval.config import EncoderConfig
     from clipdex.retrieval.datasets import DatasetName
@@ -59,9 +72,15 @@ def eval_(
         encoder, _ = index_encoder_config(index_dir, device=device.value)
     else:
         encoder = encoder_config(model, pretrained, device) or EncoderConfig(device=device.value)
+    benchmark = dataset if dataset in {d.value for d in DatasetName} else None
+    if benchmark is not None and root is None:
+        raise ClipdexError(f"{benchmark} needs --root DIR: the folder holding it (layouts: data/README.md)")
     config = EvalConfig(
-        dataset=DatasetName(dataset.value),
+        dataset=DatasetName(benchmark) if benchmark else None,
         root=root,
+        pairs=None if benchmark else Path(dataset),
+        text_column=text_column,
+        image_column=image_column,
         encoder=encoder,
         split=split,
         batch_size=batch_size,
@@ -83,3 +102,136 @@ def eval_(
         table.add_row(label, *(f"{100 * v:.2f}" for v in result[key].values()))
     out.print(table)
     out.print(f"{result['images_per_s']:.1f} images/s, {result['texts_per_s']:.1f} texts/s")
+
+
+class _TrainBar:
+    """A rich progress bar per epoch, with loss, learning rate and pairs/s; plain lines when piped."""
+
+    def __init__(self, bar: Progress):
+        self.bar = bar
+        self.task: Any = None
+
+    def start(self, epoch: int, epochs: int, steps: int) -> None:
+        if self.task is not None:
+            self.bar.update(self.task, visible=True)
+        self.task = self.bar.add_task(f"epoch {epoch}/{epochs}", total=steps, loss=float("nan"), lr=0.0, speed=0.0)
+
+    def step(self, step: Any) -> None:
+        self.bar.update(self.task, advance=1, loss=step.loss, lr=step.lr, speed=step.pairs_per_s)
+
+    def note(self, message: str) -> None:
+        err.print(f"[yellow]note:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def _train_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}  lr {task.fields[lr]:.2e}  {task.fields[speed]:.0f} pairs/s"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=not err.is_terminal,
+    )
+
+
+@app.command(rich_help_panel="Models")
+@friendly
+def finetune(
+    pairs: Annotated[
+        Path | None,
+        typer.Argument(help="Caption file with an image column (.csv .tsv .jsonl .parquet).", show_default=False),
+    ] = None,
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for the checkpoint, log, report and plot.")
+    ] = ...,  # type: ignore[assignment]
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    dataset: Annotated[
+        DatasetOpt | None, typer.Option(help="Train on a benchmark's Karpathy train split instead (needs --root).")
+    ] = None,
+    root: Annotated[Path | None, typer.Option(help="Dataset folder for --dataset (data/README.md).")] = None,
+    method: Annotated[str, typer.Option(help="Which weights train: full, last-n, lora or lit.")] = "full",
+    layers: Annotated[int | None, typer.Option(help="last-n: blocks of each tower to train.")] = None,
+    rank: Annotated[int, typer.Option(min=1, help="lora: adapter rank.")] = 8,
+    val: Annotated[
+        Path | None, typer.Option(help="Validation pairs (default: a held-out share of the images).")
+    ] = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of images held out for validation.")] = 0.1,
+    keep: Annotated[
+        Path | None, typer.Option(help="A general pairs file measured before and after (forgetting).")
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 5,
+    batch_size: Annotated[int, typer.Option(min=2, help="Pairs per contrastive batch.")] = 64,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: 1e-5; lora 1e-4).")] = None,
+    weight_decay: Annotated[float, typer.Option(min=0.0)] = 0.1,
+    accum_freq: Annotated[
+        int, typer.Option(min=1, help="Micro-batches per step (feature-cached: the batch is accum-freq x larger).")
+    ] = 1,
+    grad_checkpointing: Annotated[bool, typer.Option(help="Trade compute for memory.")] = False,
+    patience: Annotated[int | None, typer.Option(min=1, help="Stop after N epochs without better recall.")] = None,
+    wise: Annotated[
+        float | None, typer.Option(help="WiSE-FT: interpolate tuned and starting weights (1 = tuned, 0 = start).")
+    ] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    workers: Annotated[int | None, typer.Option(min=0, help="Decode worker processes (default: cores - 1).")] = None,
+    device: DeviceOpt = Device.auto,
+    text_column: Annotated[str | None, typer.Option(help="Text column (default: caption, then text).")] = None,
+    image_column: Annotated[str | None, typer.Option(help="Image column (default: image).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its last epoch.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fine-tune a CLIP model on your own image–caption pairs; report validation recall before and after."""
+    from clipdex.indexer.decode import default_workers
+    from clipdex.retrieval.config import EncoderConfig
+    from clipdex.retrieval.datasets import DatasetName
+    from clipdex.retrieval.finetune import FinetuneConfig, Method, finetune
+
+    config = FinetuneConfig(
+        out=out_dir,
+        encoder=encoder_config(model, pretrained, device) or EncoderConfig(device=device.value),
+        pairs=pairs,
+        dataset=DatasetName(dataset.value) if dataset else None,
+        root=root,
+        text_column=text_column,
+        image_column=image_column,
+        val=val,
+        val_fraction=val_fraction,
+        keep=keep,
+        method=Method.parse(method),
+        layers=layers,
+        rank=rank,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        accum_freq=accum_freq,
+        grad_checkpointing=grad_checkpointing,
+        patience=patience,
+        wise=wise,
+        seed=seed,
+        workers=default_workers() if workers is None else workers,
+        resume=resume,
+    )
+    with _train_bar() as bar:
+        result = finetune(config, progress=_TrainBar(bar))
+    if as_json:
+        print(json.dumps(result.to_json()))
+        return
+    out.print(
+        f"{result.method.value}: {result.epochs} epochs on {result.train_pairs} pairs; kept epoch {result.best_epoch}",
+        highlight=False,
+    )
+    table = Table(title=f"validation recall ({result.val_pairs} pairs)")
+    table.add_column("")
+    for k in result.before["text_to_image"]:
+        table.add_column(k, justify="right")
+    for key, label in (("text_to_image", "text → image"), ("image_to_text", "image → text")):
+        table.add_row(f"{label}, before", *(f"{100 * v:.1f}" for v in result.before[key].values()))
+        table.add_row(f"{label}, after", *(f"{100 * v:.1f}" for v in result.after[key].values()))
+    out.print(table)
+    out.print(f"checkpoint: {result.checkpoint}", highlight=False, soft_wrap=True)
+    out.print(
+        f"use it: --model {result.details['model']} --pretrained {result.checkpoint}", highlight=False, soft_wrap=True
+    )
+    out.print(f"report: {result.details['report']}  plot: {result.details['plot']}", highlight=False, soft_wrap=True)

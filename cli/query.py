@@ -23,7 +23,7 @@ from clipdex.cli.common import (
 from clipdex.retrieval.errors import ClipdexError
 
 
-@app.command()
+@app.command(rich_help_panel="Search")
 @friendly
 def search(
     query: Annotated[str | None, typer.Argument(help="Text query.", show_default=False)] = None,

@@ -98,13 +98,24 @@ def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
-def iter_decoded(dataset: ImageFiles, *, batch_size: int, workers: int) -> Iterator[list[Decoded]]:
+def iter_decoded(
+    dataset: ImageFiles,
+    *,
+    batch_size: int = 1,
+    workers: int,
+    batches: list[list[int]] | None = None,
+    seed: int | None = None,
+) -> Iterator[list[Decoded]]:
+    """Decoded items in batches of `batch_size` in order, or exactly the index lists `batches`. With `seed`, the
+    random transforms applied in the workers (training augmentation) are reproducible."""
     loader = DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=1 if batches is not None else batch_size,
+        batch_sampler=batches,
         num_workers=workers,
         collate_fn=_as_list,
         worker_init_fn=_worker_init if workers > 0 else None,
         prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed) if seed is not None else None,
     )
     yield from loader

@@ -86,7 +86,7 @@ class Progress(Protocol):
     def advance(self, n: int) -> None: ...
 
 
-class _NoProgress:
+class NoProgress:
     def start(self, what: str, total: int | None) -> None:
         pass
 
@@ -96,7 +96,7 @@ class _NoProgress:
 
 def run_index(config: IndexConfig, *, progress: Progress | None = None) -> Summary:
     """Bring the index at `config.index_dir` up to date with the given folders and caption file."""
-    progress = progress or _NoProgress()
+    progress = progress or NoProgress()
     check_index_dir(config.index_dir)
     roots = [canonical(p) for p in config.paths]
     if not roots and config.texts is None:

@@ -84,9 +84,11 @@ class FaissBuilder:
         return BuiltIndex(ann.describe(index), int(index.ntotal), info)
 
 
-def index_writer(index_dir: Path, spec: ModelSpec, dim: int, *, lock: WriteLock | None = None) -> IndexWriter:
+def index_writer(
+    index_dir: Path, spec: ModelSpec, dim: int, *, lock: WriteLock | None = None, job: str | None = None
+) -> IndexWriter:
     """A writer whose publishes build FAISS indexes, storing vectors as float16 once a kind outgrows exact search."""
-    return IndexWriter(index_dir, spec, dim, builder=FaissBuilder(), float16_above=ann.EXACT_MAX, lock=lock)
+    return IndexWriter(index_dir, spec, dim, builder=FaissBuilder(), float16_above=ann.EXACT_MAX, lock=lock, job=job)
 
 
 def build_kind(

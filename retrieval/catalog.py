@@ -45,6 +45,8 @@ COLUMNS = tuple(name for name, _, _ in ITEM_COLUMNS)
 _ARROW_SCHEMA = pa.schema([(name, kind) for name, _, kind in ITEM_COLUMNS])
 _SHARDS = "CREATE TABLE IF NOT EXISTS shards (shard INTEGER NOT NULL, rows INTEGER NOT NULL, sha256 VARCHAR NOT NULL)"
 _STATE = "CREATE TABLE IF NOT EXISTS state (key VARCHAR PRIMARY KEY, value VARCHAR)"
+# vectors a `clipdex reindex` run has made with the next model, swapped into `items` when all are made
+_REENCODED = "CREATE TABLE IF NOT EXISTS reencoded (id BIGINT NOT NULL, shard INTEGER, row INTEGER, error VARCHAR)"
 
 
 class Catalog:
@@ -66,6 +68,7 @@ class Catalog:
             self.con.execute(f'ALTER TABLE items ADD COLUMN IF NOT EXISTS "{name}" {nullable}')
         self.con.execute(_SHARDS)
         self.con.execute(_STATE)
+        self.con.execute(_REENCODED)
 
     def close(self) -> None:
         self.con.close()
@@ -110,9 +113,62 @@ class Catalog:
         return int(self.scalar("SELECT COUNT(*) FROM items WHERE status = 'failed'"))
 
     def used_shards(self) -> set[int]:
-        return {
-            int(s) for (s,) in self.con.execute("SELECT DISTINCT shard FROM items WHERE shard IS NOT NULL").fetchall()
-        }
+        """Shards committed rows point at, including vectors a reindex has made but not swapped in yet."""
+        rows = self.con.execute(
+            "SELECT shard FROM items WHERE shard IS NOT NULL UNION SELECT shard FROM reencoded WHERE shard IS NOT NULL"
+        ).fetchall()
+        return {int(s) for (s,) in rows}
+
+    # -- re-encoding with another model (clipdex reindex) ----------------------------------------
+
+    def not_reencoded(self, kind: Kind) -> list[dict[str, Any]]:
+        """Searchable items of `kind` that the running reindex has not re-encoded yet."""
+        return self.rows("kind = ? AND status = 'ok' AND id NOT IN (SELECT id FROM reencoded)", [kind.value])
+
+    def add_reencoded(
+        self, ids: list[int], rows: list[int | None], errors: list[str | None], new_shard: tuple[int, int, str] | None
+    ) -> None:
+        staged = pa.table(  # noqa: F841 (read by DuckDB's replacement scan below)
+            {
+                "id": pa.array(ids, pa.int64()),
+                "shard": pa.array([new_shard[0] if r is not None and new_shard else None for r in rows], pa.int32()),
+                "row": pa.array(rows, pa.int32()),
+                "error": pa.array(errors, pa.string()),
+            }
+        )
+        with self._transaction():
+            if new_shard is not None:
+                self.con.execute("INSERT INTO shards VALUES (?, ?, ?)", list(new_shard))
+            self.con.execute("INSERT INTO reencoded SELECT * FROM staged")
+
+    def reencode_as_is(self, kind: Kind) -> None:
+        """Stage the current vectors of `kind` as their re-encoded ones (the new model encodes them the same)."""
+        self.con.execute(
+            "INSERT INTO reencoded SELECT id, shard, row, NULL FROM items "
+            "WHERE kind = ? AND status = 'ok' AND id NOT IN (SELECT id FROM reencoded)",
+            [kind.value],
+        )
+
+    def swap_reencoded(self, state: dict[str, str]) -> int:
+        """Point every re-encoded item at its new vector (an item that could not be re-encoded fails, with why),
+        in one transaction with `state`. Returns the items that failed."""
+        with self._transaction():
+            self.con.execute(
+                "UPDATE items SET shard = r.shard, row = r.row FROM reencoded r "
+                "WHERE items.id = r.id AND r.shard IS NOT NULL"
+            )
+            self.con.execute(
+                "UPDATE items SET status = 'failed', error = r.error, shard = NULL, row = NULL FROM reencoded r "
+                "WHERE items.id = r.id AND r.shard IS NULL"
+            )
+            failed = int(self.scalar("SELECT count(*) FROM reencoded WHERE shard IS NULL"))
+            self.con.execute("DELETE FROM reencoded")
+            for key, value in state.items():
+                self.con.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", [key, value])
+        return failed
+
+    def clear_state(self, key: str) -> None:
+        self.con.execute("DELETE FROM state WHERE key = ?", [key])
 
     def registered_shards(self) -> dict[int, tuple[int, str]]:
         return {

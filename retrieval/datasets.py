@@ -7,13 +7,13 @@ image ids ascending, captions in annotation order), so that recall@k is computed
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from clipdex.retrieval.errors import DatasetError
+from clipdex.retrieval.errors import DatasetError, InputError
 
 SPLITS = ("train", "val", "test")
 
@@ -44,7 +44,13 @@ class RetrievalDataset:
         return flat, owner
 
     def head(self, n: int) -> RetrievalDataset:
-        return RetrievalDataset(self.name, self.split, self.layout, self.images[:n], self.captions[:n])
+        return self.subset(range(min(n, len(self.images))))
+
+    def subset(self, indices: Iterable[int]) -> RetrievalDataset:
+        pick = list(indices)
+        return RetrievalDataset(
+            self.name, self.split, self.layout, [self.images[i] for i in pick], [self.captions[i] for i in pick]
+        )
 
 
 def load_dataset(
@@ -159,3 +165,37 @@ def _load_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path} is not valid JSON: {e}") from e
+
+
+# -- a user's own pairs: any caption file with an image column -------------------------------------
+
+
+@dataclass
+class Skipped:
+    """Rows and images left out, with why: reported like indexing failures, never fatal."""
+
+    items: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, what: str, why: str) -> None:
+        self.items.append((what, why))
+
+
+def read_pairs(path: Path, *, text_column: str | None, image_column: str | None, skipped: Skipped) -> RetrievalDataset:
+    """Captions grouped by the image they describe, from any caption file `clipdex index --texts` reads."""
+    from clipdex.indexer.sources import open_texts
+    from clipdex.retrieval.paths import canonical
+
+    source = open_texts(canonical(path), text_column=text_column, image_column=image_column)
+    if not source.image_column:
+        raise InputError(
+            f"{path} has no image column: fine-tuning needs image–caption pairs; name the column with --image-column"
+        )
+    captions: dict[Path, list[str]] = {}
+    for row in source:
+        if row.error is not None or row.image is None:
+            skipped.add(f"{path.name} line {row.line}", row.error or "no image")
+        elif not row.image.is_file():
+            skipped.add(str(row.image), "image not found")
+        elif row.text not in captions.setdefault(row.image, []):
+            captions[row.image].append(row.text)
+    return RetrievalDataset("pairs", path.name, "pairs", list(captions), list(captions.values()))

@@ -10,6 +10,7 @@ import difflib
 import json
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -232,8 +233,30 @@ def _encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@dataclass
+class LoadedModel:
+    """An open_clip model as loaded, with both of its preprocessings: what fine-tuning starts from."""
+
+    model: torch.nn.Module
+    preprocess_train: Any
+    preprocess: Any
+    tokenizer: Any
+    device: torch.device
+    spec: ModelSpec
+
+    def encoder(self) -> Encoder:
+        return Encoder(self.model, self.preprocess, self.tokenizer, self.device, self.spec)
+
+
 def load_encoder(config: EncoderConfig, *, expect: ModelSpec | None = None) -> Encoder:
-    """Load the model `config` names. With `expect`, refuse a checkpoint whose hash differs."""
+    """Load the model `config` names, for encoding. With `expect`, refuse a checkpoint whose hash differs."""
+    loaded = load_model(config, expect=expect)
+    loaded.model.eval()
+    return loaded.encoder()
+
+
+def load_model(config: EncoderConfig, *, expect: ModelSpec | None = None) -> LoadedModel:
+    """Load the model `config` names (an architecture or config JSON, with a tag, hf-hub id or checkpoint)."""
     if config.pretrained is None and not config.model.startswith(("hf-hub:", "local-dir:")):
         log.warning("no --pretrained weights: %s has random weights and its results mean nothing", config.model)
     device = resolve_device(config.device)
@@ -246,7 +269,7 @@ def load_encoder(config: EncoderConfig, *, expect: ModelSpec | None = None) -> E
             f"!= {expect.checkpoint_sha256[:16]}…); give the original file, or build a new index"
         )
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
+        model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
             name,
             pretrained=str(checkpoint) if checkpoint is not None else recorded,
             device=device,
@@ -257,7 +280,8 @@ def load_encoder(config: EncoderConfig, *, expect: ModelSpec | None = None) -> E
         raise
     except Exception as e:
         raise ModelError(_explain_load_failure(name, recorded, checkpoint, e)) from e
-    model.eval()
+    if not all(callable(getattr(model, f, None)) for f in ("encode_image", "encode_text")):
+        raise ModelError(f"{name} is not a CLIP model (it cannot encode both images and texts)")
     st = checkpoint.stat() if checkpoint is not None else None
     spec = ModelSpec(
         name=name,
@@ -267,7 +291,7 @@ def load_encoder(config: EncoderConfig, *, expect: ModelSpec | None = None) -> E
         checkpoint_size=st.st_size if st else None,
         checkpoint_mtime=st.st_mtime if st else None,
     )
-    return Encoder(model, preprocess, tokenizer, device, spec)
+    return LoadedModel(model, preprocess_train, preprocess, tokenizer, device, spec)
 
 
 def _explain_load_failure(name: str, recorded: str | None, checkpoint: Path | None, e: Exception) -> str:

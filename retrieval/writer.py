@@ -46,6 +46,8 @@ from clipdex.retrieval.snapshot import IndexBuilder, PreviousIndex
 
 log = logging.getLogger(__name__)
 
+EXCLUSIVE_JOB = "exclusive_job"
+
 
 class IndexWriter:
     """Exclusive, transactional access to an index directory for one run."""
@@ -59,6 +61,7 @@ class IndexWriter:
         builder: IndexBuilder,
         float16_above: int | None = None,
         lock: WriteLock | None = None,
+        job: str | None = None,
     ):
         check_index_dir(index_dir)
         self.dir = index_dir
@@ -73,13 +76,18 @@ class IndexWriter:
         try:
             self.manifest = self._load_or_create_manifest()
             self.catalog = Catalog(index_dir)
+        except BaseException:
+            self._lock.close()
+            raise
+        try:
+            self._refuse_unless_job(job)
             if self.manifest.format_version < FORMAT_VERSION:
                 self._upgrade()
             self._next_id = self.catalog.next_id()
             self._next_shard = max([self.catalog.max_shard(), *shard_numbers(index_dir)], default=-1) + 1
             self._remove_orphans()
         except BaseException:
-            self._lock.close()
+            self.close()
             raise
 
     # -- ids and lookups ------------------------------------------------------------------------
@@ -123,6 +131,58 @@ class IndexWriter:
 
     def touch(self, updates: list[tuple[int, int, float]]) -> None:
         self.catalog.touch(updates)
+
+    # -- a job that must finish before anything else writes (clipdex reindex) ------------------------
+
+    def begin_job(self, job: str, fix: str) -> None:
+        """Until `end_job`, other writers are refused with `fix` (how to finish the job)."""
+        self.catalog.commit([], state={EXCLUSIVE_JOB: json.dumps({"job": job, "fix": fix})})
+
+    def end_job(self) -> None:
+        self.catalog.clear_state(EXCLUSIVE_JOB)
+
+    def _refuse_unless_job(self, job: str | None) -> None:
+        pending = self.catalog.state(EXCLUSIVE_JOB)
+        if pending is not None and json.loads(pending)["job"] != job:
+            raise IndexFormatError(f"{self.dir}: {json.loads(pending)['fix']}")
+
+    def stage_vectors(
+        self, kind: Kind, ids: list[int], vectors: list[np.ndarray | None], errors: list[str | None]
+    ) -> None:
+        """Vectors of existing items of `kind` made with the next model (None: could not be made, with the error);
+        searches keep using the current ones until `swap_staged`."""
+        made = [v for v in vectors if v is not None]
+        new_shard = None
+        rows: list[int | None] = []
+        if made:
+            shard = self._next_shard
+            self._next_shard += 1
+            live = self.catalog.live_counts().get(kind.value, 0)
+            dtype = np.float16 if self.float16_above is not None and live > self.float16_above else np.float32
+            digest = save_shard(shard_path(self.dir, shard), np.stack(made).astype(dtype))
+            new_shard = (shard, len(made), digest)
+        row = 0
+        for v in vectors:
+            rows.append(row if v is not None else None)
+            row += v is not None
+        self.catalog.add_reencoded(ids, rows, errors, new_shard)
+        self.committed = True
+
+    def swap_staged(self, spec: ModelSpec, dim: int, state: dict[str, str]) -> int:
+        """Make the staged vectors the items' vectors and `spec` the index's model (from the next publish on);
+        returns how many items failed to re-encode."""
+        failed = self.catalog.swap_reencoded(state)
+        self.adopt_model(spec, dim)
+        return failed
+
+    def adopt_model(self, spec: ModelSpec, dim: int) -> None:
+        """The model the next publish records (with a copy of its config JSON, when it has one)."""
+        self.spec, self.dim = spec, dim
+        if spec.config is not None:
+            path = model_config_path(self.dir, spec)
+            path.parent.mkdir(exist_ok=True)
+            atomic_write_bytes(path, json.dumps(spec.config, indent=2).encode())
+        self.manifest.model, self.manifest.dim = spec, dim
 
     def record_model_location(self, spec: ModelSpec) -> None:
         """Note where the index's checkpoint is now (same content, maybe a new path, size or mtime)."""

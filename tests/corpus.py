@@ -189,3 +189,72 @@ def make_karpathy_fixture(root: Path, dataset: str, n: int, *, seed: int = 0) ->
         entries.append(entry)
     (root / f"dataset_{dataset}.json").write_text(json.dumps({"images": entries, "dataset": dataset}))
     return root
+
+
+# -- a domain the tiny model has never seen: other colours, other shapes, catalogue wording ----------------
+
+DOMAIN_COLOURS = {
+    "teal": (0, 128, 128),
+    "magenta": (255, 0, 200),
+    "brown": (120, 70, 20),
+    "navy": (10, 20, 90),
+    "olive": (120, 130, 20),
+    "pink": (255, 170, 190),
+}
+DOMAIN_SHAPES = ("star", "hexagon", "diamond", "ring")
+
+
+def draw_domain(shape: str, colour: str, background: str, seed: int, size: int = 64) -> Image.Image:
+    import math
+
+    img = Image.new("RGB", (size, size), DOMAIN_COLOURS[background])
+    d = ImageDraw.Draw(img)
+    rng = random.Random(seed)
+    cx, cy, r = size // 2 + rng.randint(-5, 5), size // 2 + rng.randint(-5, 5), size // 3
+    fill = DOMAIN_COLOURS[colour]
+    if shape == "star":
+        pts = [
+            (
+                cx + (r if i % 2 == 0 else r // 2.5) * math.cos(math.pi * i / 5),
+                cy + (r if i % 2 == 0 else r // 2.5) * math.sin(math.pi * i / 5),
+            )
+            for i in range(10)
+        ]
+        d.polygon(pts, fill=fill)
+    elif shape == "hexagon":
+        d.polygon(
+            [(cx + r * math.cos(math.pi * i / 3), cy + r * math.sin(math.pi * i / 3)) for i in range(6)], fill=fill
+        )
+    elif shape == "diamond":
+        d.polygon([(cx, cy - r), (cx + r // 2, cy), (cx, cy + r), (cx - r // 2, cy)], fill=fill)
+    else:
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=max(3, r // 3))
+    arr = np.asarray(img).astype(np.int16)
+    arr += np.random.default_rng(seed).integers(-8, 9, arr.shape, dtype=np.int16)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def make_domain_pairs(folder: Path, n: int, *, seed: int, captions_per_image: int = 2, name: str = "pairs.csv") -> Path:
+    """Product-catalogue pairs in the unseen domain: `folder/images/*.png` and a CSV of (image, caption)."""
+    import csv
+
+    rng = random.Random(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption"])
+        for i in range(n):
+            colour, background = rng.sample(sorted(DOMAIN_COLOURS), 2)
+            shape = rng.choice(DOMAIN_SHAPES)
+            image = folder / "images" / f"{seed}_{i:04d}.png"
+            draw_domain(shape, colour, background, seed * 10_000 + i).save(image)
+            forms = [
+                f"SKU {shape} in {colour}, {background} backdrop",
+                f"{colour} {shape} item on {background}",
+                f"catalogue photo: {shape}, colour {colour}, background {background}",
+            ]
+            rng.shuffle(forms)
+            for caption in forms[:captions_per_image]:
+                w.writerow([f"images/{image.name}", caption])
+    return path
