@@ -35,7 +35,7 @@ def search(
     as_json: JsonOpt = False,
 ) -> None:
     """Search an index with a text or an image (image→image by default)."""
-    from clipdex.retrieval.search import Searcher, Target
+    from clipdex.retrieval.search import Searcher, Target, results_json
 
     if (query is None) == (image is None):
         raise ClipdexError("give either a text query or --image FILE (not both)")
@@ -47,11 +47,7 @@ def search(
         assert image is not None
         hits, shown = searcher.search_image(image, k=k, target=tgt), str(image)
     if as_json:
-        print(
-            json.dumps(
-                {"query": shown, "target": tgt.value, "results": [h.to_json() for h in hits]}, ensure_ascii=False
-            )
-        )
+        print(json.dumps(results_json(shown, tgt, hits), ensure_ascii=False))
         return
     table = Table(title=f"{shown!r} → {tgt.value}", show_header=True)
     table.add_column("rank", justify="right")

@@ -1,27 +1,34 @@
-"""`Searcher`: answer text→image, image→text and image→image queries against a published index."""
+"""`Searcher`: answer text→image, image→text and image→image queries against a published index.
+
+The CLI, the Python API and the HTTP server all query through this one class. It is safe to share between
+threads: a published snapshot is opened into one immutable `_Snapshot` and swapped in whole, so a query runs
+against one generation from start to end while `refresh` picks up a newer one.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+import threading
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from clipdex.retrieval import ann
-from clipdex.retrieval.config import sha256_file
-from clipdex.retrieval.encoder import Encoder, load_encoder, resolve_device
+from clipdex.retrieval.config import ModelSpec, sha256_file
 from clipdex.retrieval.errors import IndexFormatError, InputError
 from clipdex.retrieval.imaging import ImageDecodeError
 from clipdex.retrieval.items import Kind
-from clipdex.retrieval.manifest import index_encoder_config, read_manifest
+from clipdex.retrieval.manifest import MANIFEST, Manifest, index_encoder_config, read_manifest
 from clipdex.retrieval.paths import canonical
 from clipdex.retrieval.shards import shard_path
+
+if TYPE_CHECKING:  # the encoder pulls in torch and open_clip: imported when a query first needs it
+    from clipdex.retrieval.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +40,17 @@ class Target(str, Enum):
     @property
     def kind(self) -> Kind:
         return Kind.IMAGE if self is Target.IMAGES else Kind.TEXT
+
+
+@dataclass(frozen=True)
+class Item:
+    id: int
+    kind: str
+    path: str | None
+    text: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -48,6 +66,26 @@ class Hit:
         return asdict(self)
 
 
+def results_json(query: str, target: Target, hits: list[Hit]) -> dict[str, Any]:
+    """The one shape of a search answer: `clipdex search --json` prints it, the HTTP API returns it."""
+    return {"query": query, "target": target.value, "results": [h.to_json() for h in hits]}
+
+
+@dataclass
+class _Snapshot:
+    """One published generation, opened: FAISS indexes per target and the item table (an arrow table, looked up
+    per hit: no Python object per item). Only the shard cache changes after opening."""
+
+    manifest: Manifest
+    stamp: tuple[int, int, int]
+    indexes: dict[Target, Any]
+    items: Any
+    ids: np.ndarray
+    shard: np.ndarray
+    row: np.ndarray
+    shards: dict[int, np.ndarray] = field(default_factory=dict)
+
+
 class Searcher:
     """Opens one published snapshot of an index; the query model is the one the index was built with.
 
@@ -59,58 +97,72 @@ class Searcher:
         self.dir = Path(index_dir)
         self.device = device
         self._encoder = encoder
+        self._own_encoder = encoder is None
+        self._lock = threading.RLock()  # reloads and the encoder (one model forward at a time)
+        self._snap: _Snapshot
         self.reload()
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._snap.manifest
 
     def reload(self) -> None:
         """Open the snapshot the manifest names now (a writer may have published a newer one)."""
-        for attempt in range(3):
-            self.manifest = read_manifest(self.dir)
-            try:
-                self._open_snapshot()
-                return
-            except FileNotFoundError:
-                if attempt == 2:  # a writer replaced the snapshot between our reads, three times over
-                    raise IndexFormatError(
-                        f"{self.dir}: snapshot files named in the manifest are missing; run `clipdex check --index "
-                        f"{self.dir}` for details"
-                    ) from None
+        with self._lock:
+            for attempt in range(3):
+                try:
+                    stamp = _stamp(self.dir)  # before reading: a newer manifest is then never mistaken for this one
+                except OSError:
+                    read_manifest(self.dir)  # says clearly what is wrong with the directory
+                    raise
+                manifest = read_manifest(self.dir)
+                try:
+                    snap = _open_snapshot(self.dir, manifest, stamp, self.device)
+                    break
+                except FileNotFoundError:
+                    if attempt == 2:  # a writer replaced the snapshot between our reads, three times over
+                        raise IndexFormatError(
+                            f"{self.dir}: snapshot files named in the manifest are missing; run `clipdex check "
+                            f"--index {self.dir}` for details"
+                        ) from None
+            previous = getattr(self, "_snap", None)
+            if previous is not None and self._own_encoder and _model_changed(previous.manifest.model, manifest.model):
+                self._encoder = None  # `clipdex reindex` swapped the model: queries need the new one
+            self._snap = snap
 
-    def _open_snapshot(self) -> None:
-        files = self.manifest.snapshot.files
-        _verify(self.dir, files, self.manifest.snapshot.sha256)
-        self._indexes: dict[Target, Any] = {}
-        tuned = self.manifest.ann
-        for target in Target:
-            name = files.get(target.value)
-            if name:
-                params = tuned.get(target.value, {}).get("params", "")
-                index = _read(self.dir / name, lambda p, params=params: ann.read_index(p, params=params))
-                self._indexes[target] = ann.place(index, str(resolve_device(self.device)))
-        self._ids = np.zeros(0, dtype=np.int64)
-        self._items: Any = None  # an arrow table, looked up per hit: no Python object per item
-        if "items" in files:
-            table = _read(self.dir / files["items"], _read_items)
-            self._items = table.filter(pc.equal(table["status"], "ok"))
-            self._ids = self._items["id"].to_numpy()
-            self._shard = self._items["shard"].to_numpy(zero_copy_only=False)
-            self._row = self._items["row"].to_numpy(zero_copy_only=False)
-        self._shards: dict[int, np.ndarray] = {}
+    def refresh(self) -> bool:
+        """Reload when a newer snapshot was published (one stat of the manifest when none was); True if reloaded."""
+        try:
+            if _stamp(self.dir) == self._snap.stamp:
+                return False
+        except OSError:
+            return False  # the manifest is being replaced: keep answering from the snapshot we have
+        self.reload()
+        return True
 
     @property
     def encoder(self) -> Encoder:
-        if self._encoder is None:
-            config, spec = index_encoder_config(self.dir, device=self.device)
-            self._encoder = load_encoder(config, expect=spec)
-        return self._encoder
+        with self._lock:
+            if self._encoder is None:
+                from clipdex.retrieval.encoder import load_encoder
+
+                config, spec = index_encoder_config(self.dir, device=self.device)
+                self._encoder = load_encoder(config, expect=spec)
+            return self._encoder
 
     def count(self, target: Target) -> int:
-        index = self._indexes.get(target)
+        index = self._snap.indexes.get(target)
         return 0 if index is None else int(index.ntotal)
 
-    def search_text(self, query: str, *, k: int = 10, target: Target = Target.IMAGES) -> list[Hit]:
+    def embed_text(self, query: str) -> np.ndarray:
         if not query.strip():
             raise InputError("the query text is empty")
-        return self.search_vectors(self.encoder.encode_texts([query]), k=k, target=target)[0]
+        encoder = self.encoder
+        with self._lock:
+            return encoder.encode_texts([query])
+
+    def search_text(self, query: str, *, k: int = 10, target: Target = Target.IMAGES) -> list[Hit]:
+        return self.search_vectors(self.embed_text(query), k=k, target=target)[0]
 
     def search_image(
         self, image: str | Path | bytes | Image.Image, *, k: int = 10, target: Target = Target.IMAGES
@@ -120,12 +172,13 @@ class Searcher:
         return self.search_vectors(self.embed_image(image), k=k, target=target)[0]
 
     def embed_image(self, image: str | Path | bytes | Image.Image) -> np.ndarray:
+        encoder = self.encoder
         if isinstance(image, Image.Image):
-            return self.encoder.encode_pil([image.convert("RGB")])
-        options = self.encoder.decode_options()
+            return self._encode_pil(encoder, image.convert("RGB"))
+        options = encoder.decode_options()
         if isinstance(image, bytes):
             try:
-                return self.encoder.encode_pil([options.decode(image).image])
+                return self._encode_pil(encoder, options.decode(image).image)
             except ImageDecodeError as e:
                 raise InputError(f"cannot read the query image: {e}") from e
         path = canonical(image)
@@ -136,59 +189,140 @@ class Searcher:
         except OSError as e:
             raise InputError(f"cannot read query image {path}: {e.strerror or e}") from e
         try:
-            return self.encoder.encode_pil([options.decode(data).image])
+            return self._encode_pil(encoder, options.decode(data).image)
         except ImageDecodeError as e:
             raise InputError(f"cannot read query image {path}: {e}") from e
+
+    def _encode_pil(self, encoder: Encoder, image: Image.Image) -> np.ndarray:
+        with self._lock:
+            return encoder.encode_pil([image])
 
     def search_vectors(self, queries: np.ndarray, *, k: int = 10, target: Target = Target.IMAGES) -> list[list[Hit]]:
         """Top-k hits for each L2-normalised query vector."""
         if k < 1:
             raise InputError(f"k must be at least 1 (got {k})")
+        snap = self._snap
         try:
-            return self._search(queries, k, target)
+            return _search(snap, self.dir, queries, k, target)
         except FileNotFoundError:  # a writer published since we opened and cleaned up what we were reading
             self.reload()
-            return self._search(queries, k, target)
+            return _search(self._snap, self.dir, queries, k, target)
 
-    def _search(self, queries: np.ndarray, k: int, target: Target) -> list[list[Hit]]:
-        index = self._indexes.get(target)
-        if index is None or index.ntotal == 0:
-            return [[] for _ in range(len(queries))]
-        k = min(k, int(index.ntotal))
-        scores, ids = ann.search_reranked(index, queries, k, self._fetch)
-        return [self._hits(s, i) for s, i in zip(scores, ids, strict=True)]
+    def item(self, item_id: int) -> Item:
+        """The item with this id, as search results show it."""
+        snap = self._snap
+        pos = _position(snap, item_id)
+        row = snap.items.slice(pos, 1).to_pylist()[0]
+        return Item(id=item_id, kind=row["kind"], path=row["path"], text=row["text"])
 
-    def _positions(self, ids: np.ndarray) -> np.ndarray:
-        """Rows of the item table holding `ids`; an id the table lacks means the snapshot is damaged."""
-        pos = np.minimum(np.searchsorted(self._ids, ids), max(len(self._ids) - 1, 0))
-        if len(ids) and (not len(self._ids) or not np.array_equal(self._ids[pos], ids)):
-            raise IndexFormatError(
-                f"{self.dir}: the FAISS index holds ids missing from the item table; run `clipdex check --index "
-                f"{self.dir}`"
-            )
-        return pos
-
-    def _fetch(self, ids: np.ndarray) -> np.ndarray:
-        """Stored vectors of the given ids, read from memory-mapped shards (for exact re-ranking)."""
-        pos = self._positions(ids)
-        out = np.empty((len(ids), self.manifest.dim), dtype=np.float32)
-        for shard in np.unique(self._shard[pos]).tolist():
-            if shard not in self._shards:
-                path = shard_path(self.dir, int(shard))
-                self._shards[shard] = _read(path, lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
-            mask = self._shard[pos] == shard
-            out[mask] = self._shards[shard][self._row[pos][mask]]
-        return out
-
-    def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
-        keep = ids >= 0
-        scores, ids = scores[keep], ids[keep]
-        pos = self._positions(ids)
-        rows = self._items.take(pos).to_pylist() if len(ids) else []
+    def similar(self, item_id: int, *, k: int = 10) -> list[Hit]:
+        """Items of the same kind nearest to this one's stored vector (image→image, text→text), itself left out."""
+        if k < 1:
+            raise InputError(f"k must be at least 1 (got {k})")
+        snap = self._snap
+        pos = _position(snap, item_id)
+        target = Target.IMAGES if snap.items["kind"][pos].as_py() == Kind.IMAGE.value else Target.TEXTS
+        vector = _fetch(snap, self.dir, np.array([item_id], dtype=np.int64))
+        hits = [h for h in _search(snap, self.dir, vector, k + 1, target)[0] if h.id != item_id][:k]
         return [
-            Hit(rank=r + 1, score=float(s), id=int(i), kind=row["kind"], path=row["path"], text=row["text"])
-            for r, (s, i, row) in enumerate(zip(scores, ids, rows, strict=True))
+            Hit(rank=r + 1, score=h.score, id=h.id, kind=h.kind, path=h.path, text=h.text) for r, h in enumerate(hits)
         ]
+
+
+def _stamp(index_dir: Path) -> tuple[int, int, int]:
+    """What changes whenever the manifest is replaced (it is written to a new file and renamed)."""
+    st = (index_dir / MANIFEST).stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _model_changed(old: ModelSpec, new: ModelSpec) -> bool:
+    return (old.name, old.pretrained, old.checkpoint_sha256) != (new.name, new.pretrained, new.checkpoint_sha256)
+
+
+def _open_snapshot(index_dir: Path, manifest: Manifest, stamp: tuple[int, int, int], device: str) -> _Snapshot:
+    from clipdex.retrieval import ann
+
+    files = manifest.snapshot.files
+    _verify(index_dir, files, manifest.snapshot.sha256)
+    indexes: dict[Target, Any] = {}
+    for target in Target:
+        name = files.get(target.value)
+        if name:
+            params = manifest.ann.get(target.value, {}).get("params", "")
+            index = _read(index_dir / name, lambda p, params=params: ann.read_index(p, params=params))
+            indexes[target] = ann.place(index, _device_name(device))
+    empty = np.zeros(0, dtype=np.int64)
+    items, ids, shard, row = None, empty, empty, empty
+    if "items" in files:
+        table = _read(index_dir / files["items"], _read_items)
+        items = table.filter(pc.equal(table["status"], "ok"))
+        ids = items["id"].to_numpy()
+        shard = items["shard"].to_numpy(zero_copy_only=False)
+        row = items["row"].to_numpy(zero_copy_only=False)
+    return _Snapshot(manifest, stamp, indexes, items, ids, shard, row)
+
+
+def _device_name(device: str) -> str:
+    if device == "cpu":
+        return "cpu"  # no torch import for the common case
+    from clipdex.retrieval.encoder import resolve_device
+
+    return str(resolve_device(device))
+
+
+def _search(snap: _Snapshot, index_dir: Path, queries: np.ndarray, k: int, target: Target) -> list[list[Hit]]:
+    from clipdex.retrieval import ann
+
+    index = snap.indexes.get(target)
+    if index is None or index.ntotal == 0:
+        return [[] for _ in range(len(queries))]
+    k = min(k, int(index.ntotal))
+    scores, ids = ann.search_reranked(index, queries, k, lambda ids: _fetch(snap, index_dir, ids))
+    return [_hits(snap, index_dir, s, i) for s, i in zip(scores, ids, strict=True)]
+
+
+def _position(snap: _Snapshot, item_id: int) -> int:
+    pos = int(np.searchsorted(snap.ids, item_id))
+    if pos >= len(snap.ids) or int(snap.ids[pos]) != item_id:
+        raise InputError(f"no item with id {item_id} in this index")
+    return pos
+
+
+def _positions(snap: _Snapshot, index_dir: Path, ids: np.ndarray) -> np.ndarray:
+    """Rows of the item table holding `ids`; an id the table lacks means the snapshot is damaged."""
+    pos = np.minimum(np.searchsorted(snap.ids, ids), max(len(snap.ids) - 1, 0))
+    if len(ids) and (not len(snap.ids) or not np.array_equal(snap.ids[pos], ids)):
+        raise IndexFormatError(
+            f"{index_dir}: the FAISS index holds ids missing from the item table; run `clipdex check --index "
+            f"{index_dir}`"
+        )
+    return pos
+
+
+def _fetch(snap: _Snapshot, index_dir: Path, ids: np.ndarray) -> np.ndarray:
+    """Stored vectors of the given ids, read from memory-mapped shards (for exact re-ranking)."""
+    pos = _positions(snap, index_dir, ids)
+    out = np.empty((len(ids), snap.manifest.dim), dtype=np.float32)
+    for shard in np.unique(snap.shard[pos]).tolist():
+        vectors = snap.shards.get(shard)
+        if vectors is None:  # two threads may both open it: the same read-only map, either one kept
+            path = shard_path(index_dir, int(shard))
+            vectors = _read(path, lambda p: np.load(p, mmap_mode="r", allow_pickle=False))
+            snap.shards[shard] = vectors
+        mask = snap.shard[pos] == shard
+        out[mask] = vectors[snap.row[pos][mask]]
+    return out
+
+
+def _hits(snap: _Snapshot, index_dir: Path, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
+    keep = ids >= 0
+    scores, ids = scores[keep], ids[keep]
+    pos = _positions(snap, index_dir, ids)
+    rows = snap.items.take(pos).to_pylist() if len(ids) else []
+    return [
+        Hit(rank=r + 1, score=float(s), id=int(i), kind=row["kind"], path=row["path"], text=row["text"])
+        for r, (s, i, row) in enumerate(zip(scores, ids, rows, strict=True))
+    ]
 
 
 def _read_items(path: Path) -> Any:
