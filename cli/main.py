@@ -1,6 +1,6 @@
 """The `clipdex` command. Each subcommand builds a typed config and calls one library function.
 
-The commands live by subject in cli/library.py, cli/query.py and cli/models.py; importing them registers them.
+The commands live by subject in cli/library.py, cli/query.py, cli/serve.py and cli/models.py; importing them registers them.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import logging
 import sys
 import warnings
 
-from clipdex.cli import library, models, query  # noqa: F401 (registers the commands)
+from clipdex.cli import library, models, query, serve  # noqa: F401 (registers the commands)
 from clipdex.cli.common import app
 
 __all__ = ["app", "main"]

@@ -27,3 +27,7 @@ class InputError(ClipdexError):
 
 class DatasetError(ClipdexError):
     """An evaluation dataset root is missing, incomplete or of an unknown layout."""
+
+
+class ItemNotFoundError(InputError):
+    """No item has the id asked for (in the server: a 404)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -63,11 +64,17 @@ def _pil_limit(max_pixels: int) -> Iterator[None]:
 
 
 def decode_image(
-    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, exif_transpose: bool = True, max_aspect: float | None = None
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    exif_transpose: bool = True,
+    max_aspect: float | None = None,
+    draft: tuple[int, int] | None = None,
 ) -> DecodedImage:
     """Decode bytes to RGB, taking the first frame of animations and applying EXIF orientation.
 
-    Evaluation turns `exif_transpose` off because the benchmark protocol (CLIP_benchmark) ignores it.
+    Evaluation turns `exif_transpose` off because the benchmark protocol (CLIP_benchmark) ignores it. `draft` lets
+    JPEG decoding scale down by up to 8x on the way (thumbnails need no more); `width` and `height` stay the file's.
     """
     if not data:
         raise ImageDecodeError("empty file")
@@ -82,6 +89,8 @@ def decode_image(
                     "(raise it with --max-pixels)"
                 )
             img.seek(0)
+            if draft is not None:
+                img.draft("RGB", draft)
             img.load()
             if exif_transpose:
                 img = ImageOps.exif_transpose(img) or img
@@ -92,9 +101,16 @@ def decode_image(
         raise
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"refused, over the limit: {e} (raise it with --max-pixels)") from e
+    except Image.UnidentifiedImageError as e:
+        raise ImageDecodeError("not a readable image (not an image, or a format Pillow cannot read)") from e
     except Exception as e:  # PIL raises many types for broken files; all mean "not an image"
-        raise ImageDecodeError(f"not a readable image ({type(e).__name__}: {e})") from e
+        raise ImageDecodeError(f"not a readable image ({type(e).__name__}: {_sentence(e)})") from e
     return DecodedImage(image=rgb, width=width, height=height)
+
+
+def _sentence(e: Exception) -> str:
+    """An exception's message without Python object reprs (`<_io.BytesIO object at 0x7f...>`)."""
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e)).strip() or type(e).__name__
 
 
 def _cap_aspect(img: Image.Image, max_aspect: float) -> Image.Image:

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from clipdex.retrieval.config import ModelSpec, sha256_file
-from clipdex.retrieval.errors import IndexFormatError, InputError
+from clipdex.retrieval.errors import IndexFormatError, InputError, ItemNotFoundError
 from clipdex.retrieval.imaging import ImageDecodeError
 from clipdex.retrieval.items import Kind
 from clipdex.retrieval.manifest import MANIFEST, Manifest, index_encoder_config, read_manifest
@@ -284,7 +284,7 @@ def _search(snap: _Snapshot, index_dir: Path, queries: np.ndarray, k: int, targe
 def _position(snap: _Snapshot, item_id: int) -> int:
     pos = int(np.searchsorted(snap.ids, item_id))
     if pos >= len(snap.ids) or int(snap.ids[pos]) != item_id:
-        raise InputError(f"no item with id {item_id} in this index")
+        raise ItemNotFoundError(f"no item with id {item_id} in this index")
     return pos
 
 

@@ -1,0 +1,84 @@
+"""The command that serves an index over HTTP: serve."""
+
+from __future__ import annotations
+
+import socket
+from typing import Annotated, Any
+
+import typer
+
+from clipdex.cli.common import Device, DeviceOpt, IndexDir, app, err, friendly
+from clipdex.retrieval.errors import ClipdexError
+
+
+@app.command(rich_help_panel="Search")
+@friendly
+def serve(
+    index_dir: IndexDir = ...,  # type: ignore[assignment]
+    host: Annotated[str, typer.Option(help="Address to listen on; loopback unless you say otherwise.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8000,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CLIPDEX_TOKEN",
+            help="Require this token on every /api request (Bearer or cookie).",
+            show_default=False,
+        ),
+    ] = None,
+    max_upload: Annotated[str, typer.Option(help="Largest query image accepted, e.g. 20M.")] = "20M",
+    device: DeviceOpt = Device.auto,
+) -> None:
+    """Serve the index: an HTTP API (OpenAPI at /api/openapi.json) and a web page at /, the model loaded once."""
+    from clipdex.retrieval.ann import parse_memory
+    from clipdex.retrieval.manifest import read_manifest
+
+    read_manifest(index_dir)  # a missing or damaged index is said before the model loads
+    try:
+        upload = parse_memory(max_upload)
+    except ValueError as e:
+        raise ClipdexError(f"--max-upload: {e}") from None
+    _check_port_free(host, port)
+    from clipdex.retrieval.server import ServeConfig
+    from clipdex.retrieval.server import serve as run_server
+
+    config = ServeConfig(
+        index_dir, host=host, port=port, token=token or None, device=device.value, max_upload_bytes=upload
+    )
+    if not config.is_loopback and not config.token:
+        err.print(
+            f"[bold yellow]warning:[/] listening on {host} without --token: anyone who can reach this machine can "
+            "search the index and see its images",
+            highlight=False,
+        )
+    _one_thread_per_query()
+    run_server(config, on_ready=lambda searcher: _ready(searcher, config))
+
+
+def _ready(searcher: Any, config: Any) -> None:
+    counts = searcher.manifest.counts
+    shown = f"[{config.host}]" if ":" in config.host else config.host
+    err.print(
+        f"clipdex: serving {config.index_dir} ({counts.get('images', 0)} images, {counts.get('texts', 0)} texts) at "
+        f"http://{shown}:{config.port}/  (Ctrl-C to stop)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ClipdexError(
+                f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port or --host"
+            ) from None
+
+
+def _one_thread_per_query() -> None:
+    """Concurrent requests each search on their own thread; FAISS's OpenMP teams per query would only contend."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)

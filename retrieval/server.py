@@ -1,0 +1,392 @@
+"""`clipdex serve`: an HTTP API and a web page over one `Searcher`, in one process, the model loaded once.
+
+A thin layer like the CLI: every answer comes from `Searcher` (search JSON is `results_json`, byte for byte what
+`clipdex search --json` prints); this module only parses requests, enforces limits and the token, and maps
+`ClipdexError` subclasses to 4xx JSON in one place. Files are reachable only as indexed items, by id
+(`retrieval.thumbnails`); no route takes a path.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from clipdex.retrieval.errors import ClipdexError, IndexFormatError, IndexNotFoundError, InputError, ItemNotFoundError
+from clipdex.retrieval.search import Searcher, Target, results_json
+from clipdex.retrieval.thumbnails import (
+    THUMBNAIL_SIZE,
+    FileGoneError,
+    iter_file,
+    open_item_file,
+    thumbnail,
+    thumbnail_dir,
+)
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+TOKEN_COOKIE = "clipdex_token"
+_ID = re.compile(r"[0-9]{1,18}")
+_PAGE_FILES = {
+    "/": ("index.html", "text/html"),
+    "/app.js": ("app.js", "text/javascript"),
+    "/style.css": ("style.css", "text/css"),
+    "/favicon.svg": ("favicon.svg", "image/svg+xml"),
+}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    index_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+    device: str = "auto"
+    max_upload_bytes: int = 20 << 20
+    max_query_chars: int = 1000
+    max_k: int = 1000
+    thumbnail_size: int = THUMBNAIL_SIZE
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in LOOPBACK or self.host.startswith("127.")
+
+
+class HitModel(BaseModel):
+    rank: int
+    score: float
+    id: int
+    kind: Literal["image", "text"]
+    path: str | None
+    text: str | None
+
+
+class SearchResponse(BaseModel):
+    query: str
+    target: Literal["images", "texts"]
+    results: list[HitModel]
+
+
+class ItemModel(BaseModel):
+    id: int
+    kind: Literal["image", "text"]
+    path: str | None
+    text: str | None
+
+
+class SearchBody(BaseModel):
+    q: str
+    k: int = 10
+    target: Literal["images", "texts"] = "images"
+
+
+class ErrorModel(BaseModel):
+    error: str
+
+
+class _JSON(Response):
+    """JSON as the CLI prints it (json.dumps, no ASCII escaping), so both give the same bytes."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False).encode("utf-8")
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _status_for(e: ClipdexError) -> int:
+    if isinstance(e, ItemNotFoundError | FileGoneError):
+        return 404
+    if isinstance(e, IndexFormatError | IndexNotFoundError):
+        return 503  # the index, not the request, is at fault: `clipdex check` says more
+    return 400
+
+
+def create_app(searcher: Searcher, config: ServeConfig) -> FastAPI:
+    """The ASGI app over one searcher; `serve` runs it on uvicorn, tests call it directly."""
+    app = FastAPI(
+        title="clipdex",
+        summary="Search an index of images and texts with words or pictures.",
+        docs_url=None,  # Swagger UI and ReDoc load from a CDN; the schema alone is served
+        redoc_url=None,
+        openapi_url="/api/openapi.json",
+        responses={400: {"model": ErrorModel}, 401: {"model": ErrorModel}, 404: {"model": ErrorModel}},
+    )
+    cache = thumbnail_dir(config.index_dir)
+
+    def current() -> Searcher:
+        searcher.refresh()  # a publish by a running `clipdex index` is picked up at the next request
+        return searcher
+
+    def check_k(k: int) -> int:
+        if not 1 <= k <= config.max_k:
+            raise InputError(f"k must be between 1 and {config.max_k} (got {k})")
+        return k
+
+    def check_query(q: str) -> str:
+        if not q.strip():
+            raise InputError("the query text is empty")
+        if len(q) > config.max_query_chars:
+            raise InputError(f"the query is {len(q)} characters long; the limit is {config.max_query_chars}")
+        return q
+
+    def item_id(text: str) -> int:
+        if not _ID.fullmatch(text):
+            raise ItemNotFoundError(f"no item with id {text!r}")
+        return int(text)
+
+    @app.exception_handler(ClipdexError)
+    async def _clipdex_error(request: Request, e: ClipdexError) -> JSONResponse:
+        return _error(_status_for(e), str(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
+        return _error(400, f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return _error(500, f"internal error ({type(e).__name__}); the server log has details")
+
+    @app.middleware("http")
+    async def _token(request: Request, call_next: Any) -> Any:
+        if config.token and request.url.path.startswith("/api/") and not _has_token(request, config.token):
+            return _error(401, "this server needs a token: send `Authorization: Bearer TOKEN`")
+        return await call_next(request)
+
+    @app.get("/healthz", tags=["server"])
+    def healthz() -> dict[str, Any]:
+        s = current()
+        return {"status": "ok", "generation": s.manifest.snapshot.generation}
+
+    @app.get("/api/info", tags=["server"])
+    def info() -> dict[str, Any]:
+        from clipdex.retrieval.info import index_info
+
+        current()
+        data = index_info(config.index_dir)
+        data["limits"] = {
+            "k": config.max_k,
+            "query_chars": config.max_query_chars,
+            "upload_bytes": config.max_upload_bytes,
+        }
+        return data
+
+    @app.get("/api/search", response_model=SearchResponse, tags=["search"])
+    def search_get(
+        q: str = Query(description="Text query."),
+        k: int = Query(10, description="Number of results."),
+        target: Literal["images", "texts"] = Query("images", description="Search images or texts."),
+    ) -> _JSON:
+        s, query, tgt = current(), check_query(q), Target(target)
+        return _JSON(results_json(query, tgt, s.search_text(query, k=check_k(k), target=tgt)))
+
+    @app.post(
+        "/api/search",
+        response_model=SearchResponse,
+        tags=["search"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": SearchBody.model_json_schema()},
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "image": {"type": "string", "format": "binary"},
+                                "q": {"type": "string"},
+                                "k": {"type": "integer", "default": 10},
+                                "target": {"type": "string", "enum": ["images", "texts"], "default": "images"},
+                            },
+                        }
+                    },
+                },
+            }
+        },
+    )
+    async def search_post(request: Request) -> _JSON:
+        """Search by an uploaded image (multipart field `image`; image→image by default) or by text (JSON `q`)."""
+        s = current()
+        body = await _read_limited(request, config.max_upload_bytes + (64 << 10))
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "application/json":
+            try:
+                parsed = SearchBody.model_validate_json(body)
+            except ValueError as e:
+                raise InputError(
+                    f"the JSON body must be {{'q': TEXT, 'k': N, 'target': 'images'|'texts'}} ({_first_line(e)})"
+                ) from None
+            query, tgt, k = check_query(parsed.q), Target(parsed.target), check_k(parsed.k)
+            hits = await run_in_threadpool(s.search_text, query, k=k, target=tgt)
+            return _JSON(results_json(query, tgt, hits))
+        if kind != "multipart/form-data":
+            raise InputError("send multipart/form-data with an `image` file, or application/json with `q`")
+        form = await _replay(request, body).form(max_files=1, max_fields=8)
+        k, tgt = check_k(_form_int(form.get("k"), 10)), _form_target(form.get("target"))
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            text = form.get("q")
+            if isinstance(text, str):
+                query = check_query(text)
+                hits = await run_in_threadpool(s.search_text, query, k=k, target=tgt)
+                return _JSON(results_json(query, tgt, hits))
+            raise InputError("the form needs an `image` file (or a `q` text)")
+        data = await upload.read()
+        if len(data) > config.max_upload_bytes:
+            raise _TooLarge(config.max_upload_bytes)
+        hits = await run_in_threadpool(s.search_image, data, k=k, target=tgt)
+        return _JSON(results_json(upload.filename or "upload", tgt, hits))
+
+    @app.get("/api/items/{item}", response_model=ItemModel, tags=["items"])
+    def get_item(item: str) -> _JSON:
+        return _JSON(current().item(item_id(item)).to_json())
+
+    @app.get("/api/items/{item}/similar", response_model=SearchResponse, tags=["items"])
+    def similar(item: str, k: int = Query(10, description="Number of results.")) -> _JSON:
+        s, i = current(), item_id(item)
+        found = s.item(i)
+        tgt = Target.IMAGES if found.kind == "image" else Target.TEXTS
+        return _JSON(results_json(f"similar:{i}", tgt, s.similar(i, k=check_k(k))))
+
+    @app.get("/api/items/{item}/thumbnail", tags=["items"], response_class=Response)
+    def get_thumbnail(item: str, request: Request) -> Response:
+        path = _image_path(current(), item_id(item))
+        data, etag = thumbnail(path, cache=cache, size=config.thumbnail_size)
+        headers = {"ETag": f'"{etag}"', "Cache-Control": "private, max-age=86400"}
+        if _etag_matches(request, etag):
+            return Response(status_code=304, headers=headers)
+        return Response(data, media_type="image/jpeg", headers=headers)
+
+    @app.get("/api/items/{item}/image", tags=["items"], response_class=Response)
+    def get_image(item: str, request: Request) -> Response:
+        path = _image_path(current(), item_id(item))
+        info, fd = open_item_file(path)
+        headers = {
+            "ETag": f'"{info.etag}"',
+            "Cache-Control": "private, max-age=3600",
+            "X-Content-Type-Options": "nosniff",
+        }
+        if _etag_matches(request, info.etag):
+            os.close(fd)
+            return Response(status_code=304, headers=headers)
+        headers["Content-Length"] = str(info.size)
+        return StreamingResponse(iter_file(fd, info.size), media_type=info.media_type, headers=headers)
+
+    for route, (name, media_type) in _PAGE_FILES.items():
+        app.add_api_route(route, _page_file(name, media_type), methods=["GET"], include_in_schema=False)
+    return app
+
+
+class _TooLarge(ClipdexError):
+    def __init__(self, limit: int):
+        super().__init__(f"the upload is over the limit of {limit} bytes")
+
+
+def _page_file(name: str, media_type: str) -> Any:
+    data = resources.files("clipdex.retrieval").joinpath("web", name).read_bytes()
+
+    def endpoint() -> Response:
+        return Response(data, media_type=media_type, headers={"Cache-Control": "no-cache"})
+
+    return endpoint
+
+
+def _image_path(searcher: Searcher, item: int) -> str:
+    found = searcher.item(item)
+    if found.kind != "image" or not found.path:
+        raise ItemNotFoundError(f"item {item} is a text, not an image")
+    return found.path
+
+
+def _has_token(request: Request, token: str) -> bool:
+    given = request.headers.get("authorization", "")
+    candidates = [given[7:] if given.lower().startswith("bearer ") else "", request.cookies.get(TOKEN_COOKIE, "")]
+    return any(c and hmac.compare_digest(c.encode(), token.encode()) for c in candidates)
+
+
+def _etag_matches(request: Request, etag: str) -> bool:
+    return f'"{etag}"' in request.headers.get("if-none-match", "")
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _TooLarge(limit)
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:  # chunked uploads declare no length: count as they come
+            raise _TooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _replay(request: Request, body: bytes) -> Request:
+    """A request whose body is the bytes already read (so the form parser sees a body within the limit)."""
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(request.scope, receive)
+
+
+def _form_int(value: Any, default: int) -> int:
+    if value is None or value == "":
+        return default
+    if not isinstance(value, str) or not re.fullmatch(r"-?[0-9]{1,9}", value.strip()):
+        raise InputError(f"k must be a whole number (got {value!r})")
+    return int(value)
+
+
+def _form_target(value: Any) -> Target:
+    if value is None or value == "":
+        return Target.IMAGES
+    try:
+        return Target(value)
+    except ValueError:
+        raise InputError(f"target must be images or texts (got {value!r})") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def serve(config: ServeConfig, *, on_ready: Any = None) -> None:
+    """Open the index, load its model once, and answer on `config.host:config.port` until interrupted."""
+    import uvicorn
+
+    searcher = Searcher(config.index_dir, device=config.device)
+    _ = searcher.encoder  # load the model before the first request, not during it
+    app = create_app(searcher, config)
+    if on_ready is not None:
+        on_ready(searcher)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False)
