@@ -114,6 +114,8 @@ def _error(status: int, message: str) -> JSONResponse:
 def _status_for(e: ClipdexError) -> int:
     if isinstance(e, ItemNotFoundError | FileGoneError):
         return 404
+    if isinstance(e, _TooLarge):
+        return 413
     if isinstance(e, IndexFormatError | IndexNotFoundError):
         return 503  # the index, not the request, is at fault: `clipdex check` says more
     return 400
