@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,3 +121,26 @@ def assert_same_ranking(
         if g != w:
             tied = [j for j in range(len(want_keys)) if abs(want_scores[j] - want_scores[i]) < 2e-5]
             assert g in [want_keys[j] for j in tied], f"rank {i + 1}: got {g}, want {w}"
+
+
+@contextlib.contextmanager
+def serving(app: object) -> Iterator[str]:
+    """Run an ASGI app on uvicorn on a free loopback port in a thread; yield its base URL; stop it after."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))  # type: ignore[arg-type]
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the test server did not start"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -8,11 +8,10 @@ import json
 import os
 import random
 import threading
-import time
 
 import numpy as np
 import pytest
-from conftest import brute_force, run, search_json
+from conftest import brute_force, run, search_json, serving
 from corpus import make_images
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -248,18 +247,8 @@ def test_page_is_served_with_everything_it_needs_from_this_server(client):
 def test_concurrent_load_on_loopback_has_no_errors(library, searcher):
     """A real uvicorn on 127.0.0.1: 8 clients x 30 mixed requests, every answer right (bounded in count and time)."""
     import httpx
-    import uvicorn
 
     _, index, made = library
-    config = uvicorn.Config(create_app(searcher, ServeConfig(index)), host="127.0.0.1", port=0, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
     queries = ["a red circle", "a blue square", "a small green triangle", "a cross on white"]
     want = {q: [h.id for h in searcher.search_text(q, k=5)] for q in queries}
     image = made[2][0].read_bytes()
@@ -285,16 +274,13 @@ def test_concurrent_load_on_loopback_has_no_errors(library, searcher):
                 except httpx.HTTPError as e:
                     failures.append(repr(e))
 
-    try:
+    with serving(create_app(searcher, ServeConfig(index))) as base:
         workers = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
         for w in workers:
             w.start()
         for w in workers:
             w.join(timeout=120)
         assert not any(w.is_alive() for w in workers)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
     assert failures == []
 
 

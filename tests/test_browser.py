@@ -1,0 +1,157 @@
+"""The web page in a real browser: Debian's headless Chromium driven by Playwright, against a served index.
+
+It types a query and sees the expected thumbnails, drops an image, clicks "Similar", switches to texts, uses the
+keyboard, sees an error state, and saves screenshots. Every request the page makes must go to the server itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import os
+import random
+import shutil
+
+import pytest
+from conftest import run, serving
+from corpus import make_images
+from typer.testing import CliRunner
+
+from clipdex.retrieval.search import Searcher, Target
+from clipdex.retrieval.server import ServeConfig, create_app
+
+K = 48  # what the page asks for
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# As root and offline: no sandbox, and none of Chromium's own calls home (refused here, many at a time)
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs it with apt-get")
+        pytest.skip("no chromium here (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("browsed")
+    made = make_images(root / "photos", 24, seed=91)
+    rng = random.Random(5)
+    with (root / "captions.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption"])
+        for path, scene in made[:12]:
+            w.writerow([f"photos/{path.name}", scene.captions(rng, 1)[0]])
+    run(CliRunner(), "index", root / "photos", "--texts", root / "captions.csv", "--index", root / "idx", *tiny_model.cli_args())  # fmt: skip
+    searcher = Searcher(root / "idx")
+    with serving(create_app(searcher, ServeConfig(root / "idx"))) as base:
+        yield base, searcher, made
+
+
+def _shown_ids(page) -> list[int]:
+    return [int(x) for x in page.eval_on_selector_all("#results .card", "cards => cards.map(c => c.dataset.id)")]
+
+
+def _wait_for(page, ids: list[int]) -> None:
+    page.wait_for_function(
+        "want => JSON.stringify([...document.querySelectorAll('#results .card')].map(c => Number(c.dataset.id))) === want",
+        arg=str(ids).replace(" ", ""),
+        timeout=15_000,
+    )
+
+
+def test_search_drop_similar_texts_keyboard_and_errors(browser, served, tmp_path):
+    base, searcher, made = served
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto(base + "/")
+    assert page.locator("#empty").is_visible()
+    page.wait_for_function("document.querySelector('#index-summary').textContent.includes('24 images')")
+
+    # typing: results as you stop typing, the ranking Searcher gives, thumbnails that load
+    page.fill("#q", "a red circle")
+    want = [h.id for h in searcher.search_text("a red circle", k=K)]
+    _wait_for(page, want)
+    page.wait_for_function(
+        "[...document.querySelectorAll('#results .card img')].slice(0, 10).every(i => i.complete && i.naturalWidth > 0)"
+    )
+    assert page.locator("#results .card").first.locator(".score").inner_text() == f"{searcher.search_text('a red circle', k=1)[0].score:.3f}"  # fmt: skip
+    assert "q=a+red+circle" in page.url  # the query is in the address, so a reload keeps it
+    page.screenshot(path=str(tmp_path / "results.png"))
+
+    # dropping an image: a DataTransfer holding the file, dropped on the page
+    image = made[3][0]
+    payload = base64.b64encode(image.read_bytes()).decode()
+    page.evaluate(
+        """([b64, name]) => {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], name, {type: 'image/png'}));
+            window.dispatchEvent(new DragEvent('dragenter', {dataTransfer: dt}));
+            window.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, cancelable: true}));
+        }""",
+        [payload, image.name],
+    )
+    _wait_for(page, [h.id for h in searcher.search_image(image, k=K)])
+    assert page.locator("#query-chip").is_visible() and image.name in page.inner_text("#query-label")
+    page.screenshot(path=str(tmp_path / "dropped.png"))
+
+    # the picture button: a file chooser
+    page.set_input_files("#file", str(made[5][0]))
+    _wait_for(page, [h.id for h in searcher.search_image(made[5][0], k=K)])
+
+    # "Similar" on a result
+    first = _shown_ids(page)[1]
+    page.locator("#results .card").nth(1).locator(".similar").click()
+    _wait_for(page, [h.id for h in searcher.similar(first, k=K)])
+    assert first not in _shown_ids(page)
+    page.screenshot(path=str(tmp_path / "similar.png"))
+
+    # the images/texts switch
+    page.fill("#q", "a blue square")
+    _wait_for(page, [h.id for h in searcher.search_text("a blue square", k=K)])
+    page.click("#target-texts")
+    _wait_for(page, [h.id for h in searcher.search_text("a blue square", k=K, target=Target.TEXTS)])
+    assert page.locator("#results .card.text").count() == 12
+    page.screenshot(path=str(tmp_path / "texts.png"))
+    page.click("#target-images")
+
+    # by keyboard alone: "/" focuses the box, Tab reaches the results, Enter on a card searches similar ones
+    page.locator("body").click(position={"x": 5, "y": 850})
+    page.keyboard.press("/")
+    assert page.evaluate("document.activeElement.id") == "q"
+    page.keyboard.press("Control+A")
+    page.keyboard.type("a green triangle")
+    want = [h.id for h in searcher.search_text("a green triangle", k=K)]
+    _wait_for(page, want)
+    page.locator("#results .card").first.focus()
+    page.keyboard.press("ArrowRight")
+    assert page.evaluate("document.activeElement.dataset.id") == str(want[1])
+    page.keyboard.press("Enter")
+    _wait_for(page, [h.id for h in searcher.similar(want[1], k=K)])
+
+    # an empty result and an error, each said in words
+    page.route("**/api/search?*", lambda route: route.fulfill(status=503, content_type="application/json", body='{"error": "the index is being repaired"}'))  # fmt: skip
+    page.fill("#q", "anything at all")
+    page.wait_for_selector("#status.error")
+    assert "the index is being repaired" in page.inner_text("#status")
+    page.screenshot(path=str(tmp_path / "error.png"))
+    page.unroute("**/api/search?*")
+    page.keyboard.press("Escape")
+    assert page.locator("#empty").is_visible()
+
+    outside = [u for u in requests if not u.startswith(base) and not u.startswith(("blob:", "data:"))]
+    assert outside == []
+    for name in ("results", "dropped", "similar", "texts", "error"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+    page.close()
