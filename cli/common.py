@@ -143,6 +143,30 @@ def encoder_config(model: str | None, pretrained: str | None, device: Device, in
     return EncoderConfig(model=model, pretrained=pretrained, device=device.value)
 
 
+def lean_model_imports(index_dir: Path) -> None:
+    """Keep open_clip from importing optional packages (transformers, timm) that the index's model does not use:
+    they cost about a second of every `clipdex search`. Process-wide, so only for commands that load one model."""
+    import sys
+
+    from clipdex.retrieval.config import OPTIONAL_MODEL_IMPORTS, optional_imports_needed
+    from clipdex.retrieval.manifest import read_manifest
+
+    if "open_clip" in sys.modules:
+        return  # too late to matter, and someone else may rely on them
+    unneeded = set(OPTIONAL_MODEL_IMPORTS) - optional_imports_needed(read_manifest(index_dir).model)
+    for name in unneeded:
+        if name not in sys.modules:
+            sys.modules[name] = None  # type: ignore[assignment]  # `import name` now raises ImportError
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        out.print(f"clipdex {version('clipdex')}", highlight=False)
+        raise typer.Exit()
+
+
 def human_bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):

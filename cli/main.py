@@ -8,9 +8,12 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from typing import Annotated
+
+import typer
 
 from clipdex.cli import library, models, query, serve  # noqa: F401 (registers the commands)
-from clipdex.cli.common import app
+from clipdex.cli.common import app, version_callback
 
 __all__ = ["app", "main"]
 
@@ -26,6 +29,15 @@ def _setup_logging() -> None:
         logger.addHandler(handler)
         logger.propagate = False
     logging.getLogger().setLevel(logging.CRITICAL)
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Cross-modal image–text search: index photos and captions with CLIP, search them in milliseconds."""
 
 
 def main() -> None:

@@ -64,3 +64,44 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+OPTIONAL_MODEL_IMPORTS = (
+    "transformers",
+    "timm",
+)  # open_clip imports them when present, whether a model needs them or not
+
+
+def optional_imports_needed(spec: ModelSpec) -> set[str]:
+    """Which of open_clip's optional dependencies a model needs (Hugging Face text towers and tokenizers, timm
+    image towers), read from its config without importing open_clip; all of them when the config is unknown."""
+    if spec.name.startswith(("hf-hub:", "local-dir:")):
+        return set(OPTIONAL_MODEL_IMPORTS)  # the config comes with the weights
+    config = spec.config or _bundled_model_config(spec.name)
+    if config is None:
+        return set(OPTIONAL_MODEL_IMPORTS)
+    text, vision = config.get("text_cfg") or {}, config.get("vision_cfg") or {}
+    needed = set()
+    if text.get("hf_model_name") or text.get("hf_tokenizer_name"):
+        needed.add("transformers")
+    if vision.get("timm_model_name"):
+        needed.add("timm")
+    return needed
+
+
+def _bundled_model_config(name: str) -> dict[str, Any] | None:
+    import importlib.util
+    import json
+
+    found = importlib.util.find_spec("open_clip")  # locates the package without running it
+    if found is None or not found.submodule_search_locations:
+        return None
+    for folder in found.submodule_search_locations:
+        path = Path(folder) / "model_configs" / f"{name}.json"
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            return data if isinstance(data, dict) else None
+    return None

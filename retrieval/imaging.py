@@ -8,15 +8,30 @@ import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from clipdex.retrieval.errors import InputError
 
 DEFAULT_MAX_PIXELS = 178_956_970  # twice PIL's own bomb threshold: a 13k x 13k photo still passes
 MAX_FILE_BYTES = 1 << 30  # an "image" file over 1 GiB is refused unread
 # Past this aspect ratio an image is cut to its centre before preprocessing: resizing the short side
 # of a 100000x1 strip to 224 pixels would allocate gigabytes, and the centre crop discards the rest anyway.
 MAX_ASPECT = 32.0
+
+
+def read_query_image(path: Path) -> bytes:
+    """A query image's bytes, or one clear line saying why not."""
+    try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise InputError(f"query image {path} is over {MAX_FILE_BYTES >> 20} MiB")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"query image not found: {path}") from None
+    except OSError as e:
+        raise InputError(f"cannot read query image {path}: {e.strerror or e}") from e
 
 
 class ImageDecodeError(Exception):

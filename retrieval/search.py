@@ -21,7 +21,7 @@ from PIL import Image
 
 from clipdex.retrieval.config import ModelSpec, sha256_file
 from clipdex.retrieval.errors import IndexFormatError, InputError, ItemNotFoundError
-from clipdex.retrieval.imaging import ImageDecodeError
+from clipdex.retrieval.imaging import ImageDecodeError, read_query_image
 from clipdex.retrieval.items import Kind
 from clipdex.retrieval.manifest import MANIFEST, Manifest, index_encoder_config, read_manifest
 from clipdex.retrieval.paths import canonical
@@ -182,12 +182,7 @@ class Searcher:
             except ImageDecodeError as e:
                 raise InputError(f"cannot read the query image: {e}") from e
         path = canonical(image)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise InputError(f"query image not found: {path}") from None
-        except OSError as e:
-            raise InputError(f"cannot read query image {path}: {e.strerror or e}") from e
+        data = read_query_image(path)
         try:
             return self._encode_pil(encoder, options.decode(data).image)
         except ImageDecodeError as e:

@@ -386,9 +386,22 @@ def serve(config: ServeConfig, *, on_ready: Any = None) -> None:
     """Open the index, load its model once, and answer on `config.host:config.port` until interrupted."""
     import uvicorn
 
+    from clipdex.retrieval import remote
+
     searcher = Searcher(config.index_dir, device=config.device)
     _ = searcher.encoder  # load the model before the first request, not during it
     app = create_app(searcher, config)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False)
+    )
+    registered = None
+    if config.is_loopback:  # `clipdex search` on this machine may ask this server instead of loading the model
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        registered = remote.register(config.index_dir, f"http://{host}:{config.port}", config.token)
     if on_ready is not None:
         on_ready(searcher)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False)
+    try:
+        server.run()
+    finally:
+        if registered is not None:
+            remote.unregister(registered)

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import shutil
 import threading
 
 import numpy as np
@@ -313,3 +314,78 @@ def test_info_reports_the_index(client, library):
     info = client.get("/api/info").json()
     assert info["counts"]["images"] == 30 and info["counts"]["texts"] == 20
     assert json.dumps(info)  # plain JSON all the way down
+
+
+def test_cli_search_is_answered_by_a_running_server_with_the_same_output(library, searcher, cli, monkeypatch):
+    from clipdex.retrieval import remote
+
+    _, index, made = library
+    local_text = run(cli, "search", "a red circle", "--index", index, "--json", "--no-server", "-k", 6)
+    local_image = run(cli, "search", "--image", made[1][0], "--index", index, "--json", "--no-server", "--target", "texts")  # fmt: skip
+    local_table = run(cli, "search", "a red circle", "--index", index, "--no-server")
+    with serving(create_app(searcher, ServeConfig(index, token="tok"))) as base:
+        registered = remote.register(index, base, "tok")
+        assert registered.stat().st_mode & 0o077 == 0  # the token is for this user only
+        monkeypatch.setattr("clipdex.retrieval.search.Searcher.__init__", lambda *a, **kw: pytest.fail("loaded locally"))  # fmt: skip
+        assert run(cli, "search", "a red circle", "--index", index, "--json", "-k", 6) == local_text
+        assert run(cli, "search", "--image", made[1][0], "--index", index, "--json", "--target", "texts") == local_image
+        assert run(cli, "search", "a red circle", "--index", index) == local_table
+        monkeypatch.undo()
+        # what the server refuses (k over its limit) is answered locally, as without a server
+        assert len(json.loads(run(cli, "search", "a shape", "--index", index, "--json", "-k", 5000))["results"]) == 30
+    # the server is gone but still registered: the search runs here
+    assert run(cli, "search", "a red circle", "--index", index, "--json", "-k", 6) == local_text
+    remote.unregister(registered)
+    assert not registered.exists()
+
+
+def test_a_dead_servers_registration_is_ignored(library, cli, monkeypatch):
+    import subprocess
+
+    from clipdex.retrieval import remote
+
+    _, index, _ = library
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    path = remote.registration_path(index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"url": "http://127.0.0.1:9", "pid": gone.pid, "token": None, "index": str(index.resolve())}))  # fmt: skip
+    calls = []
+    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **kw: calls.append(a))
+    assert json.loads(run(cli, "search", "a red circle", "--index", index, "--json"))["results"]
+    assert calls == []
+    path.unlink()
+
+
+def test_clipdex_serve_end_to_end(library, tmp_path):
+    """The real command in its own process: it listens on loopback, registers for `clipdex search`, answers as
+    the library does, and unregisters when stopped."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    from clipdex.retrieval import remote
+
+    _, index, _ = library
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "clipdex"]
+    proc = subprocess.Popen([*cmd, "serve", "--index", str(index), "--port", str(port)], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        line = proc.stderr.readline()  # "clipdex: serving ... at http://127.0.0.1:PORT/"
+        assert f"http://127.0.0.1:{port}/" in line, line
+        assert remote.registration_path(index).is_file()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/search?q=a+red+circle&k=4", timeout=30) as r:
+            served = json.loads(r.read())
+        out = subprocess.run([*cmd, "search", "a red circle", "--index", str(index), "-k", "4", "--json"], capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert json.loads(out.stdout) == served
+        if shutil.which("ss"):  # iproute2: what the kernel says is listening on that port
+            listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+            assert listening and all("127.0.0.1:" in row for row in listening.strip().splitlines()), listening
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    assert not remote.registration_path(index).exists()
