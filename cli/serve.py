@@ -50,7 +50,6 @@ def serve(
             "search the index and see its images",
             highlight=False,
         )
-    _one_thread_per_query()
     run_server(config, on_ready=lambda searcher: _ready(searcher, config))
 
 
@@ -75,10 +74,3 @@ def _check_port_free(host: str, port: int) -> None:
             raise ClipdexError(
                 f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port or --host"
             ) from None
-
-
-def _one_thread_per_query() -> None:
-    """Concurrent requests each search on their own thread; FAISS's OpenMP teams per query would only contend."""
-    import faiss
-
-    faiss.omp_set_num_threads(1)

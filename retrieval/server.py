@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import re
+import threading
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -382,6 +384,13 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+def _when_started(server: Any, callback: Any) -> None:
+    while not server.started and not server.should_exit:
+        time.sleep(0.02)
+    if server.started:
+        callback()
+
+
 def serve(config: ServeConfig, *, on_ready: Any = None) -> None:
     """Open the index, load its model once, and answer on `config.host:config.port` until interrupted."""
     import uvicorn
@@ -398,8 +407,8 @@ def serve(config: ServeConfig, *, on_ready: Any = None) -> None:
     if config.is_loopback:  # `clipdex search` on this machine may ask this server instead of loading the model
         host = f"[{config.host}]" if ":" in config.host else config.host
         registered = remote.register(config.index_dir, f"http://{host}:{config.port}", config.token)
-    if on_ready is not None:
-        on_ready(searcher)
+    if on_ready is not None:  # said once the socket is bound: a client told "serving" can connect at once
+        threading.Thread(target=_when_started, args=(server, lambda: on_ready(searcher)), daemon=True).start()
     try:
         server.run()
     finally:

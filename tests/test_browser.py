@@ -23,8 +23,15 @@ from clipdex.retrieval.server import ServeConfig, create_app
 K = 48  # what the page asks for
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # As root and offline: no sandbox, and none of Chromium's own calls home (refused here, many at a time)
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]  # fmt: skip
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +58,16 @@ def served(tmp_path_factory, tiny_model):
         w.writerow(["image", "caption"])
         for path, scene in made[:12]:
             w.writerow([f"photos/{path.name}", scene.captions(rng, 1)[0]])
-    run(CliRunner(), "index", root / "photos", "--texts", root / "captions.csv", "--index", root / "idx", *tiny_model.cli_args())  # fmt: skip
+    run(
+        CliRunner(),
+        "index",
+        root / "photos",
+        "--texts",
+        root / "captions.csv",
+        "--index",
+        root / "idx",
+        *tiny_model.cli_args(),
+    )
     searcher = Searcher(root / "idx")
     with serving(create_app(searcher, ServeConfig(root / "idx"))) as base:
         yield base, searcher, made
@@ -85,7 +101,10 @@ def test_search_drop_similar_texts_keyboard_and_errors(browser, served, tmp_path
     page.wait_for_function(
         "[...document.querySelectorAll('#results .card img')].slice(0, 10).every(i => i.complete && i.naturalWidth > 0)"
     )
-    assert page.locator("#results .card").first.locator(".score").inner_text() == f"{searcher.search_text('a red circle', k=1)[0].score:.3f}"  # fmt: skip
+    assert (
+        page.locator("#results .card").first.locator(".score").inner_text()
+        == f"{searcher.search_text('a red circle', k=1)[0].score:.3f}"
+    )
     assert "q=a+red+circle" in page.url  # the query is in the address, so a reload keeps it
     page.screenshot(path=str(tmp_path / "results.png"))
 
@@ -141,7 +160,12 @@ def test_search_drop_similar_texts_keyboard_and_errors(browser, served, tmp_path
     _wait_for(page, [h.id for h in searcher.similar(want[1], k=K)])
 
     # an empty result and an error, each said in words
-    page.route("**/api/search?*", lambda route: route.fulfill(status=503, content_type="application/json", body='{"error": "the index is being repaired"}'))  # fmt: skip
+    page.route(
+        "**/api/search?*",
+        lambda route: route.fulfill(
+            status=503, content_type="application/json", body='{"error": "the index is being repaired"}'
+        ),
+    )
     page.fill("#q", "anything at all")
     page.wait_for_selector("#status.error")
     assert "the index is being repaired" in page.inner_text("#status")

@@ -94,7 +94,11 @@ def test_items_and_similar_equal_brute_force(client, searcher, library, referenc
     got = [r["path"] for r in similar["results"]]
     assert str(paths[0]) not in got
     assert got == want
-    np.testing.assert_allclose([r["score"] for r in similar["results"]], [s for i, s in zip(order, scores, strict=True) if i != 0][:6], atol=2e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        [r["score"] for r in similar["results"]],
+        [s for i, s in zip(order, scores, strict=True) if i != 0][:6],
+        atol=2e-5,
+    )
     text_hit = searcher.search_text("a red circle", k=1, target=Target.TEXTS)[0]
     texts = client.get(f"/api/items/{text_hit.id}/similar", params={"k": 3}).json()
     assert texts["target"] == "texts" and all(r["kind"] == "text" and r["id"] != text_hit.id for r in texts["results"])
@@ -321,12 +325,16 @@ def test_cli_search_is_answered_by_a_running_server_with_the_same_output(library
 
     _, index, made = library
     local_text = run(cli, "search", "a red circle", "--index", index, "--json", "--no-server", "-k", 6)
-    local_image = run(cli, "search", "--image", made[1][0], "--index", index, "--json", "--no-server", "--target", "texts")  # fmt: skip
+    local_image = run(
+        cli, "search", "--image", made[1][0], "--index", index, "--json", "--no-server", "--target", "texts"
+    )
     local_table = run(cli, "search", "a red circle", "--index", index, "--no-server")
     with serving(create_app(searcher, ServeConfig(index, token="tok"))) as base:
         registered = remote.register(index, base, "tok")
         assert registered.stat().st_mode & 0o077 == 0  # the token is for this user only
-        monkeypatch.setattr("clipdex.retrieval.search.Searcher.__init__", lambda *a, **kw: pytest.fail("loaded locally"))  # fmt: skip
+        monkeypatch.setattr(
+            "clipdex.retrieval.search.Searcher.__init__", lambda *a, **kw: pytest.fail("loaded locally")
+        )
         assert run(cli, "search", "a red circle", "--index", index, "--json", "-k", 6) == local_text
         assert run(cli, "search", "--image", made[1][0], "--index", index, "--json", "--target", "texts") == local_image
         assert run(cli, "search", "a red circle", "--index", index) == local_table
@@ -349,7 +357,9 @@ def test_a_dead_servers_registration_is_ignored(library, cli, monkeypatch):
     gone.wait()
     path = remote.registration_path(index)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"url": "http://127.0.0.1:9", "pid": gone.pid, "token": None, "index": str(index.resolve())}))  # fmt: skip
+    path.write_text(
+        json.dumps({"url": "http://127.0.0.1:9", "pid": gone.pid, "token": None, "index": str(index.resolve())})
+    )
     calls = []
     monkeypatch.setattr("urllib.request.urlopen", lambda *a, **kw: calls.append(a))
     assert json.loads(run(cli, "search", "a red circle", "--index", index, "--json"))["results"]
@@ -373,14 +383,21 @@ def test_clipdex_serve_end_to_end(library, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "clipdex"]
-    proc = subprocess.Popen([*cmd, "serve", "--index", str(index), "--port", str(port)], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [*cmd, "serve", "--index", str(index), "--port", str(port)], stderr=subprocess.PIPE, text=True
+    )
     try:
         line = proc.stderr.readline()  # "clipdex: serving ... at http://127.0.0.1:PORT/"
         assert f"http://127.0.0.1:{port}/" in line, line
         assert remote.registration_path(index).is_file()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/search?q=a+red+circle&k=4", timeout=30) as r:
             served = json.loads(r.read())
-        out = subprocess.run([*cmd, "search", "a red circle", "--index", str(index), "-k", "4", "--json"], capture_output=True, text=True, timeout=120)  # fmt: skip
+        out = subprocess.run(
+            [*cmd, "search", "a red circle", "--index", str(index), "-k", "4", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert json.loads(out.stdout) == served
         if shutil.which("ss"):  # iproute2: what the kernel says is listening on that port
             listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout

@@ -21,7 +21,16 @@ def api_schema(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("fuzzed")
     make_images(root / "photos", 6, seed=81)
     (root / "captions.txt").write_text("a red circle\na blue square on green\n")
-    run(CliRunner(), "index", root / "photos", "--texts", root / "captions.txt", "--index", root / "idx", *tiny_model.cli_args())  # fmt: skip
+    run(
+        CliRunner(),
+        "index",
+        root / "photos",
+        "--texts",
+        root / "captions.txt",
+        "--index",
+        root / "idx",
+        *tiny_model.cli_args(),
+    )
     app = create_app(Searcher(root / "idx"), ServeConfig(root / "idx", max_upload_bytes=100_000))
     return schemathesis.openapi.from_asgi("/api/openapi.json", app)
 
