@@ -5,8 +5,9 @@ clip-retrieval), so that both see the same machine:
   * a corpus of N synthetic unit vectors (clustered, like image embeddings) in clip-retrieval's layout, imported
     with `clipdex import`; clip-retrieval gets the same vectors in the FAISS index type clipdex chose, with the
     same nprobe;
-  * queries encoded by the real model (ViT-B-32; random weights, since speed does not depend on them), text and
-    image, sent by a load generator in this process: `--requests` per level, at concurrency 1, 8 and 32.
+  * queries encoded by the real model (ViT-B-32; random weights, since speed does not depend on them), sent by a
+    load generator in this process at concurrency 1, 8 and 32: text queries never seen before (`--requests`), the
+    same 18 texts again (which clipdex answers from its query cache), and 640x480 JPEG images.
 Reports p50/p99 latency (ms) and QPS per server, query kind and concurrency.
 
     python benchmarks/bench_serve.py --n 100000 --clip-retrieval-python /tmp/cr/bin/python
@@ -267,9 +268,16 @@ def main() -> None:
                 load(senders["text"], TEXTS, 2, 8)
                 load(senders["image"], images, 2, 4)
             for c in args.concurrency:
-                for kind, payloads, count in (("text", TEXTS, args.requests), ("image", images, args.image_requests)):
+                # every text query new (no cache can answer it), then the same few again (clipdex caches them)
+                unique = [f"{TEXTS[i % len(TEXTS)]}, take {c}-{i}" for i in range(max(args.requests, c))]
+                levels = (
+                    ("text", unique, args.requests),
+                    ("text, repeated", TEXTS, args.requests),
+                    ("image", images, args.image_requests),
+                )
+                for kind, payloads, count in levels:
                     for name, (_, senders) in servers.items():
-                        result = load(senders[kind], payloads, c, max(count, c))
+                        result = load(senders[kind.split(",")[0]], payloads, c, max(count, c))
                         rows.append({"server": name, "query": kind, "concurrency": c, **result})
                         print(rows[-1], flush=True)
         finally:

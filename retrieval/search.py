@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from clipdex.retrieval.batching import Batcher, LRUCache
 from clipdex.retrieval.config import ModelSpec, sha256_file
 from clipdex.retrieval.errors import IndexFormatError, InputError, ItemNotFoundError
 from clipdex.retrieval.imaging import ImageDecodeError, read_query_image
@@ -98,8 +99,9 @@ class Searcher:
         self.device = device
         self._encoder = encoder
         self._own_encoder = encoder is None
-        self._lock = threading.RLock()  # reloads and the encoder (one model forward at a time)
+        self._lock = threading.RLock()  # reloads and loading the encoder
         self._snap: _Snapshot
+        self._batching: tuple[Any, Batcher[str], Batcher[Any], LRUCache] | None = None
         self.reload()
 
     @property
@@ -154,12 +156,26 @@ class Searcher:
         index = self._snap.indexes.get(target)
         return 0 if index is None else int(index.ntotal)
 
+    def _batchers(self) -> tuple[Batcher[str], Batcher[Any], LRUCache]:
+        """Batchers and the text cache of the current encoder (new ones when `reindex` swapped the model)."""
+        encoder = self.encoder
+        current = self._batching
+        if current is None or current[0] is not encoder:
+            with self._lock:
+                current = self._batching
+                if current is None or current[0] is not encoder:
+                    cache = LRUCache()
+                    texts: Batcher[str] = Batcher(encoder.encode_texts, alone=cache.put)
+                    images: Batcher[Any] = Batcher(lambda pixels: encoder.encode_images(_stack(pixels)))
+                    current = self._batching = (encoder, texts, images, cache)
+        return current[1], current[2], current[3]
+
     def embed_text(self, query: str) -> np.ndarray:
         if not query.strip():
             raise InputError("the query text is empty")
-        encoder = self.encoder
-        with self._lock:
-            return encoder.encode_texts([query])
+        texts, _, cache = self._batchers()
+        cached = cache.get(query)
+        return cached if cached is not None else texts(query)
 
     def search_text(self, query: str, *, k: int = 10, target: Target = Target.IMAGES) -> list[Hit]:
         return self.search_vectors(self.embed_text(query), k=k, target=target)[0]
@@ -189,8 +205,8 @@ class Searcher:
             raise InputError(f"cannot read query image {path}: {e}") from e
 
     def _encode_pil(self, encoder: Encoder, image: Image.Image) -> np.ndarray:
-        with self._lock:
-            return encoder.encode_pil([image])
+        _, images, _ = self._batchers()
+        return images(encoder.preprocess(image))  # preprocessing in the caller's thread, beside others' forwards
 
     def search_vectors(self, queries: np.ndarray, *, k: int = 10, target: Target = Target.IMAGES) -> list[list[Hit]]:
         """Top-k hits for each L2-normalised query vector."""
@@ -222,6 +238,12 @@ class Searcher:
         return [
             Hit(rank=r + 1, score=h.score, id=h.id, kind=h.kind, path=h.path, text=h.text) for r, h in enumerate(hits)
         ]
+
+
+def _stack(pixels: list[Any]) -> Any:
+    import torch
+
+    return torch.stack(pixels)
 
 
 def _stamp(index_dir: Path) -> tuple[int, int, int]:
