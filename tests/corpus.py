@@ -258,3 +258,17 @@ def make_domain_pairs(folder: Path, n: int, *, seed: int, captions_per_image: in
             for caption in forms[:captions_per_image]:
                 w.writerow([f"images/{image.name}", caption])
     return path
+
+
+def make_captioned_library(root: Path, n: int, captioned: int, *, seed: int) -> list[tuple[Path, Scene]]:
+    """`root/photos` with n drawn images and `root/captions.csv` linking the first `captioned` to one caption each."""
+    import csv
+
+    made = make_images(root / "photos", n, seed=seed)
+    rng = random.Random(seed + 1)
+    with (root / "captions.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption"])
+        for path, scene in made[:captioned]:
+            w.writerow([f"photos/{path.name}", scene.captions(rng, 1)[0]])
+    return made

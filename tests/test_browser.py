@@ -7,14 +7,12 @@ keyboard, sees an error state, and saves screenshots. Every request the page mak
 from __future__ import annotations
 
 import base64
-import csv
 import os
-import random
 import shutil
 
 import pytest
 from conftest import run, serving
-from corpus import make_images
+from corpus import make_captioned_library
 from typer.testing import CliRunner
 
 from clipdex.retrieval.search import Searcher, Target
@@ -51,13 +49,7 @@ def browser():
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("browsed")
-    made = make_images(root / "photos", 24, seed=91)
-    rng = random.Random(5)
-    with (root / "captions.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "caption"])
-        for path, scene in made[:12]:
-            w.writerow([f"photos/{path.name}", scene.captions(rng, 1)[0]])
+    made = make_captioned_library(root, 24, 12, seed=91)
     run(
         CliRunner(),
         "index",

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
-import random
 import shutil
 import threading
 
 import numpy as np
 import pytest
 from conftest import brute_force, run, search_json, serving
-from corpus import make_images
+from corpus import make_captioned_library, make_images
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -27,13 +25,7 @@ def library(tmp_path_factory, tiny_model):
     from typer.testing import CliRunner
 
     root = tmp_path_factory.mktemp("served")
-    made = make_images(root / "photos", 30, seed=71)
-    rng = random.Random(3)
-    with (root / "captions.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "caption"])
-        for path, scene in made[:20]:
-            w.writerow([f"photos/{path.name}", scene.captions(rng, 1)[0]])
+    made = make_captioned_library(root, 30, 20, seed=71)
     (root / "secret.txt").write_text("not for the web\n")
     index = root / "idx"
     cli = CliRunner()
