@@ -51,12 +51,14 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
 
 def imports(cmd: list[str], env: dict[str, str]) -> dict[str, object]:
     out = subprocess.run([sys.executable, "-X", "importtime", *cmd[1:]], capture_output=True, text=True, env=env)
-    names = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    rows = [line.split("|") for line in out.stderr.splitlines() if line.startswith("import time:")]
+    # a blocked import (sys.modules[name] = None) is listed too, at a few microseconds: count what really loaded
+    loaded = {r[-1].strip() for r in rows if int(r[1]) >= 1000 or "." in r[-1].strip()}
     return {
-        "modules": len(names),
-        "transformers": any(n.split(".")[0] == "transformers" for n in names),
-        "timm": any(n.split(".")[0] == "timm" for n in names),
-        "torch": "torch" in names,
+        "modules": len(rows),
+        "transformers": any(n.split(".")[0] == "transformers" for n in loaded),
+        "timm": any(n.split(".")[0] == "timm" for n in loaded),
+        "torch": "torch" in loaded,
     }
 
 

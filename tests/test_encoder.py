@@ -84,3 +84,21 @@ def test_bad_config_json(tmp_path):
     (tmp_path / "x.json").write_text('{"embed_dim": 8}')
     with pytest.raises(ModelError, match="missing vision_cfg, text_cfg"):
         load_encoder(EncoderConfig(model=str(tmp_path / "x.json"), pretrained=None))
+
+
+def test_skipping_random_init_before_a_checkpoint_load_changes_no_tensor(tiny_model):
+    """The model built without random fills, then loaded from the checkpoint, equals open_clip's own load."""
+    import open_clip
+    import torch
+
+    from clipdex.retrieval.config import EncoderConfig
+    from clipdex.retrieval.encoder import load_model
+
+    loaded = load_model(EncoderConfig(model=str(tiny_model.config), pretrained=str(tiny_model.weights), device="cpu"))
+    open_clip.add_model_config(tiny_model.config)
+    reference = open_clip.create_model(tiny_model.name, pretrained=str(tiny_model.weights))
+    got, want = loaded.model.state_dict(), reference.state_dict()
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    assert torch.nn.init.normal_.__module__ == "torch.nn.init"  # put back after the load
