@@ -51,7 +51,11 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
 
 def imports(cmd: list[str], env: dict[str, str]) -> dict[str, object]:
     out = subprocess.run([sys.executable, "-X", "importtime", *cmd[1:]], capture_output=True, text=True, env=env)
-    rows = [line.split("|") for line in out.stderr.splitlines() if line.startswith("import time:")]
+    rows = [
+        r
+        for r in (line.split("|") for line in out.stderr.splitlines() if line.startswith("import time:"))
+        if r[1].strip().isdigit()
+    ]
     # a blocked import (sys.modules[name] = None) is listed too, at a few microseconds: count what really loaded
     loaded = {r[-1].strip() for r in rows if int(r[1]) >= 1000 or "." in r[-1].strip()}
     return {
