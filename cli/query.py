@@ -27,66 +27,131 @@ from clipdex.retrieval.errors import ClipdexError
 @app.command(rich_help_panel="Search")
 @friendly
 def search(
-    query: Annotated[str | None, typer.Argument(help="Text query.", show_default=False)] = None,
+    query: Annotated[str | None, typer.Argument(help="Text query (`2:text` weighs it 2).", show_default=False)] = None,
     index_dir: IndexDir = ...,  # type: ignore[assignment]
-    image: Annotated[Path | None, typer.Option(help="Query with an image file instead of text.")] = None,
+    image: Annotated[Path | None, typer.Option(help="Query with an image file (image→image by default).")] = None,
+    like: Annotated[int | None, typer.Option(help="Query with an indexed item's vector, by id.")] = None,
+    add: Annotated[
+        list[str] | None, typer.Option(help="Add a text to the query (repeatable; `2:text` weighs it).")
+    ] = None,
+    subtract: Annotated[list[str] | None, typer.Option(help="Subtract a text from the query (repeatable).")] = None,
+    add_image: Annotated[list[Path] | None, typer.Option(help="Add an image file to the query (repeatable).")] = None,
+    subtract_image: Annotated[list[Path] | None, typer.Option(help="Subtract an image file (repeatable).")] = None,
     k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Number of results.")] = 10,
     target: Annotated[TargetOpt, typer.Option(help="Search images or texts.")] = TargetOpt.images,
+    include_self: Annotated[
+        bool | None,
+        typer.Option(
+            "--include-self/--hide-self",
+            help="Keep or leave out the indexed items the query is made of (a --like id, an --image's file). "
+            "Default: a --like item is left out, an --image's file kept.",
+            show_default=False,
+        ),
+    ] = None,
+    dedup: Annotated[bool, typer.Option(help="Leave out results nearly identical to a better one.")] = False,
+    dedup_threshold: Annotated[
+        float, typer.Option(min=-1.0, max=1.0, help="Cosine at which --dedup collapses.")
+    ] = 0.95,
+    paths: Annotated[bool, typer.Option("--paths", help="Print only the paths, one per line (for xargs).")] = False,
     device: DeviceOpt = Device.auto,
     use_server: Annotated[
         bool, typer.Option("--server/--no-server", help="Let a running `clipdex serve` of this index answer.")
     ] = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Search an index with a text or an image (image→image by default).
+    """Search an index with words, an image, an indexed item, or a sum of them.
 
-    When `clipdex serve` runs for this index on this machine, it answers (the same results, without loading the
-    model here); otherwise the search runs in this process."""
-    if (query is None) == (image is None):
-        raise ClipdexError("give either a text query or --image FILE (not both)")
+    Each term is embedded and normalised, weighted (+1 for the query and each --add, -1 for each --subtract), summed
+    and normalised again; results rank by cosine with that vector. When `clipdex serve` runs for this index on this
+    machine, it answers (the same results, without loading the model here)."""
+    if sum(x is not None for x in (query, image, like)) > 1:
+        raise ClipdexError(
+            "give only one of a text query, --image FILE or --like ID; add more terms with --add/--subtract"
+        )
+    if paths and as_json:
+        raise ClipdexError("--paths and --json are two ways to print the results: choose one")
     from clipdex.retrieval.manifest import read_manifest
+    from clipdex.retrieval.query import Query
 
     read_manifest(index_dir)  # a missing or damaged index is said before anything heavy loads
-    shown = query if query is not None else str(image)
-    answer = _ask_server(index_dir, query, image, k, target.value) if use_server else None
+    q = Query.build(
+        text=query,
+        image=image,
+        like=like,
+        add=add or (),
+        subtract=subtract or (),
+        add_image=add_image or (),
+        subtract_image=subtract_image or (),
+    )
+    options = {
+        "k": k,
+        "target": target.value,
+        "include_self": include_self,
+        "dedup": dedup_threshold if dedup else None,
+    }
+    asked = {"q": query, "like": like, "add": add or [], "subtract": subtract or [], **options}
+    answer = _ask_server(index_dir, asked, image) if use_server and not (add_image or subtract_image) else None
     if answer is None:
         lean_model_imports(index_dir)
         from clipdex.retrieval.search import Searcher, Target, results_json
 
-        searcher = Searcher(index_dir, device=device.value)
         tgt = Target(target.value)
-        if query is not None:
-            hits = searcher.search_text(query, k=k, target=tgt)
-        else:
-            assert image is not None
-            hits = searcher.search_image(image, k=k, target=tgt)
-        answer = results_json(shown, tgt, hits)
-    answer["query"] = shown  # an image sent to a server is named there by its bytes only
+        hits = Searcher(index_dir, device=device.value).search(
+            q, k=k, target=tgt, include_self=include_self, dedup=dedup_threshold if dedup else None
+        )
+        answer = results_json(q.label(), tgt, hits, q.describe())
+    answer["query"] = q.label()  # an image sent to a server is named there by its bytes only
+    if q.describe() is not None:
+        answer = {
+            "query": answer["query"],
+            "target": answer["target"],
+            "terms": q.describe(),
+            "results": answer["results"],
+        }
     if as_json:
         print(json.dumps(answer, ensure_ascii=False))
-        return
-    _print_table(answer)
+    elif paths:
+        for h in answer["results"]:
+            if h["path"]:
+                print(h["path"])
+    else:
+        _print_results(answer)
 
 
-def _ask_server(index_dir: Path, query: str | None, image: Path | None, k: int, target: str) -> dict[str, Any] | None:
+def _ask_server(index_dir: Path, asked: dict[str, Any], image: Path | None) -> dict[str, Any] | None:
+    """The answer of a running `clipdex serve` (which parses the query as this command does), or None."""
     from clipdex.retrieval.remote import search_via_server
 
-    if image is None:
-        return search_via_server(index_dir, k=k, target=target, text=query)
-    from clipdex.retrieval.imaging import read_query_image
-    from clipdex.retrieval.paths import canonical
+    data = None
+    if image is not None:
+        from clipdex.retrieval.imaging import read_query_image
+        from clipdex.retrieval.paths import canonical
 
-    return search_via_server(index_dir, k=k, target=target, image=read_query_image(canonical(image)))
+        data = read_query_image(canonical(image))
+    return search_via_server(index_dir, asked, image=data)
 
 
-def _print_table(answer: dict[str, Any]) -> None:
-    images = answer["target"] == "images"
-    table = Table(title=f"{answer['query']!r} → {answer['target']}", show_header=True)
-    table.add_column("rank", justify="right")
-    table.add_column("score", justify="right")
-    table.add_column("path" if images else "text", overflow="fold")
-    for h in answer["results"]:
-        table.add_row(str(h["rank"]), f"{h['score']:.4f}", (h["path"] if images else h["text"]) or "")
-    out.print(table)
-    if not answer["results"]:
-        err.print(f"the index holds no {answer['target']}")
+def _print_results(answer: dict[str, Any]) -> None:
+    """A table on a terminal (paths never wrapped); plain tab-separated lines when piped."""
+    results, images = answer["results"], answer["target"] == "images"
+    if not out.is_terminal:
+        for h in results:
+            print(
+                "\t".join([str(h["rank"]), f"{h['score']:.4f}", h["path"] or "", (h["text"] or "").replace("\n", " ")])
+            )
+    else:
+        table = Table(title=f"{answer['query']!r} → {answer['target']}", show_header=True)
+        table.add_column("rank", justify="right")
+        table.add_column("score", justify="right")
+        if images:
+            table.add_column("path", no_wrap=True, overflow="ellipsis")
+            table.add_column("caption", overflow="fold")
+        else:
+            table.add_column("text", overflow="fold")
+            table.add_column("image", no_wrap=True, overflow="ellipsis")
+        for h in results:
+            cells = [h["path"] or "", h["text"] or ""] if images else [h["text"] or "", h["path"] or ""]
+            table.add_row(str(h["rank"]), f"{h['score']:.4f}", *cells)
+        out.print(table)
+    if not results:
+        err.print(f"no {answer['target']} found" if answer.get("terms") else f"the index holds no {answer['target']}")

@@ -6,7 +6,6 @@ and, unless the hash is already known, decoded and preprocessed for the encoder.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
@@ -18,10 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from clipdex.retrieval.imaging import MAX_FILE_BYTES, DecodeOptions, ImageDecodeError
-
-
-def content_hash(data: bytes) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+from clipdex.retrieval.items import content_hash
 
 
 @dataclass

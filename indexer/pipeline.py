@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from clipdex.indexer.decode import ImageFiles, content_hash, default_workers, iter_decoded
+from clipdex.indexer.decode import ImageFiles, default_workers, iter_decoded
 from clipdex.indexer.sources import FileEntry, TextSource, check_roots, no_images_error, open_texts, scan_root
 from clipdex.retrieval import weights
 from clipdex.retrieval.build import AnnSettings, index_writer
@@ -27,7 +27,7 @@ from clipdex.retrieval.config import EncoderConfig, ModelSpec
 from clipdex.retrieval.encoder import Encoder, load_encoder
 from clipdex.retrieval.errors import ClipdexError, IndexFormatError, InputError
 from clipdex.retrieval.imaging import DEFAULT_MAX_PIXELS
-from clipdex.retrieval.items import Kind, Record, Status
+from clipdex.retrieval.items import Kind, Record, Status, content_hash
 from clipdex.retrieval.lock import acquire_lock
 from clipdex.retrieval.manifest import MANIFEST, check_index_dir, index_encoder_config
 from clipdex.retrieval.paths import canonical, is_at_or_under

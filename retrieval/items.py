@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
+
+
+def content_hash(data: bytes) -> str:
+    """What the catalog's `hash` column holds: a file's (or a text's UTF-8) BLAKE2b-128, in hex."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 class Kind(str, Enum):

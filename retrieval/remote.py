@@ -62,12 +62,11 @@ def _live_server(index_dir: Path) -> dict[str, Any] | None:
     return entry
 
 
-def search_via_server(
-    index_dir: Path, *, k: int, target: str, text: str | None = None, image: bytes | None = None
-) -> dict[str, Any] | None:
-    """The server's answer (as `results_json`), or None when no live server answers it: the search then runs
-    locally, which also gives the same error a local search would for a request the server refuses (its limits
-    on k and query length are tighter than the CLI's)."""
+def search_via_server(index_dir: Path, asked: dict[str, Any], *, image: bytes | None = None) -> dict[str, Any] | None:
+    """The server's answer (as `results_json`) to the search `asked` describes (the API's parameters: `q`, `like`,
+    `add`, `subtract`, `k`, `target`, `include_self`, `dedup`), with an image if given; None when no live server
+    answers it. The search then runs locally, which also gives the same error a local search would for a request
+    the server refuses (its limits on k and query length are tighter than the CLI's)."""
     entry = _live_server(index_dir)
     if entry is None:
         return None
@@ -75,16 +74,20 @@ def search_via_server(
     if entry.get("token"):
         headers["Authorization"] = f"Bearer {entry['token']}"
     base = str(entry["url"]).rstrip("/")
-    if text is not None:
-        request = urllib.request.Request(
-            f"{base}/api/search?" + urllib.parse.urlencode({"q": text, "k": k, "target": target}), headers=headers
-        )
+    fields = [
+        (name, str(v).lower() if isinstance(v, bool) else str(v))
+        for name, value in asked.items()
+        if value is not None
+        for v in (value if isinstance(value, list) else [value])
+    ]
+    if image is None:
+        request = urllib.request.Request(f"{base}/api/search?" + urllib.parse.urlencode(fields), headers=headers)
     else:
-        assert image is not None
         boundary = uuid.uuid4().hex
-        body = _multipart(boundary, image, {"k": str(k), "target": target})
         headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
-        request = urllib.request.Request(f"{base}/api/search", data=body, headers=headers, method="POST")
+        request = urllib.request.Request(
+            f"{base}/api/search", data=_multipart(boundary, image, fields), headers=headers, method="POST"
+        )
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
             return json.loads(response.read())
@@ -103,10 +106,10 @@ def _error_message(e: urllib.error.HTTPError) -> str | None:
         return None
 
 
-def _multipart(boundary: str, image: bytes, fields: dict[str, str]) -> bytes:
+def _multipart(boundary: str, image: bytes, fields: list[tuple[str, str]]) -> bytes:
     parts = [
         f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-        for name, value in fields.items()
+        for name, value in fields
     ]
     parts.append(
         f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="query"\r\n'

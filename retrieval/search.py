@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
@@ -23,9 +24,10 @@ from clipdex.retrieval.batching import Batcher, LRUCache
 from clipdex.retrieval.config import ModelSpec, sha256_file
 from clipdex.retrieval.errors import IndexFormatError, InputError, ItemNotFoundError
 from clipdex.retrieval.imaging import ImageDecodeError, read_query_image
-from clipdex.retrieval.items import Kind
+from clipdex.retrieval.items import Kind, content_hash
 from clipdex.retrieval.manifest import MANIFEST, Manifest, index_encoder_config, read_manifest
 from clipdex.retrieval.paths import canonical
+from clipdex.retrieval.query import Query, Term
 from clipdex.retrieval.shards import shard_path
 
 if TYPE_CHECKING:  # the encoder pulls in torch and open_clip: imported when a query first needs it
@@ -67,9 +69,16 @@ class Hit:
         return asdict(self)
 
 
-def results_json(query: str, target: Target, hits: list[Hit]) -> dict[str, Any]:
-    """The one shape of a search answer: `clipdex search --json` prints it, the HTTP API returns it."""
-    return {"query": query, "target": target.value, "results": [h.to_json() for h in hits]}
+def results_json(
+    query: str, target: Target, hits: list[Hit], terms: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The one shape of a search answer: `clipdex search --json` prints it, the HTTP API returns it. `terms` lists
+    a composed query's parts (`Query.describe`)."""
+    out: dict[str, Any] = {"query": query, "target": target.value}
+    if terms is not None:
+        out["terms"] = terms
+    out["results"] = [h.to_json() for h in hits]
+    return out
 
 
 @dataclass
@@ -219,6 +228,73 @@ class Searcher:
             self.reload()
             return _search(self._snap, self.dir, queries, k, target)
 
+    def search(
+        self,
+        query: Query,
+        *,
+        k: int = 10,
+        target: Target = Target.IMAGES,
+        include_self: bool | None = None,
+        dedup: float | None = None,
+    ) -> list[Hit]:
+        """Rank by cosine with the query's composed vector (see `retrieval.query`).
+
+        `include_self` False leaves out the indexed items the query is made of (`like` ids, and images whose content
+        equals a query image's); True keeps them; None, the default, leaves out `like` ids only. With `dedup`, a hit
+        whose cosine with a better kept hit reaches it is left out too."""
+        if k < 1:
+            raise InputError(f"k must be at least 1 (got {k})")
+        if dedup is not None and not -1.0 <= dedup <= 1.0:
+            raise InputError(f"the dedup threshold is a cosine between -1 and 1 (got {dedup})")
+        snap = self._snap
+        vector = self.embed_query(query)
+        exclude = set() if include_self else self._own_items(snap, query, images=include_self is False)
+        want = k + len(exclude)
+        while True:
+            found = self.search_vectors(vector, k=want, target=target)[0]
+            kept = [h for h in found if h.id not in exclude]
+            if dedup is not None:
+                kept = _dedup(snap, self.dir, kept, dedup)
+            if len(kept) >= k or len(found) < want:
+                break
+            want *= 2  # exclusions and collapsed near-duplicates took places: look further down
+        return [Hit(r + 1, h.score, h.id, h.kind, h.path, h.text) for r, h in enumerate(kept[:k])]
+
+    def embed_query(self, query: Query) -> np.ndarray:
+        """The query's vector: a plain term's embedding as it is, else the normalised weighted sum of the terms'."""
+        vectors = [self._embed_term(t) for t in query.terms]
+        if query.is_plain:
+            return vectors[0]
+        total = np.sum([t.weight * v[0].astype(np.float64) for t, v in zip(query.terms, vectors, strict=True)], axis=0)
+        norm = float(np.linalg.norm(total))
+        if norm < 1e-6:
+            raise InputError("the query's terms cancel out (their weighted sum is zero); change a weight or a term")
+        return (total / norm).astype(np.float32)[None, :]
+
+    def _embed_term(self, term: Term) -> np.ndarray:
+        if term.text is not None:
+            return self.embed_text(term.text)
+        if term.item is not None:
+            snap = self._snap
+            _position(snap, term.item)  # a clear error for an unknown id
+            return _fetch(snap, self.dir, np.array([term.item], dtype=np.int64))
+        image = term.image if term.image is not None else term.data
+        assert image is not None
+        return self.embed_image(image)
+
+    def _own_items(self, snap: _Snapshot, query: Query, *, images: bool) -> set[int]:
+        """Indexed items a query is made of: `like` ids, and (`images`) images whose content equals a query image's."""
+        own = {t.item for t in query.terms if t.item is not None and t.weight > 0}
+        hashes = set()
+        for t in query.terms:
+            if images and t.weight > 0 and (t.image is not None or t.data is not None):
+                data = t.data if t.data is not None else read_query_image(canonical(t.image))  # type: ignore[arg-type]
+                hashes.add(content_hash(data))
+        if hashes and snap.items is not None and "hash" in snap.items.column_names:
+            same = pc.is_in(snap.items["hash"], value_set=pa.array(sorted(hashes)))
+            own.update(snap.items.filter(same)["id"].to_pylist())
+        return own
+
     def item(self, item_id: int) -> Item:
         """The item with this id, as search results show it."""
         snap = self._snap
@@ -233,11 +309,19 @@ class Searcher:
         snap = self._snap
         pos = _position(snap, item_id)
         target = Target.IMAGES if snap.items["kind"][pos].as_py() == Kind.IMAGE.value else Target.TEXTS
-        vector = _fetch(snap, self.dir, np.array([item_id], dtype=np.int64))
-        hits = [h for h in _search(snap, self.dir, vector, k + 1, target)[0] if h.id != item_id][:k]
-        return [
-            Hit(rank=r + 1, score=h.score, id=h.id, kind=h.kind, path=h.path, text=h.text) for r, h in enumerate(hits)
-        ]
+        return self.search(Query.build(like=item_id), k=k, target=target)
+
+
+def _dedup(snap: _Snapshot, index_dir: Path, hits: list[Hit], threshold: float) -> list[Hit]:
+    """Best first, keep a hit unless its cosine with a hit already kept reaches `threshold`."""
+    if len(hits) < 2:
+        return hits
+    vectors = _fetch(snap, index_dir, np.array([h.id for h in hits], dtype=np.int64))
+    kept: list[int] = []
+    for i in range(len(hits)):
+        if not kept or float(np.max(vectors[kept] @ vectors[i])) < threshold:
+            kept.append(i)
+    return [hits[i] for i in kept]
 
 
 def _stack(pixels: list[Any]) -> Any:
@@ -345,7 +429,7 @@ def _hits(snap: _Snapshot, index_dir: Path, scores: np.ndarray, ids: np.ndarray)
 def _read_items(path: Path) -> Any:
     """The item columns hits show; an image's `text` is its first linked caption."""
     names = pq.read_schema(path).names
-    columns = ["id", "kind", "path", "text", "status", "shard", "row"]
+    columns = ["id", "kind", "path", "text", "status", "shard", "row"] + (["hash"] if "hash" in names else [])
     table = pq.read_table(path, columns=columns + (["caption"] if "caption" in names else []))
     if "caption" in names:  # format 1 stored the caption in `text` already
         text = pc.if_else(pc.equal(table["kind"], "image"), table["caption"], table["text"])

@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clipdex.retrieval.errors import ClipdexError, IndexFormatError, IndexNotFoundError, InputError, ItemNotFoundError
+from clipdex.retrieval.query import Query as QueryTerms
 from clipdex.retrieval.search import Searcher, Target, results_json
 from clipdex.retrieval.thumbnails import (
     THUMBNAIL_SIZE,
@@ -77,9 +78,17 @@ class HitModel(BaseModel):
     text: str | None
 
 
+class TermModel(BaseModel):
+    weight: float
+    text: str | None = None
+    image: str | None = None
+    like: int | None = None
+
+
 class SearchResponse(BaseModel):
     query: str
     target: Literal["images", "texts"]
+    terms: list[TermModel] | None = None
     results: list[HitModel]
 
 
@@ -91,9 +100,14 @@ class ItemModel(BaseModel):
 
 
 class SearchBody(BaseModel):
-    q: str
+    q: str | None = None
+    like: int | None = None
+    add: list[str] = []
+    subtract: list[str] = []
     k: int = 10
     target: Literal["images", "texts"] = "images"
+    include_self: bool | None = None
+    dedup: float | None = None
 
 
 class ErrorModel(BaseModel):
@@ -199,14 +213,38 @@ def create_app(searcher: Searcher, config: ServeConfig) -> FastAPI:
         }
         return data
 
+    def answer(
+        s: Searcher, body: SearchBody, *, data: bytes | None = None, filename: str | None = None
+    ) -> dict[str, Any]:
+        for text in [body.q or "", *body.add, *body.subtract]:
+            if len(text) > config.max_query_chars:
+                raise InputError(f"a query text is {len(text)} characters long; the limit is {config.max_query_chars}")
+        if body.q is not None:
+            check_query(body.q)
+        query = QueryTerms.build(text=body.q, data=data, like=body.like, add=body.add, subtract=body.subtract)
+        tgt = Target(body.target)
+        hits = s.search(query, k=check_k(body.k), target=tgt, include_self=body.include_self, dedup=body.dedup)
+        label = filename or "upload" if data is not None and body.q is None and body.like is None else query.label()
+        return results_json(label, tgt, hits, query.describe())
+
     @app.get("/api/search", response_model=SearchResponse, tags=["search"])
     def search_get(
-        q: str = Query(description="Text query."),
+        q: str | None = Query(None, description="Text query (`2:text` weighs it 2)."),
+        like: int | None = Query(None, description="An indexed item's id, to search by its vector."),
+        add: list[str] = Query([], description="Texts added to the query (repeatable)."),
+        subtract: list[str] = Query([], description="Texts subtracted from the query (repeatable)."),
         k: int = Query(10, description="Number of results."),
         target: Literal["images", "texts"] = Query("images", description="Search images or texts."),
+        include_self: bool | None = Query(
+            None,
+            description="Keep (true) or leave out (false) the indexed items the query is made of; default: leave out `like` items only.",
+        ),
+        dedup: float | None = Query(None, description="Leave out results this close (cosine) to a better one."),
     ) -> _JSON:
-        s, query, tgt = current(), check_query(q), Target(target)
-        return _JSON(results_json(query, tgt, s.search_text(query, k=check_k(k), target=tgt)))
+        body = SearchBody(
+            q=q, like=like, add=add, subtract=subtract, k=k, target=target, include_self=include_self, dedup=dedup
+        )
+        return _JSON(answer(current(), body))
 
     @app.post(
         "/api/search",
@@ -223,8 +261,13 @@ def create_app(searcher: Searcher, config: ServeConfig) -> FastAPI:
                             "properties": {
                                 "image": {"type": "string", "format": "binary"},
                                 "q": {"type": "string"},
+                                "like": {"type": "integer"},
+                                "add": {"type": "array", "items": {"type": "string"}},
+                                "subtract": {"type": "array", "items": {"type": "string"}},
                                 "k": {"type": "integer", "default": 10},
                                 "target": {"type": "string", "enum": ["images", "texts"], "default": "images"},
+                                "include_self": {"type": "boolean"},
+                                "dedup": {"type": "number"},
                             },
                         }
                     },
@@ -235,35 +278,40 @@ def create_app(searcher: Searcher, config: ServeConfig) -> FastAPI:
     async def search_post(request: Request) -> _JSON:
         """Search by an uploaded image (multipart field `image`; image→image by default) or by text (JSON `q`)."""
         s = current()
-        body = await _read_limited(request, config.max_upload_bytes + (64 << 10))
+        raw = await _read_limited(request, config.max_upload_bytes + (64 << 10))
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "application/json":
             try:
-                parsed = SearchBody.model_validate_json(body)
+                body = SearchBody.model_validate_json(raw)
             except ValueError as e:
                 raise InputError(
-                    f"the JSON body must be {{'q': TEXT, 'k': N, 'target': 'images'|'texts'}} ({_first_line(e)})"
+                    f"the JSON body must be {{'q': TEXT, 'k': N, 'target': 'images'|'texts', ...}} ({_first_line(e)})"
                 ) from None
-            query, tgt, k = check_query(parsed.q), Target(parsed.target), check_k(parsed.k)
-            hits = await run_in_threadpool(s.search_text, query, k=k, target=tgt)
-            return _JSON(results_json(query, tgt, hits))
+            return _JSON(await run_in_threadpool(answer, s, body))
         if kind != "multipart/form-data":
             raise InputError("send multipart/form-data with an `image` file, or application/json with `q`")
-        form = await _replay(request, body).form(max_files=1, max_fields=8)
-        k, tgt = check_k(_form_int(form.get("k"), 10)), _form_target(form.get("target"))
+        form = await _replay(request, raw).form(max_files=1, max_fields=64)
+        texts = {name: [v for v in form.getlist(name) if isinstance(v, str)] for name in ("add", "subtract")}
+        q, like = form.get("q"), form.get("like")
+        body = SearchBody(
+            q=q if isinstance(q, str) else None,
+            like=_form_int(like, None, "like") if like is not None else None,
+            add=texts["add"],
+            subtract=texts["subtract"],
+            k=_form_int(form.get("k"), 10, "k"),
+            target=_form_target(form.get("target")).value,
+            include_self=_form_bool(form.get("include_self")),
+            dedup=_form_float(form.get("dedup")),
+        )
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
-            text = form.get("q")
-            if isinstance(text, str):
-                query = check_query(text)
-                hits = await run_in_threadpool(s.search_text, query, k=k, target=tgt)
-                return _JSON(results_json(query, tgt, hits))
-            raise InputError("the form needs an `image` file (or a `q` text)")
+            if body.q is None and body.like is None:
+                raise InputError("the form needs an `image` file (or a `q` text)")
+            return _JSON(await run_in_threadpool(answer, s, body))
         data = await upload.read()
         if len(data) > config.max_upload_bytes:
             raise _TooLarge(config.max_upload_bytes)
-        hits = await run_in_threadpool(s.search_image, data, k=k, target=tgt)
-        return _JSON(results_json(upload.filename or "upload", tgt, hits))
+        return _JSON(await run_in_threadpool(answer, s, body, data=data, filename=upload.filename))
 
     @app.get("/api/items/{item}", response_model=ItemModel, tags=["items"])
     def get_item(item: str) -> _JSON:
@@ -363,12 +411,29 @@ def _replay(request: Request, body: bytes) -> Request:
     return Request(request.scope, receive)
 
 
-def _form_int(value: Any, default: int) -> int:
+def _form_int(value: Any, default: Any, name: str) -> Any:
     if value is None or value == "":
         return default
-    if not isinstance(value, str) or not re.fullmatch(r"-?[0-9]{1,9}", value.strip()):
-        raise InputError(f"k must be a whole number (got {value!r})")
+    if not isinstance(value, str) or not re.fullmatch(r"-?[0-9]{1,18}", value.strip()):
+        raise InputError(f"{name} must be a whole number (got {value!r})")
     return int(value)
+
+
+def _form_bool(value: Any) -> bool | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise InputError(f"include_self must be true or false (got {value!r})")
+    return value.strip().lower() in ("true", "1", "yes")
+
+
+def _form_float(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return float(value) if isinstance(value, str) else float("nan")
+    except ValueError:
+        raise InputError(f"dedup must be a number (got {value!r})") from None
 
 
 def _form_target(value: Any) -> Target:

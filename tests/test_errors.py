@@ -107,8 +107,8 @@ def test_caption_file_errors(cli, tmp_path, photos, tiny_model):
 def test_search_usage_errors(cli, tmp_path, photos, tiny_model):
     idx = str(tmp_path / "idx")
     assert cli.invoke(app, ["index", str(photos), "--index", idx, *tiny_model.cli_args()]).exit_code == 0
-    assert_one_line_error(cli.invoke(app, ["search", "--index", idx]), "either a text query or --image")
-    assert_one_line_error(cli.invoke(app, ["search", "dog", "--image", str(photos), "--index", idx]), "not both")
+    assert_one_line_error(cli.invoke(app, ["search", "--index", idx]), "give a text query, --image FILE or --like ID")
+    assert_one_line_error(cli.invoke(app, ["search", "dog", "--image", str(photos), "--index", idx]), "only one of")
     assert_one_line_error(cli.invoke(app, ["search", "--image", str(tmp_path / "no.png"), "--index", idx]), "not found")
     assert_one_line_error(cli.invoke(app, ["search", "   ", "--index", idx]), "empty")
     other = tmp_path / "other.json"
