@@ -55,7 +55,12 @@ class TargetOpt(str, Enum):
     texts = "texts"
 
 
-IndexDir = Annotated[Path, typer.Option("--index", "-i", help="Index directory.", show_default=False)]
+IndexDir = Annotated[
+    Path,
+    typer.Option(
+        "--index", "-i", envvar="CLIPDEX_INDEX", help="Index directory ($CLIPDEX_INDEX by default).", show_default=False
+    ),
+]
 ModelOpt = Annotated[
     str | None,
     typer.Option(

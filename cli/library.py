@@ -38,7 +38,9 @@ def index(
         list[Path] | None, typer.Argument(help="Folders (walked recursively) and image files.", show_default=False)
     ] = None,
     index_dir: IndexDir = ...,  # type: ignore[assignment]
-    texts: Annotated[Path | None, typer.Option(help="Caption file: .txt, .csv, .tsv, .jsonl or .parquet.")] = None,
+    texts: Annotated[
+        list[Path] | None, typer.Option(help="Caption file: .txt, .csv, .tsv, .jsonl or .parquet (repeatable).")
+    ] = None,
     text_column: Annotated[str | None, typer.Option(help="Text column (default: caption, then text).")] = None,
     image_column: Annotated[
         str | None, typer.Option(help="Column of image paths, relative to the caption file (default: image).")
@@ -70,7 +72,7 @@ def index(
     config = IndexConfig(
         paths=tuple(paths or ()),
         index_dir=index_dir,
-        texts=texts,
+        texts=tuple(texts or ()),
         text_column=text_column,
         image_column=image_column,
         encoder=encoder_config(model, pretrained, device, index_dir),
@@ -85,7 +87,8 @@ def index(
     with progress_bar() as bar:
         summary = run_index(config, progress=RichProgress(bar))
     if as_json:
-        print(json.dumps(summary.to_json()))
+        failures = [{"path": path, "error": reason} for path, reason in summary.failures]
+        print(json.dumps({**summary.to_json(), "failures": failures, "notes": summary.notes}, ensure_ascii=False))
     else:
         table = Table(title=f"clipdex index → {index_dir}", show_header=True)
         for key in summary.to_json():
@@ -252,7 +255,7 @@ def info(
         return
     table = Table(show_header=False, title=f"clipdex index {index_dir}")
     table.add_column("", style="bold")
-    table.add_column("")
+    table.add_column("", no_wrap=True)
     model = data["model"]
     table.add_row("model", f"{model['name']} / {model['pretrained']}")
     table.add_row("dim", str(data["dim"]))
@@ -264,7 +267,14 @@ def info(
         table.add_row(f"{key} index", value + extra)
     table.add_row("size on disk", human_bytes(data["size_bytes"]))
     table.add_row("format", str(data["format_version"]))
-    out.print(table)
+    table.add_row("last update", data["updated"] or "never")
+    for i, root in enumerate(data["roots"]):
+        table.add_row("indexed roots" if i == 0 else "", root)
+    if out.is_terminal:
+        out.print(table)
+    else:  # piped: one `key<TAB>value` line per row, nothing wrapped or cut
+        for key, value in zip(table.columns[0].cells, table.columns[1].cells, strict=True):
+            print(f"{key}\t{value}")
     if failed:
         fails = Table(title="failed items", show_header=True)
         fails.add_column("path or text", overflow="fold")

@@ -44,7 +44,7 @@ class Interrupted(ClipdexError):
 class IndexConfig:
     paths: tuple[Path, ...]
     index_dir: Path
-    texts: Path | None = None
+    texts: Path | tuple[Path, ...] | None = None  # caption files, one or several
     text_column: str | None = None
     image_column: str | None = None
     encoder: EncoderConfig | None = None  # None: the index's own model, or the default for a new index
@@ -99,7 +99,8 @@ def run_index(config: IndexConfig, *, progress: Progress | None = None) -> Summa
     progress = progress or NoProgress()
     check_index_dir(config.index_dir)
     roots = [canonical(p) for p in config.paths]
-    if not roots and config.texts is None:
+    text_files = (config.texts,) if isinstance(config.texts, Path) else tuple(config.texts or ())
+    if not roots and not text_files:
         raise InputError("nothing to index: give folders or image files, and/or --texts FILE")
     check_roots(roots)
     is_new = not (config.index_dir / MANIFEST).exists()
@@ -107,14 +108,12 @@ def run_index(config: IndexConfig, *, progress: Progress | None = None) -> Summa
         for root in roots:
             if not root.exists():
                 raise no_images_error(root)
-    texts = None
-    if config.texts is not None:
-        texts = open_texts(
-            canonical(config.texts),
-            text_column=config.text_column,
-            image_column=config.image_column,
-            require_images=is_new,
+    texts = [
+        open_texts(
+            canonical(f), text_column=config.text_column, image_column=config.image_column, require_images=is_new
         )
+        for f in dict.fromkeys(canonical(f) for f in text_files)  # one file named twice is read once
+    ]
     fresh = FreshIndexDir(config.index_dir)
     encoder_config, existing = _encoder_config(config)
     # an existing index is locked before the model loads, so a second indexer is refused at once
@@ -137,8 +136,8 @@ def run_index(config: IndexConfig, *, progress: Progress | None = None) -> Summa
         with _graceful_interrupt() as stop_requested:
             run = _Run(config, writer, encoder, progress, stop_requested)
             run.images(roots, texts)
-            if texts is not None:
-                run.texts(texts)
+            for source in texts:
+                run.texts(source)
             run.finish(roots)
     except KeyboardInterrupt:
         run.flush()
@@ -229,7 +228,7 @@ class _Run:
 
     # -- images ---------------------------------------------------------------------------------
 
-    def images(self, roots: list[Path], texts: TextSource | None) -> None:
+    def images(self, roots: list[Path], texts: list[TextSource]) -> None:
         t0 = time.perf_counter()
         entries: dict[str, FileEntry] = {}
         scanned: list[str] = []
@@ -243,11 +242,13 @@ class _Run:
             else:
                 self._remove_gone_root(root)
         sources = set(scanned)
-        if texts is not None and texts.image_column:
-            sources.add(str(texts.path))
-            for row in texts:
+        for source in texts:
+            if not source.image_column:
+                continue
+            sources.add(str(source.path))
+            for row in source:
                 if row.image is not None and row.image.is_file():  # a bad caption does not make its image bad
-                    e = _scan_one(row.image, str(texts.path))
+                    e = _scan_one(row.image, str(source.path))
                     if e is not None:
                         entries.setdefault(str(e.path), e)
         existing = {r["path"]: r for r in self.writer.rows("kind = 'image'")}

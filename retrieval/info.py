@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,19 @@ def index_info(index_dir: Path, *, with_failures: bool = False) -> dict[str, Any
         },
         "size_bytes": size,
         "generation": manifest.snapshot.generation,
+        "roots": list(manifest.roots),
+        "updated": _iso(manifest.snapshot.published),
     }
     if with_failures:
         data["failures"] = _failures(index_dir, manifest)
     return data
+
+
+def _iso(timestamp: float | None) -> str | None:
+    """When the last snapshot was published, as local time with its offset (ISO 8601)."""
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
 
 
 def _failures(index_dir: Path, manifest: Manifest) -> list[dict[str, Any]]:

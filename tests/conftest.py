@@ -144,3 +144,8 @@ def serving(app: object) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def counts(summary: dict) -> dict:
+    """The counts of an `index --json` summary (it also lists failures and notes)."""
+    return {k: summary[k] for k in ("added", "updated", "removed", "unchanged", "failed")}
