@@ -64,9 +64,19 @@ def index(
     profile: Annotated[
         bool, typer.Option(help="Report where the time went (scan, decode wait, encode, write).")
     ] = False,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Skip files and folders matching this glob (repeatable; relative to each folder given).",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Index folders of images and/or a caption file; re-running only encodes what changed."""
+    """Index folders of images and/or a caption file; re-running only encodes what changed.
+
+    Hidden files and folders (.git, .thumbnails, ._* files) and NAS/system folders (@eaDir, #recycle, $RECYCLE.BIN)
+    are skipped, and so is whatever a `.clipdexignore` file (one glob a line) in an indexed folder names."""
     from clipdex.indexer.pipeline import IndexConfig, run_index
 
     config = IndexConfig(
@@ -83,6 +93,7 @@ def index(
         commit_every=commit_every,
         publish_every_s=publish_every,
         ann=ann_settings(index_type, memory, target_recall, keep_default=True),
+        exclude=tuple(exclude or ()),
     )
     with progress_bar() as bar:
         summary = run_index(config, progress=RichProgress(bar))

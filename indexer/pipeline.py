@@ -55,6 +55,7 @@ class IndexConfig:
     commit_every: int = 16  # batches
     publish_every_s: float = 60.0
     ann: AnnSettings | None = None  # None: keep the index's settings (automatic for a new one)
+    exclude: tuple[str, ...] = ()  # globs of files and folders not to index, relative to each root
 
 
 @dataclass
@@ -234,7 +235,7 @@ class _Run:
         scanned: list[str] = []
         for root in roots:
             found = 0
-            for entry in scan_root(root):
+            for entry in scan_root(root, self.config.exclude):
                 found += 1
                 entries.setdefault(str(entry.path), entry)
             if found:

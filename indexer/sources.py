@@ -8,6 +8,7 @@ each real folder once, so a link loop cannot make the walk run forever.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import io
 import json
 import logging
@@ -23,7 +24,15 @@ from clipdex.retrieval.paths import canonical
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
+)
+# Never walked into or indexed: hidden files and folders (`.git`, `.thumbnails`, macOS `._*` forks), NAS and
+# system folders of thumbnails and deleted files. A root given by name is indexed whatever its name.
+SKIPPED_NAMES = frozenset(
+    {"@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information", "lost+found"}
+)
+IGNORE_FILE = ".clipdexignore"  # one glob a line (`#` comments), for the folder it is in and everything below
 TEXT_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
 DEFAULT_TEXT_COLUMNS = ("caption", "text")
 DEFAULT_IMAGE_COLUMN = "image"
@@ -41,13 +50,41 @@ class FileEntry:
     source: str
 
 
-def walk_images(root: Path) -> Iterator[Path]:
+def skipped(name: str) -> bool:
+    return name.startswith(".") or name in SKIPPED_NAMES
+
+
+def _ignore_patterns(folder: Path) -> list[str]:
+    try:
+        lines = (folder / IGNORE_FILE).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def _excluded(relative: str, name: str, patterns: list[tuple[str, str]]) -> bool:
+    """Glob patterns as .gitignore reads them: one with a `/` matches the path relative to the folder whose pattern
+    it is, one without matches the name; a trailing `/` is dropped (folders and files alike)."""
+    for base, pattern in patterns:
+        pattern = pattern.rstrip("/")
+        if "/" in pattern:
+            rel = relative[len(base) :].lstrip("/") if relative.startswith(base) else None
+            if rel is not None and fnmatch.fnmatchcase(rel, pattern.lstrip("/")):
+                return True
+        elif fnmatch.fnmatchcase(name, pattern):
+            return True
+    return False
+
+
+def walk_images(root: Path, exclude: tuple[str, ...] = ()) -> Iterator[Path]:
     """Canonical paths of the image files under the canonical folder `root`, in a stable (sorted) order.
 
-    Symlinked folders are followed into their real folder, which is walked once however it is reached."""
+    Symlinked folders are followed into their real folder, which is walked once however it is reached. Hidden and
+    system folders and files are skipped (`SKIPPED_NAMES`), and so is what matches `exclude` (globs, relative to
+    `root`) or a `.clipdexignore` file in a walked folder (relative to that folder)."""
     seen: set[tuple[int, int]] = set()
 
-    def walk(folder: Path) -> Iterator[Path]:
+    def walk(folder: Path, relative: str, patterns: list[tuple[str, str]]) -> Iterator[Path]:
         try:
             st = folder.stat()
             if (st.st_dev, st.st_ino) in seen:
@@ -57,25 +94,29 @@ def walk_images(root: Path) -> Iterator[Path]:
         except OSError as e:  # unreadable or vanished folder: skip it, keep walking
             log.warning("skipping folder %s: %s", folder, e.strerror or e)
             return
+        patterns = patterns + [(relative, p) for p in _ignore_patterns(folder)]
         subfolders = []
         for entry in entries:
+            rel = f"{relative}/{entry.name}" if relative else entry.name
+            if skipped(entry.name) or _excluded(rel, entry.name, patterns):
+                continue
             try:
                 if entry.is_dir():  # follows symlinks
-                    subfolders.append(canonical(entry.path) if entry.is_symlink() else Path(entry.path))
+                    subfolders.append((canonical(entry.path) if entry.is_symlink() else Path(entry.path), rel))
                 elif is_image_file(Path(entry.name)):
                     yield canonical(entry.path) if entry.is_symlink() else Path(entry.path)
             except OSError:
                 continue
-        for sub in subfolders:
-            yield from walk(sub)
+        for sub, rel in subfolders:
+            yield from walk(sub, rel, patterns)
 
-    yield from walk(root)
+    yield from walk(root, "", [("", p) for p in exclude])
 
 
-def scan_root(root: Path) -> Iterator[FileEntry]:
+def scan_root(root: Path, exclude: tuple[str, ...] = ()) -> Iterator[FileEntry]:
     """Stat every image at or under the canonical path `root` (a folder or one image file)."""
     source = str(root)
-    paths = walk_images(root) if root.is_dir() else iter([root])
+    paths = walk_images(root, exclude) if root.is_dir() else iter([root])
     for path in paths:
         entry = _stat(path, source)
         if entry is not None:

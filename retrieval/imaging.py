@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import re
 import threading
@@ -20,6 +21,17 @@ MAX_FILE_BYTES = 1 << 30  # an "image" file over 1 GiB is refused unread
 # Past this aspect ratio an image is cut to its centre before preprocessing: resizing the short side
 # of a 100000x1 strip to 224 pixels would allocate gigabytes, and the centre crop discards the rest anyway.
 MAX_ASPECT = 32.0
+
+
+@functools.cache
+def register_heif() -> bool:
+    """Teach Pillow to open HEIC/HEIF (phone photos) through pillow-heif, once; AVIF is Pillow's own."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
 
 
 def read_query_image(path: Path) -> bytes:
@@ -93,6 +105,7 @@ def decode_image(
     """
     if not data:
         raise ImageDecodeError("empty file")
+    register_heif()
     try:
         # Between PIL's limit and twice it PIL only warns (the CLI silences that warning: our own limit decides)
         with _pil_limit(max_pixels):

@@ -21,7 +21,13 @@ from pathlib import Path
 from PIL import Image
 
 from clipdex.retrieval.errors import ClipdexError
-from clipdex.retrieval.imaging import DEFAULT_MAX_PIXELS, MAX_FILE_BYTES, ImageDecodeError, decode_image
+from clipdex.retrieval.imaging import (
+    DEFAULT_MAX_PIXELS,
+    MAX_FILE_BYTES,
+    ImageDecodeError,
+    decode_image,
+    register_heif,
+)
 from clipdex.retrieval.weights import cache_root
 
 log = logging.getLogger(__name__)
@@ -75,6 +81,7 @@ def open_item_file(path: str) -> tuple[ItemFile, int]:
 
 def _media_type(head: bytes, size: int, fd: int) -> str:
     """The image's MIME type from its content; refuse what PIL cannot identify as an image."""
+    register_heif()
     for data in (head, None):
         if data is None:
             if size <= len(head):

@@ -189,7 +189,7 @@ def test_files_vanishing_mid_run(cli, tmp_path, tiny_model: TinyModel, monkeypat
     ghost = FileEntry(tmp_path / "p" / "ghost.png", 10, 1.0, str(tmp_path / "p"))
     doomed.unlink()  # listed by the scan, gone by the time a worker reads it
     listing = [FileEntry(e.path, e.size, e.mtime + 1, e.source) if e.path == doomed else e for e in listing]
-    monkeypatch.setattr(pipeline, "scan_root", lambda root: iter([*listing, ghost]))
+    monkeypatch.setattr(pipeline, "scan_root", lambda root, exclude=(): iter([*listing, ghost]))
     result = cli.invoke(app, ["index", str(tmp_path / "p"), "--index", str(index), "--json"])
     assert counts(json.loads(result.stdout)) == {"added": 0, "updated": 0, "removed": 1, "unchanged": 3, "failed": 0}
 
