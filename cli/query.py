@@ -155,3 +155,44 @@ def _print_results(answer: dict[str, Any]) -> None:
         out.print(table)
     if not results:
         err.print(f"no {answer['target']} found" if answer.get("terms") else f"the index holds no {answer['target']}")
+
+
+@app.command(rich_help_panel="Search")
+@friendly
+def duplicates(
+    index_dir: IndexDir = ...,  # type: ignore[assignment]
+    threshold: Annotated[
+        float, typer.Option(min=-1.0, max=1.0, help="Cosine at which two images are duplicates.")
+    ] = 0.95,
+    as_json: JsonOpt = False,
+) -> None:
+    """Groups of near-duplicate images: every pair at or above --threshold joins, largest groups first."""
+    from clipdex.retrieval.manifest import read_manifest
+
+    read_manifest(index_dir)
+    from clipdex.retrieval.duplicates import find_duplicates
+    from clipdex.retrieval.search import Searcher
+
+    found = find_duplicates(Searcher(index_dir, device="cpu"), threshold=threshold)
+    if as_json:
+        print(json.dumps(found.to_json(), ensure_ascii=False))
+        return
+    if not out.is_terminal:
+        for n, group in enumerate(found.groups, 1):
+            for m in group:
+                print(f"{n}\t{m['score']:.4f}\t{m['bytes'] or ''}\t{m['path']}")
+    else:
+        from clipdex.cli.common import human_bytes
+
+        table = Table(title=f"near-duplicates at cosine ≥ {threshold} ({found.method} range search)")
+        table.add_column("group", justify="right")
+        table.add_column("score", justify="right")
+        table.add_column("size", justify="right")
+        table.add_column("path", no_wrap=True, overflow="ellipsis")
+        for n, group in enumerate(found.groups, 1):
+            for i, m in enumerate(group):
+                table.add_row(
+                    str(n) if i == 0 else "", f"{m['score']:.4f}", human_bytes(m["bytes"] or 0), m["path"] or ""
+                )
+        out.print(table)
+    err.print(f"{len(found.groups)} groups, {sum(len(g) for g in found.groups)} images", highlight=False)

@@ -165,6 +165,28 @@ class Searcher:
         index = self._snap.indexes.get(target)
         return 0 if index is None else int(index.ntotal)
 
+    def ids(self, target: Target) -> np.ndarray:
+        """Ids of the searchable items of a kind, ascending."""
+        snap = self._snap
+        if snap.items is None:
+            return np.zeros(0, dtype=np.int64)
+        return snap.ids[snap.items["kind"].to_numpy(zero_copy_only=False) == target.kind.value]
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """Stored float32 vectors of these ids (unit length)."""
+        return _fetch(self._snap, self.dir, np.asarray(ids, dtype=np.int64))
+
+    def rows(self, ids: np.ndarray) -> list[dict[str, Any]]:
+        """`id`, `kind`, `path`, `text` and `size` (bytes) of these ids."""
+        snap = self._snap
+        table = snap.items.take(_positions(snap, self.dir, np.asarray(ids, dtype=np.int64)))
+        keep = [c for c in ("id", "kind", "path", "text", "size") if c in table.column_names]
+        return table.select(keep).to_pylist()
+
+    def ann_index(self, target: Target) -> Any:
+        """The FAISS index searches of a kind use (for range searches); None when the kind is empty."""
+        return self._snap.indexes.get(target)
+
     def _batchers(self) -> tuple[Batcher[str], Batcher[Any], LRUCache]:
         """Batchers and the text cache of the current encoder (new ones when `reindex` swapped the model)."""
         encoder = self.encoder
@@ -429,7 +451,7 @@ def _hits(snap: _Snapshot, index_dir: Path, scores: np.ndarray, ids: np.ndarray)
 def _read_items(path: Path) -> Any:
     """The item columns hits show; an image's `text` is its first linked caption."""
     names = pq.read_schema(path).names
-    columns = ["id", "kind", "path", "text", "status", "shard", "row"] + (["hash"] if "hash" in names else [])
+    columns = ["id", "kind", "path", "text", "status", "shard", "row"] + [c for c in ("hash", "size") if c in names]
     table = pq.read_table(path, columns=columns + (["caption"] if "caption" in names else []))
     if "caption" in names:  # format 1 stored the caption in `text` already
         text = pc.if_else(pc.equal(table["kind"], "image"), table["caption"], table["text"])
