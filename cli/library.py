@@ -1,4 +1,4 @@
-"""Commands that build and keep an index: index, remove, build, import, check, info."""
+"""Commands that build and keep an index: index, remove, build, import, export, check, info, reindex."""
 
 from __future__ import annotations
 
@@ -293,6 +293,30 @@ def info(
         for item in data["failures"]:
             fails.add_row(item["path"] or item["text"] or "", item["error"] or "")
         out.print(fails)
+
+
+@app.command(name="export", rich_help_panel="Index")
+@friendly
+def export_index(
+    index_dir: IndexDir = ...,  # type: ignore[assignment]
+    out_dir: Annotated[Path, typer.Option("--out", help="A new folder for img_emb/, text_emb/, metadata/.")] = ...,  # type: ignore[assignment]
+    float16: Annotated[bool, typer.Option(help="Write vectors as float16 (half the size, 1e-3 precision).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the index's vectors in clip-retrieval's layout (`clipdex import` reads it back)."""
+    from clipdex.indexer.exporter import export_clip_retrieval
+    from clipdex.retrieval.manifest import read_manifest
+
+    read_manifest(index_dir)
+    summary = export_clip_retrieval(index_dir, out_dir, float16=float16)
+    if as_json:
+        print(json.dumps(summary.to_json()))
+    else:
+        err.print(
+            f"exported {summary.images} images and {summary.texts} texts in {summary.partitions} partitions to {out_dir}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command(rich_help_panel="Index")

@@ -159,6 +159,9 @@ def _load(path: Path, dim: int) -> np.ndarray:
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:
+    """Unit rows; a row already of unit length (to float32 precision) is kept bit for bit, so an export by
+    `clipdex export` imports back to the very same vectors."""
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1)
+    unit = np.abs(norms - 1) <= 1e-6
+    return np.where(unit, x, x / np.where(norms > 0, norms, 1))

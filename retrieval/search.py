@@ -177,10 +177,10 @@ class Searcher:
         return _fetch(self._snap, self.dir, np.asarray(ids, dtype=np.int64))
 
     def rows(self, ids: np.ndarray) -> list[dict[str, Any]]:
-        """`id`, `kind`, `path`, `text` and `size` (bytes) of these ids."""
+        """`id`, `kind`, `path`, `text`, `size` (bytes) and `link` (a caption's image) of these ids."""
         snap = self._snap
         table = snap.items.take(_positions(snap, self.dir, np.asarray(ids, dtype=np.int64)))
-        keep = [c for c in ("id", "kind", "path", "text", "size") if c in table.column_names]
+        keep = [c for c in ("id", "kind", "path", "text", "size", "link") if c in table.column_names]
         return table.select(keep).to_pylist()
 
     def ann_index(self, target: Target) -> Any:
@@ -451,7 +451,9 @@ def _hits(snap: _Snapshot, index_dir: Path, scores: np.ndarray, ids: np.ndarray)
 def _read_items(path: Path) -> Any:
     """The item columns hits show; an image's `text` is its first linked caption."""
     names = pq.read_schema(path).names
-    columns = ["id", "kind", "path", "text", "status", "shard", "row"] + [c for c in ("hash", "size") if c in names]
+    columns = ["id", "kind", "path", "text", "status", "shard", "row"] + [
+        c for c in ("hash", "size", "link") if c in names
+    ]
     table = pq.read_table(path, columns=columns + (["caption"] if "caption" in names else []))
     if "caption" in names:  # format 1 stored the caption in `text` already
         text = pc.if_else(pc.equal(table["kind"], "image"), table["caption"], table["text"])
