@@ -196,3 +196,59 @@ def duplicates(
                 )
         out.print(table)
     err.print(f"{len(found.groups)} groups, {sum(len(g) for g in found.groups)} images", highlight=False)
+
+
+@app.command(rich_help_panel="Search")
+@friendly
+def classify(
+    index_dir: IndexDir = ...,  # type: ignore[assignment]
+    labels: Annotated[str | None, typer.Option(help="Classes, comma-separated: 'cat,dog,car'.")] = None,
+    labels_file: Annotated[Path | None, typer.Option(help="Classes, one a line.")] = None,
+    templates: Annotated[
+        Path | None, typer.Option(help="Prompt templates, one a line, {} marking the label (default: CLIP's seven).")
+    ] = None,
+    eval_folder: Annotated[
+        Path | None,
+        typer.Option("--eval", help="Measure accuracy on a folder whose subfolders name the classes (no --labels)."),
+    ] = None,
+    device: DeviceOpt = Device.auto,
+    as_json: JsonOpt = False,
+) -> None:
+    """Zero-shot labels for every indexed image, with the index's own model; or accuracy on a labelled folder."""
+    from clipdex.retrieval.classify import evaluate_folder, label_images, read_labels, read_templates
+    from clipdex.retrieval.manifest import read_manifest
+
+    read_manifest(index_dir)
+    prompts = read_templates(templates)
+    from clipdex.retrieval.search import Searcher
+
+    searcher = Searcher(index_dir, device=device.value)
+    if eval_folder is not None:
+        if labels is not None or labels_file is not None:
+            raise ClipdexError("--eval takes the classes from the folder's subfolders: drop --labels")
+        result = evaluate_folder(searcher.encoder, eval_folder, prompts)
+        if as_json:
+            print(json.dumps(result))
+        else:
+            acc5 = "" if result["acc5"] != result["acc5"] else f", top-5 {result['acc5']:.4f}"
+            out.print(
+                f"{result['images']} images, {len(result['classes'])} classes: top-1 {result['acc1']:.4f}{acc5}, "
+                f"mean per-class recall {result['mean_per_class_recall']:.4f}",
+                highlight=False,
+            )
+        return
+    found = label_images(searcher, read_labels(labels, labels_file), prompts)
+    if as_json:
+        print(json.dumps(found.to_json(), ensure_ascii=False))
+        return
+    if not out.is_terminal:
+        for item in found.items:
+            print(f"{item['label']}\t{item['score']:.4f}\t{item['path']}")
+        return
+    table = Table(title=f"zero-shot labels ({len(found.labels)} classes)")
+    table.add_column("label")
+    table.add_column("score", justify="right")
+    table.add_column("path", no_wrap=True, overflow="ellipsis")
+    for item in found.items:
+        table.add_row(item["label"], f"{item['score']:.4f}", item["path"] or "")
+    out.print(table)
