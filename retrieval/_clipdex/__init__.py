@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from clipdex.retrieval.config import EncoderConfig
     from clipdex.retrieval.encoder import Encoder, load_encoder
     from clipdex.retrieval.errors import ClipdexError
+    from clipdex.retrieval.query import Query
     from clipdex.retrieval.search import Hit, Searcher, Target
 
 _LAZY = {
@@ -23,6 +24,7 @@ _LAZY = {
     "Encoder": "clipdex.retrieval.encoder",
     "load_encoder": "clipdex.retrieval.encoder",
     "Hit": "clipdex.retrieval.search",
+    "Query": "clipdex.retrieval.query",
     "Searcher": "clipdex.retrieval.search",
     "Target": "clipdex.retrieval.search",
     "IndexConfig": "clipdex.indexer.pipeline",
@@ -47,6 +49,7 @@ __all__ = [
     "EncoderConfig",
     "Hit",
     "IndexConfig",
+    "Query",
     "Searcher",
     "Summary",
     "Target",
