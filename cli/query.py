@@ -52,6 +52,14 @@ def search(
     dedup_threshold: Annotated[
         float, typer.Option(min=-1.0, max=1.0, help="Cosine at which --dedup collapses.")
     ] = 0.95,
+    where: Annotated[
+        str | None,
+        typer.Option(help="A DuckDB condition on the items' columns, e.g. \"ext = 'heic' AND width > 3000\"."),
+    ] = None,
+    in_folder: Annotated[Path | None, typer.Option("--in", help="Only items at or under this folder.")] = None,
+    after: Annotated[str | None, typer.Option(help="Only photos taken (else modified) on or after this date.")] = None,
+    before: Annotated[str | None, typer.Option(help="Only photos taken (else modified) before this date.")] = None,
+    min_score: Annotated[float | None, typer.Option(help="Only results scoring at least this cosine.")] = None,
     paths: Annotated[bool, typer.Option("--paths", help="Print only the paths, one per line (for xargs).")] = False,
     device: DeviceOpt = Device.auto,
     use_server: Annotated[
@@ -70,10 +78,19 @@ def search(
         )
     if paths and as_json:
         raise ClipdexError("--paths and --json are two ways to print the results: choose one")
+    from clipdex.retrieval.filters import Filter, parse_date
     from clipdex.retrieval.manifest import read_manifest
     from clipdex.retrieval.query import Query
 
     read_manifest(index_dir)  # a missing or damaged index is said before anything heavy loads
+    chosen = Filter(
+        where=where,
+        in_folder=in_folder,
+        after=parse_date(after, option="--after") if after else None,
+        before=parse_date(before, option="--before") if before else None,
+        min_score=min_score,
+    )
+    filtered = chosen if chosen.to_json() else None
     q = Query.build(
         text=query,
         image=image,
@@ -90,24 +107,24 @@ def search(
         "dedup": dedup_threshold if dedup else None,
     }
     asked = {"q": query, "like": like, "add": add or [], "subtract": subtract or [], **options}
-    answer = _ask_server(index_dir, asked, image) if use_server and not (add_image or subtract_image) else None
+    asked |= {"in": str(in_folder) if in_folder else None, "after": after, "before": before, "min_score": min_score}
+    local_only = add_image or subtract_image or where  # the API takes no files to compose, and no SQL
+    answer = _ask_server(index_dir, asked, image) if use_server and not local_only else None
     if answer is None:
         lean_model_imports(index_dir)
         from clipdex.retrieval.search import Searcher, Target, results_json
 
         tgt = Target(target.value)
-        hits = Searcher(index_dir, device=device.value).search(
-            q, k=k, target=tgt, include_self=include_self, dedup=dedup_threshold if dedup else None
+        searcher = Searcher(index_dir, device=device.value)
+        hits = searcher.search(
+            q, k=k, target=tgt, include_self=include_self, dedup=dedup_threshold if dedup else None, where=filtered
         )
-        answer = results_json(q.label(), tgt, hits, q.describe())
+        plan = searcher.filter_plan(filtered, tgt) if filtered is not None else None
+        answer = results_json(q.label(), tgt, hits, q.describe(), plan)
     answer["query"] = q.label()  # an image sent to a server is named there by its bytes only
-    if q.describe() is not None:
-        answer = {
-            "query": answer["query"],
-            "target": answer["target"],
-            "terms": q.describe(),
-            "results": answer["results"],
-        }
+    if q.describe() is not None:  # the terms as this command names them (a server saw the image as bytes)
+        answer = {**answer, "terms": q.describe()}
+        answer = {key: answer[key] for key in ("query", "target", "terms", "filter", "results") if key in answer}
     if as_json:
         print(json.dumps(answer, ensure_ascii=False))
     elif paths:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from clipdex.retrieval.imaging import MAX_FILE_BYTES, DecodeOptions, ImageDecodeError
+from clipdex.retrieval.imaging import MAX_FILE_BYTES, DecodeOptions, ImageDecodeError, PhotoMeta
 from clipdex.retrieval.items import content_hash
 
 
@@ -28,6 +28,7 @@ class Decoded:
     hash: str | None = None
     width: int | None = None
     height: int | None = None
+    meta: PhotoMeta | None = None
     pixels: torch.Tensor | None = None
     error: str | None = None
     vanished: bool = False
@@ -72,7 +73,7 @@ class ImageFiles(Dataset[Decoded]):
         try:
             decoded = self.options.decode(data)
             out.pixels = self.transform(decoded.image)
-            out.width, out.height = decoded.width, decoded.height
+            out.width, out.height, out.meta = decoded.width, decoded.height, decoded.meta
         except ImageDecodeError as e:
             out.error = str(e)
         except Exception as e:  # a transform failing on an odd image must not stop the run

@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -301,6 +301,7 @@ class _Run:
                     hash=d.hash,
                     width=d.width,
                     height=d.height,
+                    **(asdict(d.meta) if d.meta is not None else {}),
                 )
                 if d.vanished:  # deleted since the scan: gone, not broken
                     if old:
@@ -324,6 +325,8 @@ class _Run:
                         same["width"],
                         same["height"],
                     )
+                    for name in ("taken_at", "camera", "lat", "lon"):  # the same content, the same EXIF
+                        setattr(rec, name, same.get(name))
                     self.pending.append(rec)
                 elif d.hash in self.encoded_in_run:  # an identical file earlier in this run: one vector for both
                     rec.same_as = self.encoded_in_run[d.hash]

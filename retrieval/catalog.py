@@ -40,6 +40,10 @@ ITEM_COLUMNS: tuple[tuple[str, str, pa.DataType], ...] = (
     ("row", "INTEGER", pa.int32()),
     ("updated", "DOUBLE", pa.float64()),
     ("link", "VARCHAR", pa.string()),  # format 2: the image a caption row names (texts)
+    ("taken_at", "DOUBLE", pa.float64()),  # EXIF, images: capture time (POSIX seconds), camera, GPS position
+    ("camera", "VARCHAR", pa.string()),
+    ("lat", "DOUBLE", pa.float64()),
+    ("lon", "DOUBLE", pa.float64()),
 )
 COLUMNS = tuple(name for name, _, _ in ITEM_COLUMNS)
 _ARROW_SCHEMA = pa.schema([(name, kind) for name, _, kind in ITEM_COLUMNS])

@@ -8,7 +8,8 @@ import io
 import re
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,18 @@ class DecodedImage:
     image: Image.Image
     width: int
     height: int
+    meta: PhotoMeta = field(default_factory=lambda: PhotoMeta())
+
+
+@dataclass(frozen=True)
+class PhotoMeta:
+    """What a photo's EXIF says: when it was taken (POSIX seconds, the camera's clock read as UTC, as EXIF gives no
+    zone), which camera, where (decimal degrees)."""
+
+    taken_at: float | None = None
+    camera: str | None = None
+    lat: float | None = None
+    lon: float | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +130,7 @@ def decode_image(
                     "(raise it with --max-pixels)"
                 )
             img.seek(0)
+            meta = photo_meta(img)
             if draft is not None:
                 img.draft("RGB", draft)
             img.load()
@@ -133,7 +147,57 @@ def decode_image(
         raise ImageDecodeError("not a readable image (not an image, or a format Pillow cannot read)") from e
     except Exception as e:  # PIL raises many types for broken files; all mean "not an image"
         raise ImageDecodeError(f"not a readable image ({type(e).__name__}: {_sentence(e)})") from e
-    return DecodedImage(image=rgb, width=width, height=height)
+    return DecodedImage(image=rgb, width=width, height=height, meta=meta)
+
+
+_EXIF_IFD, _GPS_IFD = 0x8769, 0x8825
+_DATETIME_ORIGINAL, _DATETIME, _MAKE, _MODEL = 0x9003, 0x0132, 0x010F, 0x0110
+
+
+def photo_meta(img: Image.Image) -> PhotoMeta:
+    """EXIF capture time, camera make and model, and GPS position; None for whatever is missing or malformed."""
+    try:
+        exif = img.getexif()
+    except Exception:  # a broken EXIF block never fails the image
+        return PhotoMeta()
+    if not exif:
+        return PhotoMeta()
+    try:
+        sub = exif.get_ifd(_EXIF_IFD)
+    except Exception:
+        sub = {}
+    taken = _exif_time(sub.get(_DATETIME_ORIGINAL) or exif.get(_DATETIME))
+    make, model = (str(exif.get(t) or "").strip(" \x00") for t in (_MAKE, _MODEL))
+    camera = (model if make and model.lower().startswith(make.lower()) else f"{make} {model}").strip() or None
+    lat = lon = None
+    try:
+        gps = exif.get_ifd(_GPS_IFD)
+        lat, lon = _degrees(gps.get(2), gps.get(1), "S"), _degrees(gps.get(4), gps.get(3), "W")
+    except Exception:
+        pass
+    if lat is None or lon is None or not (-90 <= lat <= 90 and -180 <= lon <= 180):
+        lat = lon = None
+    return PhotoMeta(taken, camera, lat, lon)
+
+
+def _exif_time(value: object) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return (
+            datetime.strptime(value.strip(" \x00")[:19], "%Y:%m:%d %H:%M:%S").replace(tzinfo=timezone.utc).timestamp()
+        )
+    except ValueError:
+        return None
+
+
+def _degrees(dms: object, ref: object, negative: str) -> float | None:
+    try:
+        d, m, sec = (float(x) for x in dms)  # type: ignore[attr-defined]
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    value = d + m / 60 + sec / 3600
+    return -value if isinstance(ref, str) and ref.strip().upper() == negative else value
 
 
 def _sentence(e: Exception) -> str:

@@ -52,4 +52,8 @@ class Record:
     shard: int | None = None
     row: int | None = None
     link: str | None = None
+    taken_at: float | None = None  # from EXIF (images)
+    camera: str | None = None
+    lat: float | None = None
+    lon: float | None = None
     same_as: Record | None = None  # share this record's vector (identical content met earlier in the same run)

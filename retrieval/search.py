@@ -32,6 +32,7 @@ from clipdex.retrieval.shards import shard_path
 
 if TYPE_CHECKING:  # the encoder pulls in torch and open_clip: imported when a query first needs it
     from clipdex.retrieval.encoder import Encoder
+    from clipdex.retrieval.filters import Filter
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,19 @@ class Hit:
 
 
 def results_json(
-    query: str, target: Target, hits: list[Hit], terms: list[dict[str, Any]] | None = None
+    query: str,
+    target: Target,
+    hits: list[Hit],
+    terms: list[dict[str, Any]] | None = None,
+    filter: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The one shape of a search answer: `clipdex search --json` prints it, the HTTP API returns it. `terms` lists
-    a composed query's parts (`Query.describe`)."""
+    a composed query's parts (`Query.describe`), `filter` how a filter was applied (`Searcher.filter_plan`)."""
     out: dict[str, Any] = {"query": query, "target": target.value}
     if terms is not None:
         out["terms"] = terms
+    if filter is not None:
+        out["filter"] = filter
     out["results"] = [h.to_json() for h in hits]
     return out
 
@@ -94,6 +101,7 @@ class _Snapshot:
     shard: np.ndarray
     row: np.ndarray
     shards: dict[int, np.ndarray] = field(default_factory=dict)
+    rows: Any = None  # every column of the item table, read when a filter first needs it
 
 
 class Searcher:
@@ -258,12 +266,14 @@ class Searcher:
         target: Target = Target.IMAGES,
         include_self: bool | None = None,
         dedup: float | None = None,
+        where: Filter | None = None,
     ) -> list[Hit]:
         """Rank by cosine with the query's composed vector (see `retrieval.query`).
 
         `include_self` False leaves out the indexed items the query is made of (`like` ids, and images whose content
         equals a query image's); True keeps them; None, the default, leaves out `like` ids only. With `dedup`, a hit
-        whose cosine with a better kept hit reaches it is left out too."""
+        whose cosine with a better kept hit reaches it is left out too. With `where`, only items the filter keeps
+        are ranked (`retrieval.filters`): exactly over them when they are few (`filter_plan` says which way)."""
         if k < 1:
             raise InputError(f"k must be at least 1 (got {k})")
         if dedup is not None and not -1.0 <= dedup <= 1.0:
@@ -271,16 +281,71 @@ class Searcher:
         snap = self._snap
         vector = self.embed_query(query)
         exclude = set() if include_self else self._own_items(snap, query, images=include_self is False)
+        allowed = self.filter_ids(where, target) if where is not None and where.selects else None
         want = k + len(exclude)
         while True:
-            found = self.search_vectors(vector, k=want, target=target)[0]
+            found, exhausted = self._candidates(snap, vector, want, target, allowed)
             kept = [h for h in found if h.id not in exclude]
             if dedup is not None:
                 kept = _dedup(snap, self.dir, kept, dedup)
-            if len(kept) >= k or len(found) < want:
+            if len(kept) >= k or exhausted:
                 break
             want *= 2  # exclusions and collapsed near-duplicates took places: look further down
+        if where is not None and where.min_score is not None:
+            kept = [h for h in kept if h.score >= where.min_score]
         return [Hit(r + 1, h.score, h.id, h.kind, h.path, h.text) for r, h in enumerate(kept[:k])]
+
+    def filter_ids(self, where: Filter, target: Target) -> np.ndarray:
+        """Ids of the items of a kind that the filter keeps."""
+        from clipdex.retrieval.filters import matching_ids
+
+        snap = self._snap
+        if snap.items is None:
+            return np.zeros(0, dtype=np.int64)
+        if snap.rows is None:
+            snap.rows = _read(self.dir / snap.manifest.snapshot.files["items"], pq.read_table)
+        return matching_ids(snap.rows, where, target.kind.value)
+
+    def filter_plan(self, where: Filter, target: Target) -> dict[str, Any]:
+        """How a filtered search runs: `matched` items, searched `exact`ly (no more of them than exact search
+        covers, or an exact index) or through the `ann` index, deep enough to find k of them."""
+        matched = len(self.filter_ids(where, target)) if where.selects else self.count(target)
+        return {
+            **where.to_json(),
+            "matched": matched,
+            "method": "exact" if self._filter_exact(target, matched) else "ann",
+        }
+
+    def _filter_exact(self, target: Target, matched: int) -> bool:
+        from clipdex.retrieval import ann
+
+        index = self._snap.indexes.get(target)
+        return index is None or matched <= ann.EXACT_MAX or ann.is_exact(index)
+
+    def _candidates(
+        self, snap: _Snapshot, vector: np.ndarray, want: int, target: Target, allowed: np.ndarray | None
+    ) -> tuple[list[Hit], bool]:
+        """The best `want` hits (among `allowed` ids, if given) and whether there are no more to be had."""
+        if allowed is None:
+            found = self.search_vectors(vector, k=want, target=target)[0]
+            return found, len(found) < want
+        if not len(allowed):
+            return [], True
+        if self._filter_exact(target, len(allowed)):
+            scores = np.concatenate(
+                [_fetch(snap, self.dir, allowed[i : i + 65536]) @ vector[0] for i in range(0, len(allowed), 65536)]
+            )
+            order = np.argsort(-scores, kind="stable")[:want]
+            return _hits(snap, self.dir, scores[order], allowed[order]), len(order) < want
+        total = self.count(target)
+        depth = min(total, int(np.ceil(2 * want * total / len(allowed))))  # deep enough to hold `want` of them
+        while True:
+            found = self.search_vectors(vector, k=depth, target=target)[0]
+            inside = np.isin(np.array([h.id for h in found], dtype=np.int64), allowed)
+            kept = [h for h, ok in zip(found, inside, strict=True) if ok]
+            if len(kept) >= want or depth >= total:
+                return kept[:want], len(kept) < want
+            depth = min(total, depth * 2)
 
     def embed_query(self, query: Query) -> np.ndarray:
         """The query's vector: a plain term's embedding as it is, else the normalised weighted sum of the terms'."""

@@ -23,11 +23,12 @@ from typing import Any, Literal
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clipdex.retrieval.errors import ClipdexError, IndexFormatError, IndexNotFoundError, InputError, ItemNotFoundError
+from clipdex.retrieval.filters import Filter, parse_date
 from clipdex.retrieval.query import Query as QueryTerms
 from clipdex.retrieval.search import Searcher, Target, results_json
 from clipdex.retrieval.thumbnails import (
@@ -108,6 +109,12 @@ class SearchBody(BaseModel):
     target: Literal["images", "texts"] = "images"
     include_self: bool | None = None
     dedup: float | None = None
+    in_folder: str | None = Field(None, alias="in")
+    after: str | None = None
+    before: str | None = None
+    min_score: float | None = None
+
+    model_config = {"populate_by_name": True}
 
 
 class ErrorModel(BaseModel):
@@ -223,9 +230,19 @@ def create_app(searcher: Searcher, config: ServeConfig) -> FastAPI:
             check_query(body.q)
         query = QueryTerms.build(text=body.q, data=data, like=body.like, add=body.add, subtract=body.subtract)
         tgt = Target(body.target)
-        hits = s.search(query, k=check_k(body.k), target=tgt, include_self=body.include_self, dedup=body.dedup)
+        chosen = Filter(
+            in_folder=Path(body.in_folder) if body.in_folder else None,
+            after=parse_date(body.after, option="after") if body.after else None,
+            before=parse_date(body.before, option="before") if body.before else None,
+            min_score=body.min_score,
+        )
+        where = chosen if chosen.to_json() else None
+        hits = s.search(
+            query, k=check_k(body.k), target=tgt, include_self=body.include_self, dedup=body.dedup, where=where
+        )
         label = filename or "upload" if data is not None and body.q is None and body.like is None else query.label()
-        return results_json(label, tgt, hits, query.describe())
+        plan = s.filter_plan(where, tgt) if where is not None else None
+        return results_json(label, tgt, hits, query.describe(), plan)
 
     @app.get("/api/search", response_model=SearchResponse, tags=["search"])
     def search_get(
@@ -240,9 +257,24 @@ def create_app(searcher: Searcher, config: ServeConfig) -> FastAPI:
             description="Keep (true) or leave out (false) the indexed items the query is made of; default: leave out `like` items only.",
         ),
         dedup: float | None = Query(None, description="Leave out results this close (cosine) to a better one."),
+        in_folder: str | None = Query(None, alias="in", description="Only items at or under this folder."),
+        after: str | None = Query(None, description="Only photos taken (else modified) on or after this date."),
+        before: str | None = Query(None, description="Only photos taken (else modified) before this date."),
+        min_score: float | None = Query(None, description="Only results scoring at least this cosine."),
     ) -> _JSON:
-        body = SearchBody(
-            q=q, like=like, add=add, subtract=subtract, k=k, target=target, include_self=include_self, dedup=dedup
+        body = SearchBody(  # type: ignore[call-arg]  # `in` by its field name (populate_by_name)
+            in_folder=in_folder,
+            after=after,
+            before=before,
+            min_score=min_score,
+            q=q,
+            like=like,
+            add=add,
+            subtract=subtract,
+            k=k,
+            target=target,
+            include_self=include_self,
+            dedup=dedup,
         )
         return _JSON(answer(current(), body))
 
@@ -268,6 +300,10 @@ def create_app(searcher: Searcher, config: ServeConfig) -> FastAPI:
                                 "target": {"type": "string", "enum": ["images", "texts"], "default": "images"},
                                 "include_self": {"type": "boolean"},
                                 "dedup": {"type": "number"},
+                                "in": {"type": "string"},
+                                "after": {"type": "string"},
+                                "before": {"type": "string"},
+                                "min_score": {"type": "number"},
                             },
                         }
                     },
@@ -293,7 +329,7 @@ def create_app(searcher: Searcher, config: ServeConfig) -> FastAPI:
         form = await _replay(request, raw).form(max_files=1, max_fields=64)
         texts = {name: [v for v in form.getlist(name) if isinstance(v, str)] for name in ("add", "subtract")}
         q, like = form.get("q"), form.get("like")
-        body = SearchBody(
+        body = SearchBody(  # type: ignore[call-arg]  # `in` by its field name (populate_by_name)
             q=q if isinstance(q, str) else None,
             like=_form_int(like, None, "like") if like is not None else None,
             add=texts["add"],
@@ -302,6 +338,10 @@ def create_app(searcher: Searcher, config: ServeConfig) -> FastAPI:
             target=_form_target(form.get("target")).value,
             include_self=_form_bool(form.get("include_self")),
             dedup=_form_float(form.get("dedup")),
+            in_folder=_form_str(form.get("in")),
+            after=_form_str(form.get("after")),
+            before=_form_str(form.get("before")),
+            min_score=_form_float(form.get("min_score")),
         )
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
@@ -417,6 +457,10 @@ def _form_int(value: Any, default: Any, name: str) -> Any:
     if not isinstance(value, str) or not re.fullmatch(r"-?[0-9]{1,18}", value.strip()):
         raise InputError(f"{name} must be a whole number (got {value!r})")
     return int(value)
+
+
+def _form_str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _form_bool(value: Any) -> bool | None:
