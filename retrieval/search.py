@@ -7,6 +7,7 @@ against one generation from start to end while `refresh` picks up a newer one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import asdict, dataclass, field
@@ -102,6 +103,7 @@ class _Snapshot:
     row: np.ndarray
     shards: dict[int, np.ndarray] = field(default_factory=dict)
     rows: Any = None  # every column of the item table, read when a filter first needs it
+    filtered: dict[Any, np.ndarray] = field(default_factory=dict)  # recent filters' matching ids
 
 
 class Searcher:
@@ -302,9 +304,17 @@ class Searcher:
         snap = self._snap
         if snap.items is None:
             return np.zeros(0, dtype=np.int64)
-        if snap.rows is None:
-            snap.rows = _read(self.dir / snap.manifest.snapshot.files["items"], pq.read_table)
-        return matching_ids(snap.rows, where, target.kind.value)
+        key = (where.where, where.in_folder, where.after, where.before, target)
+        found = snap.filtered.get(key)
+        if found is None:  # the same filter again (paging, a new query text) costs nothing on the same snapshot
+            if snap.rows is None:
+                snap.rows = _read(self.dir / snap.manifest.snapshot.files["items"], pq.read_table)
+            found = matching_ids(snap.rows, where, target.kind.value)
+            if len(snap.filtered) >= 32:
+                with contextlib.suppress(KeyError, RuntimeError, StopIteration):  # another thread evicted first
+                    snap.filtered.pop(next(iter(snap.filtered)))
+            snap.filtered[key] = found
+        return found
 
     def filter_plan(self, where: Filter, target: Target) -> dict[str, Any]:
         """How a filtered search runs: `matched` items, searched `exact`ly (no more of them than exact search
