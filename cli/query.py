@@ -228,11 +228,14 @@ def classify(
         Path | None,
         typer.Option("--eval", help="Measure accuracy on a folder whose subfolders name the classes (no --labels)."),
     ] = None,
+    store: Annotated[
+        bool, typer.Option("--store/--no-store", help="Keep the labels in the index, for --where \"label = 'cat'\".")
+    ] = True,
     device: DeviceOpt = Device.auto,
     as_json: JsonOpt = False,
 ) -> None:
     """Zero-shot labels for every indexed image, with the index's own model; or accuracy on a labelled folder."""
-    from clipdex.retrieval.classify import evaluate_folder, label_images, read_labels, read_templates
+    from clipdex.retrieval.classify import evaluate_folder, label_images, read_labels, read_templates, store_labels
     from clipdex.retrieval.manifest import read_manifest
 
     read_manifest(index_dir)
@@ -255,6 +258,8 @@ def classify(
             )
         return
     found = label_images(searcher, read_labels(labels, labels_file), prompts)
+    if store:
+        store_labels(index_dir, found)
     if as_json:
         print(json.dumps(found.to_json(), ensure_ascii=False))
         return

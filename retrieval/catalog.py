@@ -44,6 +44,8 @@ ITEM_COLUMNS: tuple[tuple[str, str, pa.DataType], ...] = (
     ("camera", "VARCHAR", pa.string()),
     ("lat", "DOUBLE", pa.float64()),
     ("lon", "DOUBLE", pa.float64()),
+    ("label", "VARCHAR", pa.string()),  # images: the zero-shot label `clipdex classify` stored, and its cosine
+    ("label_score", "DOUBLE", pa.float64()),
 )
 COLUMNS = tuple(name for name, _, _ in ITEM_COLUMNS)
 _ARROW_SCHEMA = pa.schema([(name, kind) for name, _, kind in ITEM_COLUMNS])
@@ -214,6 +216,18 @@ class Catalog:
         with self._transaction():
             self.con.execute(
                 "UPDATE items SET size = changes.size, mtime = changes.mtime FROM changes WHERE items.id = changes.id"
+            )
+
+    def set_labels(self, labels: list[tuple[int, str, float]]) -> None:
+        """Store zero-shot labels (id, label, cosine); every other image's label is cleared (one labelling at a time)."""
+        changes = pa.table(  # noqa: F841 (read by DuckDB's replacement scan below)
+            {"id": [x[0] for x in labels], "label": [x[1] for x in labels], "score": [x[2] for x in labels]},
+            schema=pa.schema([("id", pa.int64()), ("label", pa.string()), ("score", pa.float64())]),
+        )
+        with self._transaction():
+            self.con.execute("UPDATE items SET label = NULL, label_score = NULL WHERE label IS NOT NULL")
+            self.con.execute(
+                "UPDATE items SET label = changes.label, label_score = changes.score FROM changes WHERE items.id = changes.id"
             )
 
     def state(self, key: str) -> str | None:

@@ -97,6 +97,20 @@ def label_images(searcher: Searcher, labels: list[str], templates: list[str], *,
     return Labels(labels, items)
 
 
+def store_labels(index_dir: Path, found: Labels) -> None:
+    """Keep the labels in the catalog (`label`, `label_score`) and publish them, for `--where "label = 'cat'"`."""
+    from clipdex.retrieval.build import index_writer
+    from clipdex.retrieval.manifest import read_manifest
+
+    manifest = read_manifest(index_dir)
+    writer = index_writer(index_dir, manifest.model, manifest.dim)
+    try:
+        writer.catalog.set_labels([(item["id"], item["label"], item["score"]) for item in found.items])
+        writer.publish()
+    finally:
+        writer.close()
+
+
 def evaluate_folder(
     encoder: Encoder, folder: Path, templates: list[str], *, batch_size: int = 64, workers: int = 0
 ) -> dict[str, Any]:

@@ -7,7 +7,7 @@ inclusive, before exclusive), `min_score` (applied to the ranked results). The H
 
 Columns: id, kind ('image' | 'text'), path, folder, name, ext (lower case, no dot), text (an image's caption, or the
 text), source (the folder or caption file it came from), width, height, bytes, mtime and taken_at (TIMESTAMP, UTC),
-camera, lat, lon.
+camera, lat, lon, label and label_score (what `clipdex classify` stored).
 """
 
 from __future__ import annotations
@@ -22,8 +22,26 @@ import numpy as np
 from clipdex.retrieval.errors import InputError
 from clipdex.retrieval.paths import canonical
 
-COLUMNS = ("id", "kind", "path", "folder", "name", "ext", "text", "source", "width", "height", "bytes", "mtime",
-           "taken_at", "camera", "lat", "lon")  # fmt: skip
+COLUMNS = (
+    "id",
+    "kind",
+    "path",
+    "folder",
+    "name",
+    "ext",
+    "text",
+    "source",
+    "width",
+    "height",
+    "bytes",
+    "mtime",
+    "taken_at",
+    "camera",
+    "lat",
+    "lon",
+    "label",
+    "label_score",
+)
 
 _VIEW = """
 SELECT id, kind, path,
@@ -32,7 +50,8 @@ SELECT id, kind, path,
        lower(regexp_extract(path, '\\.([^./]*)$', 1)) AS ext,
        {text} AS text, source, width, height, size AS bytes,
        to_timestamp(mtime)::TIMESTAMP AS mtime,
-       {taken_at} AS taken_at, {camera} AS camera, {lat} AS lat, {lon} AS lon
+       {taken_at} AS taken_at, {camera} AS camera, {lat} AS lat, {lon} AS lon,
+       {label} AS label, {label_score} AS label_score
 FROM _items WHERE status = 'ok'
 """
 
@@ -86,7 +105,7 @@ def matching_ids(table: Any, f: Filter, kind: str) -> np.ndarray:
         con.execute("SET lock_configuration = true")
         view = _VIEW.format(
             text="CASE WHEN kind = 'image' THEN caption ELSE text END" if "caption" in names else "text",
-            **{c: (c if c in names else "NULL") for c in ("camera", "lat", "lon")},
+            **{c: (c if c in names else "NULL") for c in ("camera", "lat", "lon", "label", "label_score")},
             taken_at="to_timestamp(taken_at)::TIMESTAMP" if "taken_at" in names else "NULL::TIMESTAMP",
         )
         clauses: list[str] = ["kind = ?"]

@@ -132,3 +132,34 @@ def test_bad_labels_and_templates_are_one_line(cli, tmp_path, tiny_model):
     ]:
         r = cli.invoke(app, ["classify", "--index", str(tmp_path / "idx"), *args])
         assert r.exit_code == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+
+
+def test_stored_labels_filter_searches(cli, tmp_path, tiny_model, reference):
+    made = sorted(p for p, _ in make_images(tmp_path / "photos", 16, seed=154))
+    run(cli, "index", tmp_path / "photos", "--index", tmp_path / "idx", *tiny_model.cli_args())
+    labels = json.loads(
+        run(cli, "classify", "--index", tmp_path / "idx", "--labels", "circle,square,triangle,cross", "--json")
+    )
+    circles = sorted(i["path"] for i in labels["items"] if i["label"] == "circle")
+    assert circles, labels
+    got = json.loads(
+        run(
+            cli, "search", "a red shape", "--index", tmp_path / "idx", "--where", "label = 'circle'", "--json", "-k", 50
+        )
+    )
+    assert sorted(r["path"] for r in got["results"]) == circles and got["filter"]["matched"] == len(circles)
+    scores = reference.images([p for p in made if str(p) in circles]) @ reference.texts(["a red shape"])[0]
+    np.testing.assert_allclose(
+        sorted((r["score"] for r in got["results"]), reverse=True), sorted(scores, reverse=True), atol=2e-5
+    )
+    best = max(i["score"] for i in labels["items"] if i["label"] == "circle")
+    top = json.loads(
+        run(cli, "search", "a shape", "--index", tmp_path / "idx", "--where", f"label_score >= {best - 1e-6}", "--json")
+    )
+    assert {r["path"] for r in top["results"]} == {i["path"] for i in labels["items"] if i["score"] >= best - 1e-6}
+    # a second labelling replaces the first
+    run(cli, "classify", "--index", tmp_path / "idx", "--labels", "red,blue")
+    again = json.loads(
+        run(cli, "search", "a shape", "--index", tmp_path / "idx", "--where", "label = 'circle'", "--json")
+    )
+    assert again["results"] == []
