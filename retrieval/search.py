@@ -351,7 +351,9 @@ class Searcher:
         depth = min(total, int(np.ceil(2 * want * total / len(allowed))))  # deep enough to hold `want` of them
         while True:
             found = self.search_vectors(vector, k=depth, target=target)[0]
-            inside = np.isin(np.array([h.id for h in found], dtype=np.int64), allowed)
+            got = np.array([h.id for h in found], dtype=np.int64)
+            at = np.minimum(np.searchsorted(allowed, got), len(allowed) - 1)  # `allowed` is sorted: no pass over it
+            inside = allowed[at] == got
             kept = [h for h, ok in zip(found, inside, strict=True) if ok]
             if len(kept) >= want or depth >= total:
                 return kept[:want], len(kept) < want
