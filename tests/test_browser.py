@@ -15,6 +15,8 @@ from conftest import run, serving
 from corpus import make_captioned_library
 from typer.testing import CliRunner
 
+from clipdex.retrieval.filters import Filter, parse_date
+from clipdex.retrieval.query import Query
 from clipdex.retrieval.search import Searcher, Target
 from clipdex.retrieval.server import ServeConfig, create_app
 
@@ -100,6 +102,21 @@ def test_search_drop_similar_texts_keyboard_and_errors(browser, served, tmp_path
     assert "q=a+red+circle" in page.url  # the query is in the address, so a reload keeps it
     page.screenshot(path=str(tmp_path / "results.png"))
 
+    # refining: "but not" and a folder, as the API's subtract and in
+    page.click("#refine summary")
+    page.fill("#subtract", "circle")
+    _wait_for(page, [h.id for h in searcher.search(Query.build(text="a red circle", subtract=["circle"]), k=K)])
+    page.fill("#in", str(made[0][0].parent))
+    page.fill("#after", "2000-01-01")
+    where = Filter(in_folder=made[0][0].parent, after=parse_date("2000-01-01", option="after"))
+    _wait_for(
+        page, [h.id for h in searcher.search(Query.build(text="a red circle", subtract=["circle"]), k=K, where=where)]
+    )
+    page.screenshot(path=str(tmp_path / "refined.png"))
+    for name in ("#subtract", "#in", "#after"):
+        page.fill(name, "")
+    _wait_for(page, want)
+
     # dropping an image: a DataTransfer holding the file, dropped on the page
     image = made[3][0]
     payload = base64.b64encode(image.read_bytes()).decode()
@@ -168,6 +185,6 @@ def test_search_drop_similar_texts_keyboard_and_errors(browser, served, tmp_path
 
     outside = [u for u in requests if not u.startswith(base) and not u.startswith(("blob:", "data:"))]
     assert outside == []
-    for name in ("results", "dropped", "similar", "texts", "error"):
+    for name in ("results", "refined", "dropped", "similar", "texts", "error"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
     page.close()

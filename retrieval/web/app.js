@@ -43,6 +43,17 @@ async function call(url, options = {}) {
   return body;
 }
 
+const REFINE = ["add", "subtract", "in", "after", "before"];
+
+function refinements() {
+  const out = {};
+  for (const name of REFINE) {
+    const value = $(name).value.trim();
+    if (value) out[name] = value;
+  }
+  return out;
+}
+
 function run(query) {
   state.query = query;
   remember(query);
@@ -57,15 +68,20 @@ function run(query) {
   setStatus("Searching…", "busy");
   const started = performance.now();
   let request;
+  const refine = refinements();
   if (query.kind === "text") {
-    const params = new URLSearchParams({ q: query.text, k: String(K), target: state.target });
+    const params = new URLSearchParams({ q: query.text, k: String(K), target: state.target, ...refine });
     request = call("/api/search?" + params);
   } else if (query.kind === "image") {
     const form = new FormData();
     form.append("image", query.file, query.file.name || "image");
     form.append("k", String(K));
     form.append("target", state.target);
+    for (const [name, value] of Object.entries(refine)) form.append(name, value);
     request = call("/api/search", { method: "POST", body: form });
+  } else if (Object.keys(refine).length) {
+    const params = new URLSearchParams({ like: String(query.id), k: String(K), target: state.target, ...refine });
+    request = call("/api/search?" + params);
   } else {
     request = call(`/api/items/${query.id}/similar?k=${K}`);
   }
@@ -247,6 +263,13 @@ for (const b of document.querySelectorAll(".target button")) {
       $("target-" + next).focus();
       e.preventDefault();
     }
+  });
+}
+
+for (const name of REFINE) {
+  $(name).addEventListener("input", () => {
+    clearTimeout(state.timer);
+    state.timer = setTimeout(() => { if (state.query) run(state.query); }, DEBOUNCE_MS);
   });
 }
 
