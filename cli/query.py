@@ -78,19 +78,12 @@ def search(
         )
     if paths and as_json:
         raise ClipdexError("--paths and --json are two ways to print the results: choose one")
-    from clipdex.retrieval.filters import Filter, parse_date
+    from clipdex.retrieval.filters import Filter
     from clipdex.retrieval.manifest import read_manifest
     from clipdex.retrieval.query import Query
 
     read_manifest(index_dir)  # a missing or damaged index is said before anything heavy loads
-    chosen = Filter(
-        where=where,
-        in_folder=in_folder,
-        after=parse_date(after, option="--after") if after else None,
-        before=parse_date(before, option="--before") if before else None,
-        min_score=min_score,
-    )
-    filtered = chosen if chosen.to_json() else None
+    filtered = Filter.build(where=where, in_folder=in_folder, after=after, before=before, min_score=min_score)
     q = Query.build(
         text=query,
         image=image,

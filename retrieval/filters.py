@@ -64,6 +64,28 @@ class Filter:
     before: datetime | None = None
     min_score: float | None = None
 
+    @classmethod
+    def build(
+        cls,
+        *,
+        where: str | None = None,
+        in_folder: Path | None = None,
+        after: str | None = None,
+        before: str | None = None,
+        min_score: float | None = None,
+        option_prefix: str = "--",
+    ) -> Filter | None:
+        """A filter from what a user typed (dates as text), or None when nothing narrows the search; a bad date is
+        named as the option the user gave (`--after` on the command line, `after` in the HTTP API)."""
+        f = cls(
+            where=where,
+            in_folder=in_folder,
+            after=parse_date(after, option=f"{option_prefix}after") if after else None,
+            before=parse_date(before, option=f"{option_prefix}before") if before else None,
+            min_score=min_score,
+        )
+        return f if f.to_json() else None
+
     @property
     def selects(self) -> bool:
         """Whether it narrows the items searched (min_score only trims the ranked results)."""

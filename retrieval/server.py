@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clipdex.retrieval.errors import ClipdexError, IndexFormatError, IndexNotFoundError, InputError, ItemNotFoundError
-from clipdex.retrieval.filters import Filter, parse_date
+from clipdex.retrieval.filters import Filter
 from clipdex.retrieval.query import Query as QueryTerms
 from clipdex.retrieval.search import Searcher, Target, results_json
 from clipdex.retrieval.thumbnails import (
@@ -230,13 +230,13 @@ def create_app(searcher: Searcher, config: ServeConfig) -> FastAPI:
             check_query(body.q)
         query = QueryTerms.build(text=body.q, data=data, like=body.like, add=body.add, subtract=body.subtract)
         tgt = Target(body.target)
-        chosen = Filter(
+        where = Filter.build(
             in_folder=Path(body.in_folder) if body.in_folder else None,
-            after=parse_date(body.after, option="after") if body.after else None,
-            before=parse_date(body.before, option="before") if body.before else None,
+            after=body.after,
+            before=body.before,
             min_score=body.min_score,
+            option_prefix="",
         )
-        where = chosen if chosen.to_json() else None
         hits = s.search(
             query, k=check_k(body.k), target=tgt, include_self=body.include_self, dedup=body.dedup, where=where
         )
