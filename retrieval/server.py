@@ -165,13 +165,6 @@ def create_app(searcher: Searcher, config: ServeConfig) -> FastAPI:
             raise InputError(f"k must be between 1 and {config.max_k} (got {k})")
         return k
 
-    def check_query(q: str) -> str:
-        if not q.strip():
-            raise InputError("the query text is empty")
-        if len(q) > config.max_query_chars:
-            raise InputError(f"the query is {len(q)} characters long; the limit is {config.max_query_chars}")
-        return q
-
     def item_id(text: str) -> int:
         if not _ID.fullmatch(text):
             raise ItemNotFoundError(f"no item with id {text!r}")
@@ -226,8 +219,7 @@ def create_app(searcher: Searcher, config: ServeConfig) -> FastAPI:
         for text in [body.q or "", *body.add, *body.subtract]:
             if len(text) > config.max_query_chars:
                 raise InputError(f"a query text is {len(text)} characters long; the limit is {config.max_query_chars}")
-        if body.q is not None:
-            check_query(body.q)
+        # Query.build refuses empty texts, as the CLI does
         query = QueryTerms.build(text=body.q, data=data, like=body.like, add=body.add, subtract=body.subtract)
         tgt = Target(body.target)
         where = Filter.build(
