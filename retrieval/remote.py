@@ -8,7 +8,6 @@ library only: importing this costs nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from clipdex.retrieval.weights import cache_root
+from clipdex.retrieval.weights import cache_root, index_digest
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +26,7 @@ TIMEOUT_S = 10.0  # a query image of many megapixels takes a while to decode on 
 
 
 def registration_path(index_dir: Path) -> Path:
-    digest = hashlib.blake2b(str(index_dir.resolve()).encode(), digest_size=8).hexdigest()
-    return cache_root() / "servers" / f"{digest}.json"
+    return cache_root() / "servers" / f"{index_digest(index_dir)}.json"
 
 
 def register(index_dir: Path, url: str, token: str | None) -> Path:

@@ -28,7 +28,7 @@ from clipdex.retrieval.imaging import (
     decode_image,
     register_heif,
 )
-from clipdex.retrieval.weights import cache_root
+from clipdex.retrieval.weights import cache_root, index_digest
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,7 @@ class ItemFile:
 
 def thumbnail_dir(index_dir: Path) -> Path:
     """Where one index's thumbnails are cached: per index, by the index's canonical path."""
-    digest = hashlib.blake2b(str(index_dir.resolve()).encode(), digest_size=8).hexdigest()
-    return cache_root() / "thumbnails" / digest
+    return cache_root() / "thumbnails" / index_digest(index_dir)
 
 
 def open_item_file(path: str) -> tuple[ItemFile, int]:

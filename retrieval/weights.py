@@ -8,6 +8,7 @@ the cached copy; any file with the same SHA-256 can be given in its place.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -24,6 +25,11 @@ def cache_root() -> Path:
         return Path(os.environ["CLIPDEX_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base).expanduser() / "clipdex"
+
+
+def index_digest(index_dir: Path) -> str:
+    """A short name for an index in the cache (what `clipdex serve` keeps per index): its canonical path, hashed."""
+    return hashlib.blake2b(str(index_dir.resolve()).encode(), digest_size=8).hexdigest()
 
 
 def stored_copy(sha256: str, suffix: str) -> Path:
