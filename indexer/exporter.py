@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clipdex.retrieval.atomic import atomic_file
 from clipdex.retrieval.errors import InputError
 from clipdex.retrieval.search import Searcher, Target
 
@@ -62,7 +63,5 @@ def export_clip_retrieval(
 
 
 def _save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
+    with atomic_file(path) as f:
         np.save(f, array, allow_pickle=False)
-    tmp.replace(path)
