@@ -148,17 +148,17 @@ def encoder_config(model: str | None, pretrained: str | None, device: Device, in
     return EncoderConfig(model=model, pretrained=pretrained, device=device.value)
 
 
-def lean_model_imports(index_dir: Path) -> None:
-    """Keep open_clip from importing optional packages (transformers, timm) that the index's model does not use:
-    they cost about a second of every `clipdex search`. Process-wide, so only for commands that load one model."""
+def lean_model_imports(spec: Any) -> None:
+    """Keep open_clip from importing optional packages (transformers, timm) that the model `spec` (an index's
+    `ModelSpec`) does not use: they cost about a second of every `clipdex search`. Process-wide, so only for
+    commands that load one model."""
     import sys
 
     from clipdex.retrieval.config import OPTIONAL_MODEL_IMPORTS, optional_imports_needed
-    from clipdex.retrieval.manifest import read_manifest
 
     if "open_clip" in sys.modules:
         return  # too late to matter, and someone else may rely on them
-    unneeded = set(OPTIONAL_MODEL_IMPORTS) - optional_imports_needed(read_manifest(index_dir).model)
+    unneeded = set(OPTIONAL_MODEL_IMPORTS) - optional_imports_needed(spec)
     for name in unneeded:
         if name not in sys.modules:
             sys.modules[name] = None  # type: ignore[assignment]  # `import name` now raises ImportError

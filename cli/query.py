@@ -82,7 +82,7 @@ def search(
     from clipdex.retrieval.manifest import read_manifest
     from clipdex.retrieval.query import Query
 
-    read_manifest(index_dir)  # a missing or damaged index is said before anything heavy loads
+    manifest = read_manifest(index_dir)  # a missing or damaged index is said before anything heavy loads
     filtered = Filter.build(where=where, in_folder=in_folder, after=after, before=before, min_score=min_score)
     q = Query.build(
         text=query,
@@ -104,7 +104,7 @@ def search(
     local_only = add_image or subtract_image or where  # the API takes no files to compose, and no SQL
     answer = _ask_server(index_dir, asked, image) if use_server and not local_only else None
     if answer is None:
-        lean_model_imports(index_dir)
+        lean_model_imports(manifest.model)
         from clipdex.retrieval.search import Searcher, Target, results_json
 
         tgt = Target(target.value)
