@@ -41,7 +41,7 @@ def find_duplicates(searcher: Searcher, *, threshold: float = 0.95) -> Duplicate
     index = searcher.ann_index(Target.IMAGES)
     if len(ids) < 2 or index is None:
         return Duplicates(threshold, "exact", [])
-    exact = ann.is_exact(index) or not _can_range_search(index)
+    exact = ann.is_exact(index) or ann.find_ivf(index) is None  # FAISS range-searches IVF, not HNSW
     if exact:  # the stored vectors themselves, positions standing for ids
         flat = faiss.IndexFlatIP(searcher.manifest.dim)
         for start in range(0, len(ids), _BATCH):
@@ -77,12 +77,6 @@ def find_duplicates(searcher: Searcher, *, threshold: float = 0.95) -> Duplicate
     groups = [_group(searcher, sorted(m)) for m in members.values() if len(m) > 1]
     groups.sort(key=lambda g: (-len(g), g[0]["path"] or ""))
     return Duplicates(threshold, "exact" if exact else "ann", groups)
-
-
-def _can_range_search(index: Any) -> bool:
-    from clipdex.retrieval import ann
-
-    return ann.find_ivf(index) is not None
 
 
 def _group(searcher: Searcher, ids: list[int]) -> list[dict[str, Any]]:

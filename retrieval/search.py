@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -295,7 +295,7 @@ class Searcher:
             want *= 2  # exclusions and collapsed near-duplicates took places: look further down
         if where is not None and where.min_score is not None:
             kept = [h for h in kept if h.score >= where.min_score]
-        return [Hit(r + 1, h.score, h.id, h.kind, h.path, h.text) for r, h in enumerate(kept[:k])]
+        return [replace(h, rank=r + 1) for r, h in enumerate(kept[:k])]
 
     def filter_ids(self, where: Filter, target: Target) -> np.ndarray:
         """Ids of the items of a kind that the filter keeps."""
