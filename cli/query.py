@@ -93,14 +93,11 @@ def search(
         add_image=add_image or (),
         subtract_image=subtract_image or (),
     )
-    options = {
-        "k": k,
-        "target": target.value,
-        "include_self": include_self,
-        "dedup": dedup_threshold if dedup else None,
-    }
-    asked = {"q": query, "like": like, "add": add or [], "subtract": subtract or [], **options}
-    asked |= {"in": str(in_folder) if in_folder else None, "after": after, "before": before, "min_score": min_score}
+    collapse = dedup_threshold if dedup else None
+    asked: dict[str, Any] = {"q": query, "like": like, "add": add or [], "subtract": subtract or [], "k": k}
+    asked |= {"target": target.value}
+    asked |= {"include_self": include_self, "dedup": collapse, "in": str(in_folder) if in_folder else None}
+    asked |= {"after": after, "before": before, "min_score": min_score}
     local_only = add_image or subtract_image or where  # the API takes no files to compose, and no SQL
     answer = _ask_server(index_dir, asked, image) if use_server and not local_only else None
     if answer is None:
@@ -109,15 +106,12 @@ def search(
 
         tgt = Target(target.value)
         searcher = Searcher(index_dir, device=device.value)
-        hits = searcher.search(
-            q, k=k, target=tgt, include_self=include_self, dedup=dedup_threshold if dedup else None, where=filtered
-        )
+        hits = searcher.search(q, k=k, target=tgt, include_self=include_self, dedup=collapse, where=filtered)
         plan = searcher.filter_plan(filtered, tgt) if filtered is not None else None
         answer = results_json(q.label(), tgt, hits, q.describe(), plan)
     answer["query"] = q.label()  # an image sent to a server is named there by its bytes only
     if q.describe() is not None:  # the terms as this command names them (a server saw the image as bytes)
-        answer = {**answer, "terms": q.describe()}
-        answer = {key: answer[key] for key in ("query", "target", "terms", "filter", "results") if key in answer}
+        answer["terms"] = q.describe()
     if as_json:
         print(json.dumps(answer, ensure_ascii=False))
     elif paths:
