@@ -94,10 +94,20 @@ def search(
         subtract_image=subtract_image or (),
     )
     collapse = dedup_threshold if dedup else None
-    asked: dict[str, Any] = {"q": query, "like": like, "add": add or [], "subtract": subtract or [], "k": k}
-    asked |= {"target": target.value}
-    asked |= {"include_self": include_self, "dedup": collapse, "in": str(in_folder) if in_folder else None}
-    asked |= {"after": after, "before": before, "min_score": min_score}
+    asked: dict[str, Any] = {  # the HTTP API's parameters
+        "q": query,
+        "like": like,
+        "add": add or [],
+        "subtract": subtract or [],
+        "k": k,
+        "target": target.value,
+        "include_self": include_self,
+        "dedup": collapse,
+        "in": str(in_folder) if in_folder else None,
+        "after": after,
+        "before": before,
+        "min_score": min_score,
+    }
     local_only = add_image or subtract_image or where  # the API takes no files to compose, and no SQL
     answer = _ask_server(index_dir, asked, image) if use_server and not local_only else None
     if answer is None:
