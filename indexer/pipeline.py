@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,7 +26,7 @@ from clipdex.retrieval.build import AnnSettings, index_writer
 from clipdex.retrieval.config import EncoderConfig, ModelSpec
 from clipdex.retrieval.encoder import Encoder, load_encoder
 from clipdex.retrieval.errors import ClipdexError, IndexFormatError, InputError
-from clipdex.retrieval.imaging import DEFAULT_MAX_PIXELS
+from clipdex.retrieval.imaging import DEFAULT_MAX_PIXELS, PhotoMeta
 from clipdex.retrieval.items import Kind, Record, Status, content_hash
 from clipdex.retrieval.lock import acquire_lock
 from clipdex.retrieval.manifest import MANIFEST, check_index_dir, index_encoder_config
@@ -110,9 +110,7 @@ def run_index(config: IndexConfig, *, progress: Progress | None = None) -> Summa
             if not root.exists():
                 raise no_images_error(root)
     texts = [
-        open_texts(
-            canonical(f), text_column=config.text_column, image_column=config.image_column, require_images=is_new
-        )
+        open_texts(f, text_column=config.text_column, image_column=config.image_column, require_images=is_new)
         for f in dict.fromkeys(canonical(f) for f in text_files)  # one file named twice is read once
     ]
     fresh = FreshIndexDir(config.index_dir)
@@ -325,8 +323,8 @@ class _Run:
                         same["width"],
                         same["height"],
                     )
-                    for name in ("taken_at", "camera", "lat", "lon"):  # the same content, the same EXIF
-                        setattr(rec, name, same.get(name))
+                    for meta in fields(PhotoMeta):  # the same content, the same EXIF
+                        setattr(rec, meta.name, same.get(meta.name))
                     self.pending.append(rec)
                 elif d.hash in self.encoded_in_run:  # an identical file earlier in this run: one vector for both
                     rec.same_as = self.encoded_in_run[d.hash]

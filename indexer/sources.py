@@ -67,9 +67,8 @@ def _excluded(relative: str, name: str, patterns: list[tuple[str, str]]) -> bool
     it is, one without matches the name; a trailing `/` is dropped (folders and files alike)."""
     for base, pattern in patterns:
         pattern = pattern.rstrip("/")
-        if "/" in pattern:
-            rel = relative[len(base) :].lstrip("/") if relative.startswith(base) else None
-            if rel is not None and fnmatch.fnmatchcase(rel, pattern.lstrip("/")):
+        if "/" in pattern:  # `base` is a folder above `relative`: its patterns only travel down
+            if fnmatch.fnmatchcase(relative[len(base) :].lstrip("/"), pattern.lstrip("/")):
                 return True
         elif fnmatch.fnmatchcase(name, pattern):
             return True
