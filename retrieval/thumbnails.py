@@ -94,15 +94,19 @@ def _media_type(head: bytes, size: int, fd: int) -> str:
     raise FileGoneError("the file is no longer an image")
 
 
+def _chunks(fd: int, size: int) -> Iterator[bytes]:
+    for off in range(0, size, _CHUNK):
+        yield os.pread(fd, min(_CHUNK, size - off), off)
+
+
 def _read_all(fd: int, size: int) -> bytes:
-    return b"".join(os.pread(fd, min(_CHUNK, size - off), off) for off in range(0, size, _CHUNK))
+    return b"".join(_chunks(fd, size))
 
 
 def iter_file(fd: int, size: int) -> Iterator[bytes]:
     """The file's bytes in chunks, then the descriptor closed (for a streamed response)."""
     try:
-        for off in range(0, size, _CHUNK):
-            yield os.pread(fd, min(_CHUNK, size - off), off)
+        yield from _chunks(fd, size)
     finally:
         os.close(fd)
 
