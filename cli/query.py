@@ -40,14 +40,13 @@ def search(
     k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Number of results.")] = 10,
     target: Annotated[TargetOpt, typer.Option(help="Search images or texts.")] = TargetOpt.images,
     include_self: Annotated[
-        bool | None,
+        bool,
         typer.Option(
             "--include-self/--hide-self",
-            help="Keep or leave out the indexed items the query is made of (a --like id, an --image's file). "
-            "Default: a --like item is left out, an --image's file kept.",
-            show_default=False,
+            help="Keep the indexed items the query is made of (a --like item, the indexed image an --image file is, "
+            "and its copies). They are left out by default.",
         ),
-    ] = None,
+    ] = False,
     dedup: Annotated[bool, typer.Option(help="Leave out results nearly identical to a better one.")] = False,
     dedup_threshold: Annotated[
         float, typer.Option(min=-1.0, max=1.0, help="Cosine at which --dedup collapses.")

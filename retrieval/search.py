@@ -266,14 +266,14 @@ class Searcher:
         *,
         k: int = 10,
         target: Target = Target.IMAGES,
-        include_self: bool | None = None,
+        include_self: bool = False,
         dedup: float | None = None,
         where: Filter | None = None,
     ) -> list[Hit]:
         """Rank by cosine with the query's composed vector (see `retrieval.query`).
 
-        `include_self` False leaves out the indexed items the query is made of (`like` ids, and images whose content
-        equals a query image's); True keeps them; None, the default, leaves out `like` ids only. With `dedup`, a hit
+        Unless `include_self`, the indexed items the query is made of are left out: `like` ids, and the indexed images
+        a query image is (the item at its path, and any whose content equals it, so copies go too). With `dedup`, a hit
         whose cosine with a better kept hit reaches it is left out too. With `where`, only items the filter keeps
         are ranked (`retrieval.filters`): exactly over them when they are few (`filter_plan` says which way)."""
         if k < 1:
@@ -282,7 +282,7 @@ class Searcher:
             raise InputError(f"the dedup threshold is a cosine between -1 and 1 (got {dedup})")
         snap = self._snap
         vector = self.embed_query(query)
-        exclude = set() if include_self else self._own_items(snap, query, images=include_self is False)
+        exclude = set() if include_self else self._own_items(snap, query)
         allowed = self.filter_ids(where, target) if where is not None and where.selects else None
         want = k + len(exclude)
         while True:
@@ -381,17 +381,23 @@ class Searcher:
         assert image is not None
         return self.embed_image(image)
 
-    def _own_items(self, snap: _Snapshot, query: Query, *, images: bool) -> set[int]:
-        """Indexed items a query is made of: `like` ids, and (`images`) images whose content equals a query image's."""
+    def _own_items(self, snap: _Snapshot, query: Query) -> set[int]:
+        """Indexed items a query is made of: `like` ids, and the images a positive query image is, by path or content."""
         own = {t.item for t in query.terms if t.item is not None and t.weight > 0}
-        hashes = set()
+        if snap.items is None:
+            return own
+        paths, hashes = set(), set()
         for t in query.terms:
-            if images and t.weight > 0 and (t.image is not None or t.data is not None):
-                data = t.data if t.data is not None else read_query_image(canonical(t.image))  # type: ignore[arg-type]
-                hashes.add(content_hash(data))
-        if hashes and snap.items is not None and "hash" in snap.items.column_names:
-            same = pc.is_in(snap.items["hash"], value_set=pa.array(sorted(hashes)))
-            own.update(snap.items.filter(same)["id"].to_pylist())
+            if t.weight <= 0 or (t.image is None and t.data is None):
+                continue
+            if t.image is not None:
+                paths.add(str(canonical(t.image)))
+            hashes.add(content_hash(t.data if t.data is not None else read_query_image(canonical(t.image))))  # type: ignore[arg-type]
+        same = pc.is_in(snap.items["path"], value_set=pa.array(sorted(paths), pa.string()))
+        if hashes and "hash" in snap.items.column_names:
+            same = pc.or_kleene(same, pc.is_in(snap.items["hash"], value_set=pa.array(sorted(hashes), pa.string())))
+        same = pc.and_kleene(same, pc.equal(snap.items["kind"], Kind.IMAGE.value))
+        own.update(snap.items.filter(pc.fill_null(same, False))["id"].to_pylist())
         return own
 
     def item(self, item_id: int) -> Item:

@@ -107,7 +107,7 @@ class SearchBody(BaseModel):
     subtract: list[str] = []
     k: int = 10
     target: Literal["images", "texts"] = "images"
-    include_self: bool | None = None
+    include_self: bool = False
     dedup: float | None = None
     in_folder: str | None = Field(None, alias="in")
     after: str | None = None
@@ -244,9 +244,10 @@ def create_app(searcher: Searcher, config: ServeConfig) -> FastAPI:
         subtract: list[str] = Query([], description="Texts subtracted from the query (repeatable)."),
         k: int = Query(10, description="Number of results."),
         target: Literal["images", "texts"] = Query("images", description="Search images or texts."),
-        include_self: bool | None = Query(
-            None,
-            description="Keep (true) or leave out (false) the indexed items the query is made of; default: leave out `like` items only.",
+        include_self: bool = Query(
+            False,
+            description="Keep the indexed items the query is made of (a `like` item, an uploaded image's indexed copies); "
+            "by default they are left out.",
         ),
         dedup: float | None = Query(None, description="Leave out results this close (cosine) to a better one."),
         in_folder: str | None = Query(None, alias="in", description="Only items at or under this folder."),
@@ -328,7 +329,7 @@ def create_app(searcher: Searcher, config: ServeConfig) -> FastAPI:
             subtract=texts["subtract"],
             k=_form_int(form.get("k"), 10, "k"),
             target=_form_target(form.get("target")).value,
-            include_self=_form_bool(form.get("include_self")),
+            include_self=bool(_form_bool(form.get("include_self"))),
             dedup=_form_float(form.get("dedup")),
             in_folder=_form_str(form.get("in")),
             after=_form_str(form.get("after")),

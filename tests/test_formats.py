@@ -31,7 +31,7 @@ def test_heic_and_avif_are_indexed_searched_and_thumbnailed(cli, tmp_path, tiny_
     searcher = Searcher(tmp_path / "idx")
     want = reference.images(converted)
     for path, vector in zip(converted, want, strict=True):
-        hit = search_json(cli, tmp_path / "idx", "--image", path, "-k", 1)["results"][0]
+        hit = search_json(cli, tmp_path / "idx", "--image", path, "--include-self", "-k", 1)["results"][0]
         assert hit["path"] == str(path) and hit["score"] > 0.9999
         got = searcher.search_vectors(vector[None, :].astype(np.float32), k=1)[0][0]
         assert got.path == str(path) and abs(got.score - 1.0) < 1e-4

@@ -97,7 +97,7 @@ def test_index_then_search_matches_brute_force(cli, tmp_path, tiny_model, refere
         )
 
     # image → image (the default target)
-    got = search_json(cli, index, "--image", query_image, "-k", "5")
+    got = search_json(cli, index, "--image", query_image, "--include-self", "-k", "5")
     order, scores = brute_force(qv, image_vecs, 5)
     assert_same_ranking(
         [h["path"] for h in got["results"]],
@@ -108,6 +108,13 @@ def test_index_then_search_matches_brute_force(cli, tmp_path, tiny_model, refere
     assert got["results"][0]["path"] == str(query_image.absolute())
     linked = next(h for h in got["results"] if h["path"] == str(query_image.absolute()))
     assert linked["text"] is not None  # images named in the caption file carry a caption
+    # by default the indexed image a query is (and its copies) is left out; the rest is brute force's order
+    hidden = search_json(cli, index, "--image", query_image, "-k", "4")["results"]
+    order, _ = brute_force(qv, image_vecs, len(image_paths))
+    rest = [i for i in order if Path(image_paths[i]).read_bytes() != query_image.read_bytes()][:4]
+    assert_same_ranking(
+        [h["path"] for h in hidden], [h["score"] for h in hidden], [image_paths[i] for i in rest], image_vecs[rest] @ qv
+    )
 
     info = json.loads(run(cli, "info", "--index", index, "--json"))
     assert info["counts"] == {"images": len(paths), "texts": n_texts, "failed": 0, "unlinked_texts": 0}
@@ -168,7 +175,7 @@ def test_reindex_add_edit_delete_rename(cli, tmp_path, tiny_model, reference):
         assert not set(map(str, deleted)) & set(paths)
         order, scores = brute_force(reference.texts([query])[0], vecs, 10)
         assert_same_ranking(paths[:10], [h["score"] for h in got["results"][:10]], [live[i] for i in order], scores)
-    hit = search_json(cli, index, "--image", edited, "-k", "1")["results"][0]
+    hit = search_json(cli, index, "--image", edited, "--include-self", "-k", "1")["results"][0]
     assert hit["path"] == str(edited.absolute()) and hit["score"] == pytest.approx(1.0, abs=1e-5)
     assert next(str(p) for p, _ in added) in {h["path"] for h in search_json(cli, index, "x", "-k", "100")["results"]}
 

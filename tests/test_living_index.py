@@ -62,7 +62,9 @@ def test_one_item_per_file_however_it_is_named(cli, tmp_path, tiny_model, monkey
     assert summary["added"] == 2  # the two captions; their images are the indexed files
     paths = sorted(r[0] for r in catalog_rows(index))
     assert paths == sorted(str(p) for p, _ in items)
-    hits = search_json(cli, index, "--image", tmp_path / "elsewhere" / "link_to_photos" / items[3][0].name, "-k", "8")
+    hits = search_json(
+        cli, index, "--image", tmp_path / "elsewhere" / "link_to_photos" / items[3][0].name, "--include-self", "-k", "8"
+    )
     assert [h["path"] for h in hits["results"]].count(str(items[3][0])) == 1
     assert hits["results"][0]["path"] == str(items[3][0])
     texts = {h["text"]: h["path"] for h in all_hits(cli, index, "texts")}
@@ -88,7 +90,7 @@ def test_edited_images_find_themselves_in_every_index_type(cli, tmp_path, tiny_m
     manifest = json.loads((index / "manifest.json").read_text())
     assert manifest["ann"]["images"]["factory"] == index_type  # updated in place or rebuilt, never demoted
     for path in edited:
-        hit = search_json(cli, index, "--image", path, "-k", "1")["results"][0]
+        hit = search_json(cli, index, "--image", path, "--include-self", "-k", "1")["results"][0]
         assert hit["path"] == str(path) and hit["score"] == pytest.approx(1.0, abs=1e-4)
     live = sorted(str(p) for p, _ in items if p.exists())
     vecs = reference.images([Path(p) for p in live])
@@ -416,7 +418,7 @@ def test_query_images_are_decoded_as_indexing_decodes_them(cli, tmp_path, tiny_m
     make_images(tmp_path / "photos", 4, seed=55)
     index = tmp_path / "idx"
     run(cli, "index", tmp_path / "photos", "--index", index, *tiny_model.cli_args())
-    hit = search_json(cli, index, "--image", strip, "-k", "1")["results"][0]
+    hit = search_json(cli, index, "--image", strip, "--include-self", "-k", "1")["results"][0]
     assert hit["path"] == str(strip) and hit["score"] == pytest.approx(1.0, abs=1e-5)  # same aspect guard
     limit = Image.MAX_IMAGE_PIXELS
     decode_image(strip.read_bytes(), max_pixels=10**12)

@@ -91,14 +91,23 @@ def test_terms_that_cancel_and_queries_without_a_positive_term_are_refused(cli, 
         assert r.exit_code == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
 
 
-def test_like_hides_itself_and_hide_self_hides_copies(cli, library, reference):
+def test_searching_by_what_is_indexed_hides_it_and_its_copies(cli, library, reference):
     _, index, made, paths = library
-    first = str(made[0][0])
-    hits = search_json(cli, index, "--image", made[0][0], "-k", 3)["results"]
-    assert hits[0]["path"] in (first, str(made[0][0].parent / "copy_of_first.png"))  # kept by default
-    hidden = search_json(cli, index, "--image", made[0][0], "--hide-self", "-k", 38)["results"]
-    assert {first, str(made[0][0].parent / "copy_of_first.png")}.isdisjoint(r["path"] for r in hidden)
-    assert len(hidden) == 38 and len(paths) == 41  # the two copies (and nothing else) are gone
+    first, copy = str(made[0][0]), str(made[0][0].parent / "copy_of_first.png")
+    hits = search_json(cli, index, "--image", made[0][0], "--include-self", "-k", 3)["results"]
+    assert {h["path"] for h in hits[:2]} == {first, copy}  # kept on request: itself (and its copy) first
+    for flags in ((), ("--hide-self",)):
+        hidden = search_json(cli, index, "--image", made[0][0], *flags, "-k", 38)["results"]
+        assert {first, copy}.isdisjoint(r["path"] for r in hidden)
+        assert len(hidden) == 38 and len(paths) == 41  # the two copies (and nothing else) are gone
+        assert [h["rank"] for h in hidden] == list(range(1, 39))
+    # the same image given from outside the index: its indexed copies go, by content
+    outside = index.parent / "outside.png"
+    shutil.copy(made[0][0], outside)
+    assert {first, copy}.isdisjoint(r["path"] for r in search_json(cli, index, "--image", outside, "-k", 5)["results"])
+    # an added image is part of the query too
+    added = search_json(cli, index, "a red circle", "--add-image", made[1][0], "-k", 40)["results"]
+    assert str(made[1][0]) not in {h["path"] for h in added} and len(added) == 40
     me = hits[0]["id"]
     liked = search_json(cli, index, "--like", me, "-k", 5)
     assert me not in [r["id"] for r in liked["results"]] and len(liked["results"]) == 5
@@ -157,10 +166,17 @@ def test_api_takes_the_same_arithmetic(cli, library):
     up = client.post(
         "/api/search",
         files={"image": ("q.png", made[0][0].read_bytes(), "image/png")},
-        data={"subtract": "circle", "include_self": "false", "k": "5"},
+        data={"subtract": "circle", "k": "5"},
     ).json()
-    cli_json = search_json(cli, index, "--image", made[0][0], "--subtract", "circle", "--hide-self", "-k", 5)
+    cli_json = search_json(cli, index, "--image", made[0][0], "--subtract", "circle", "-k", 5)
     assert up["results"] == cli_json["results"]
+    assert str(made[0][0]) not in {h["path"] for h in up["results"]}
+    kept = client.post(
+        "/api/search",
+        files={"image": ("q.png", made[0][0].read_bytes(), "image/png")},
+        data={"include_self": "true", "k": "5"},
+    ).json()
+    assert kept["results"] == search_json(cli, index, "--image", made[0][0], "--include-self", "-k", 5)["results"]
     assert client.get("/api/search", params={"subtract": "dog"}).status_code == 400
     assert (
         json.dumps(Query.build(text="x", like=3).describe())

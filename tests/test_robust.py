@@ -107,7 +107,9 @@ def test_zoo_of_odd_files(cli, tmp_path, tiny_model: TinyModel):
     assert paths == {str(p) for p in good}  # each file once, under its canonical path: no link, no loop copy
     for path in good:
         hits = json.loads(
-            cli.invoke(app, ["search", "--image", str(path), "--index", str(index), "-k", "3", "--json"]).stdout
+            cli.invoke(
+                app, ["search", "--image", str(path), "--index", str(index), "-k", "3", "--json", "--include-self"]
+            ).stdout
         )["results"]
         assert str(path) in {h["path"] for h in hits[:2]}, path  # duplicates of rgb.jpg may tie with it
         assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)

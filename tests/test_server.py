@@ -15,6 +15,7 @@ from corpus import make_captioned_library, make_images
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from clipdex.retrieval.query import Query
 from clipdex.retrieval.search import Searcher, Target
 from clipdex.retrieval.server import ServeConfig, create_app
 
@@ -67,8 +68,14 @@ def test_api_answers_as_the_library_and_the_cli_do(client, searcher, library, cl
             data={"k": "5", "target": target},
         )
         assert up.status_code == 200, up.text
-        want = searcher.search_image(image, k=5, target=Target(target))
+        want = searcher.search(Query.build(data=image.read_bytes()), k=5, target=Target(target))
         assert up.json()["results"] == [h.to_json() for h in want]
+        raw = [
+            h
+            for h in searcher.search_image(image, k=6, target=Target(target))
+            if h.kind == "text" or h.path != str(image)
+        ]
+        assert [h.id for h in want] == [h.id for h in raw[:5]]  # the uploaded image itself is left out
         cli_json = search_json(cli, index, "--image", image, "-k", 5, "--target", target)
         assert up.json()["results"] == cli_json["results"]
 
@@ -249,7 +256,7 @@ def test_concurrent_load_on_loopback_has_no_errors(library, searcher):
     queries = ["a red circle", "a blue square", "a small green triangle", "a cross on white"]
     want = {q: [h.id for h in searcher.search_text(q, k=5)] for q in queries}
     image = made[2][0].read_bytes()
-    want_image = [h.id for h in searcher.search_image(image, k=5)]
+    want_image = [h.id for h in searcher.search(Query.build(data=image), k=5)]
     failures: list[str] = []
 
     def worker(n: int) -> None:
