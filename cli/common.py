@@ -179,3 +179,23 @@ def human_bytes(n: int) -> str:
             return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
         size /= 1024
     return f"{n} B"
+
+
+class EngineOpt(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+EngineOption = Annotated[
+    EngineOpt,
+    typer.Option(
+        help='Where decoding and encoding run: here, or on a Ray cluster through Ray Data (pip install "clipdex[ray]").'
+    ),
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="With --engine ray: the cluster to join (auto, or host:port); default: start a local Ray.",
+        show_default=False,
+    ),
+]

@@ -12,12 +12,15 @@ from rich.table import Table
 from clipdex.cli.common import (
     Device,
     DeviceOpt,
+    EngineOpt,
+    EngineOption,
     IndexDir,
     IndexTypeOpt,
     JsonOpt,
     MemoryOpt,
     ModelOpt,
     PretrainedOpt,
+    RayAddressOpt,
     RichProgress,
     TargetRecallOpt,
     ann_settings,
@@ -71,6 +74,8 @@ def index(
             show_default=False,
         ),
     ] = None,
+    engine: EngineOption = EngineOpt.local,
+    ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Index folders of images and/or a caption file; re-running only encodes what changed.
@@ -94,6 +99,8 @@ def index(
         publish_every_s=publish_every,
         ann=ann_settings(index_type, memory, target_recall, keep_default=True),
         exclude=tuple(exclude or ()),
+        engine=engine.value,
+        ray_address=ray_address,
     )
     with progress_bar() as bar:
         summary = run_index(config, progress=RichProgress(bar))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -32,6 +33,7 @@ class Decoded:
     pixels: torch.Tensor | None = None
     error: str | None = None
     vanished: bool = False
+    vector: np.ndarray | None = None  # set when the engine encoded it (Ray); else the caller encodes `pixels`
 
 
 class ImageFiles(Dataset[Decoded]):

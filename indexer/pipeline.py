@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from clipdex.indexer.decode import ImageFiles, default_workers, iter_decoded
+from clipdex.indexer.engines import Engine, EngineConfig, open_engine
 from clipdex.indexer.sources import FileEntry, TextSource, check_roots, no_images_error, open_texts, scan_root
 from clipdex.retrieval import weights
 from clipdex.retrieval.build import AnnSettings, index_writer
@@ -56,6 +56,8 @@ class IndexConfig:
     publish_every_s: float = 60.0
     ann: AnnSettings | None = None  # None: keep the index's settings (automatic for a new one)
     exclude: tuple[str, ...] = ()  # globs of files and folders not to index, relative to each root
+    engine: str = "local"  # where decoding and encoding run: local, or ray (`indexer.engines`)
+    ray_address: str | None = None
 
 
 @dataclass
@@ -104,6 +106,7 @@ def run_index(config: IndexConfig, *, progress: Progress | None = None) -> Summa
     if not roots and not text_files:
         raise InputError("nothing to index: give folders or image files, and/or --texts FILE")
     check_roots(roots)
+    engine_config = EngineConfig(config.engine, config.ray_address, config.workers)
     is_new = not (config.index_dir / MANIFEST).exists()
     if is_new:  # a root that does not exist is a typo; for an existing index it may be a folder that went away
         for root in roots:
@@ -131,9 +134,11 @@ def run_index(config: IndexConfig, *, progress: Progress | None = None) -> Summa
         writer.record_model_location(encoder.spec)
     if config.ann is not None:
         writer.set_ann_settings(config.ann.to_json())
+    engine: Engine | None = None
     try:
         with _graceful_interrupt() as stop_requested:
-            run = _Run(config, writer, encoder, progress, stop_requested)
+            engine = open_engine(engine_config, encoder)
+            run = _Run(config, writer, encoder, engine, progress, stop_requested)
             run.images(roots, texts)
             for source in texts:
                 run.texts(source)
@@ -149,6 +154,9 @@ def run_index(config: IndexConfig, *, progress: Progress | None = None) -> Summa
         if not committed:
             fresh.undo()
         raise
+    finally:
+        if engine is not None:
+            engine.close()
     writer.close()
     if encoder.spec.checkpoint_sha256 and encoder.spec.pretrained:
         weights.keep_copy(Path(encoder.spec.pretrained), encoder.spec.checkpoint_sha256)
@@ -210,6 +218,7 @@ class _Run:
         config: IndexConfig,
         writer: IndexWriter,
         encoder: Encoder,
+        engine: Engine,
         progress: Progress,
         stop_requested: Callable[[], bool] = lambda: False,
     ):
@@ -217,6 +226,7 @@ class _Run:
         self.config = config
         self.writer = writer
         self.encoder = encoder
+        self.engine = engine
         self.progress = progress
         self.summary = Summary()
         self.pending: list[Record] = []
@@ -268,16 +278,14 @@ class _Run:
 
         known = _by_hash(existing.values())
         self.summary.add_time("scan", time.perf_counter() - t0)
-        dataset = ImageFiles(
-            [e.path for e in work],
-            self.encoder.preprocess,
-            known_hashes=frozenset(known),
-            options=self.encoder.decode_options(self.config.max_pixels),
-        )
-        workers = self.config.workers if self.config.workers is not None else default_workers()
         self.progress.start("images", len(work))
         touched: list[tuple[int, int, float]] = []
-        batches = iter_decoded(dataset, batch_size=self.config.batch_size, workers=min(workers, len(work)))
+        batches = self.engine.images(
+            [e.path for e in work],
+            known_hashes=frozenset(known),
+            max_pixels=self.config.max_pixels,
+            batch_size=self.config.batch_size,
+        )
         while True:
             t0 = time.perf_counter()
             batch = next(batches, None)
@@ -329,6 +337,10 @@ class _Run:
                 elif d.hash in self.encoded_in_run:  # an identical file earlier in this run: one vector for both
                     rec.same_as = self.encoded_in_run[d.hash]
                     self.pending.append(rec)
+                elif d.vector is not None:  # encoded by the engine
+                    self.encoded_in_run[d.hash] = rec
+                    rec.vector = d.vector
+                    self.pending.append(rec)
                 else:
                     assert d.pixels is not None
                     self.encoded_in_run[d.hash] = rec
@@ -371,7 +383,7 @@ class _Run:
         queue: list[Record] = []
         missing: list[str] = []
         self.progress.start("texts", None)
-        chunk = max(self.config.batch_size, 256)
+        chunk = max(self.config.batch_size, self.engine.text_chunk)
         for row in source:
             link = str(row.image) if row.image is not None else None
             if row.error is not None:
@@ -425,7 +437,7 @@ class _Run:
         if not queue:
             return
         t0 = time.perf_counter()
-        vectors = self.encoder.encode_texts([r.text or "" for r in queue], batch_size=self.config.batch_size)
+        vectors = self.engine.encode_texts([r.text or "" for r in queue], batch_size=self.config.batch_size)
         self.summary.add_time("encode", time.perf_counter() - t0)
         for rec, vec in zip(queue, vectors, strict=True):
             rec.vector = vec

@@ -7,7 +7,9 @@ trained on them for a few seconds retrieves them better than chance but far from
 from __future__ import annotations
 
 import json
+import os
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -272,3 +274,10 @@ def make_captioned_library(root: Path, n: int, captioned: int, *, seed: int) -> 
         for path, scene in made[:captioned]:
             w.writerow([f"photos/{path.name}", scene.captions(rng, 1)[0]])
     return made
+
+
+def edit(path: Path, seed: int) -> None:
+    """Draw something else into the same file, with a later mtime."""
+    draw(random_scene(random.Random(seed)), noise_seed=seed).save(path)
+    later = time.time() + 5 + seed % 7
+    os.utime(path, (later, later))

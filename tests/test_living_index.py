@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-import time
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pytest
 from conftest import assert_same_ranking, brute_force, counts, run, search_json
-from corpus import draw, make_images, random_scene
+from corpus import edit, make_images
 from test_errors import assert_one_line_error
 
 from clipdex.cli.main import app
@@ -34,13 +32,6 @@ def catalog_rows(index: Path, sql: str = "SELECT path FROM items WHERE kind = 'i
 
 def all_hits(cli, index: Path, target: str = "images") -> list[dict]:
     return search_json(cli, index, "anything", "--target", target, "-k", "10000")["results"]
-
-
-def edit(path: Path, seed: int) -> None:
-    """Draw something else into the same file, with a later mtime."""
-    draw(random_scene(random.Random(seed)), noise_seed=seed).save(path)
-    later = time.time() + 5 + seed % 7
-    os.utime(path, (later, later))
 
 
 def test_one_item_per_file_however_it_is_named(cli, tmp_path, tiny_model, monkeypatch):
