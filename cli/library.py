@@ -328,6 +328,74 @@ def export_index(
 
 @app.command(rich_help_panel="Index")
 @friendly
+def embed(
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="Folders (walked recursively) and image files.", show_default=False)
+    ] = None,
+    out_url: Annotated[
+        str,
+        typer.Option(
+            "--out", help="A folder or fsspec URL (s3://bucket/prefix, ...) for img_emb/, text_emb/, metadata/."
+        ),
+    ] = ...,  # type: ignore[assignment]
+    texts: Annotated[
+        list[Path] | None, typer.Option(help="Caption file: .txt, .csv, .tsv, .jsonl or .parquet (repeatable).")
+    ] = None,
+    text_column: Annotated[str | None, typer.Option(help="Text column (default: caption, then text).")] = None,
+    image_column: Annotated[
+        str | None, typer.Option(help="Column of image paths, relative to the caption file (default: image).")
+    ] = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    device: DeviceOpt = Device.auto,
+    engine: EngineOption = EngineOpt.local,
+    ray_address: RayAddressOpt = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder batch.")] = 64,
+    workers: Annotated[int | None, typer.Option(min=0, help="Decode worker processes (default: cores - 1).")] = None,
+    partition_rows: Annotated[int, typer.Option(min=1, help="Items per partition (the unit of resuming).")] = 100_000,
+    float16: Annotated[bool, typer.Option(help="Write vectors as float16 (half the size, 1e-3 precision).")] = False,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(help="Skip files and folders matching this glob (repeatable).", show_default=False),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write embeddings in clip-retrieval's layout, without an index; `clipdex import` builds one from them.
+
+    Resumable: re-run the same command to finish partitions a stopped run left, and to add files new since."""
+    from clipdex.indexer.embed import EmbedConfig, run_embed
+    from clipdex.indexer.engines import EngineConfig
+
+    config = EmbedConfig(
+        paths=tuple(paths or ()),
+        out=out_url,
+        encoder=encoder_config(model, pretrained, device),
+        device=device.value,
+        texts=tuple(texts or ()),
+        text_column=text_column,
+        image_column=image_column,
+        engine=EngineConfig(engine.value, ray_address, workers),
+        batch_size=batch_size,
+        partition_rows=partition_rows,
+        exclude=tuple(exclude or ()),
+        float16=float16,
+    )
+    summary = run_embed(config)
+    if as_json:
+        print(json.dumps(summary.to_json(), ensure_ascii=False))
+        return
+    err.print(
+        f"embedded {summary.images} images and {summary.texts} texts into {summary.written} partitions "
+        f"({summary.partitions - summary.written} already done) at {out_url}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for path, reason in summary.failures[:20]:
+        err.print(f"[yellow]failed[/] {path}: {reason}", highlight=False, soft_wrap=True)
+
+
+@app.command(rich_help_panel="Index")
+@friendly
 def reindex(
     index_dir: IndexDir = ...,  # type: ignore[assignment]
     pretrained: Annotated[

@@ -136,3 +136,18 @@ def test_ray_engine_errors_are_one_line(cli, tmp_path, tiny_model):
     make_images(photos, 2, seed=214)
     r = cli.invoke(app, ["index", str(photos), "--index", str(tmp_path / "i"), "--ray-address", "auto"])
     assert r.exit_code != 0 and "--ray-address needs --engine ray" in r.stderr
+
+
+def test_embed_on_ray_writes_what_a_local_embed_writes(cli, tmp_path, tiny_model):
+    from test_embed import read_layout
+
+    photos, captions = library(tmp_path)
+    args = [photos, "--texts", captions, *tiny_model.cli_args(), "--partition-rows", 15, "--json"]
+    local = json.loads(run(cli, "embed", "--out", tmp_path / "local", *args))
+    remote = json.loads(run(cli, "embed", "--out", tmp_path / "ray", *args, "--engine", "ray"))
+    assert remote == {**local, "out": str(tmp_path / "ray")} and local["failed"] == 1
+    want, got = read_layout(str(tmp_path / "local")), read_layout(str(tmp_path / "ray"))
+    assert got.keys() == want.keys()
+    for n in want:
+        assert got[n][0] == want[n][0] and got[n][2] == want[n][2]
+        np.testing.assert_allclose(got[n][1], want[n][1], atol=1e-5)
