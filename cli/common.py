@@ -76,24 +76,46 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one J
 IndexTypeOpt = Annotated[
     str | None, typer.Option(help="FAISS factory string, e.g. IVF4096,SQ8 (default: chosen by size and --memory).")
 ]
-MemoryOpt = Annotated[str | None, typer.Option(help="Memory budget for each ANN index, e.g. 4G (default: none).")]
+MemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Memory budget for each ANN index, e.g. 4G (default: none); with --on-disk, what the build may hold."
+    ),
+]
+OnDiskOpt = Annotated[
+    bool,
+    typer.Option(
+        "--on-disk",
+        help="Keep the inverted lists on disk, memory-mapped (for more vectors than fit in RAM); "
+        "build within --memory (default 1G).",
+    ),
+]
 TargetRecallOpt = Annotated[
     float | None, typer.Option(min=0.0, max=1.0, help="Recall@10 against exact search to tune for (default 0.95).")
 ]
 
 
-def ann_settings(index_type: str | None, memory: str | None, target_recall: float | None, *, keep_default: bool) -> Any:
+def ann_settings(
+    index_type: str | None,
+    memory: str | None,
+    target_recall: float | None,
+    *,
+    keep_default: bool,
+    on_disk: bool = False,
+) -> Any:
     from clipdex.retrieval.ann import DEFAULT_TARGET_RECALL, parse_memory
     from clipdex.retrieval.build import AnnSettings
 
-    if keep_default and index_type is None and memory is None and target_recall is None:
+    if keep_default and index_type is None and memory is None and target_recall is None and not on_disk:
         return None
     try:
         budget = parse_memory(memory) if memory else None
     except ValueError as e:
         raise ClipdexError(str(e)) from None
     # --index-type is checked by the library at the index's own dimension
-    return AnnSettings(index_type, budget, DEFAULT_TARGET_RECALL if target_recall is None else target_recall)
+    return AnnSettings(
+        index_type, budget, DEFAULT_TARGET_RECALL if target_recall is None else target_recall, on_disk=on_disk
+    )
 
 
 DeviceOpt = Annotated[Device, typer.Option(help="Where to run the model.")]

@@ -19,6 +19,7 @@ from clipdex.cli.common import (
     JsonOpt,
     MemoryOpt,
     ModelOpt,
+    OnDiskOpt,
     PretrainedOpt,
     RayAddressOpt,
     RichProgress,
@@ -64,6 +65,7 @@ def index(
     index_type: IndexTypeOpt = None,
     memory: MemoryOpt = None,
     target_recall: TargetRecallOpt = None,
+    on_disk: OnDiskOpt = False,
     profile: Annotated[
         bool, typer.Option(help="Report where the time went (scan, decode wait, encode, write).")
     ] = False,
@@ -97,7 +99,7 @@ def index(
         max_pixels=max_pixels,
         commit_every=commit_every,
         publish_every_s=publish_every,
-        ann=ann_settings(index_type, memory, target_recall, keep_default=True),
+        ann=ann_settings(index_type, memory, target_recall, keep_default=True, on_disk=on_disk),
         exclude=tuple(exclude or ()),
         engine=engine.value,
         ray_address=ray_address,
@@ -159,12 +161,13 @@ def build(
     index_type: IndexTypeOpt = None,
     memory: MemoryOpt = None,
     target_recall: TargetRecallOpt = None,
+    on_disk: OnDiskOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Rebuild the ANN indexes from the stored vectors (no re-encoding): choose, train, tune."""
     from clipdex.indexer.importer import rebuild
 
-    manifest = rebuild(index_dir, ann_settings(index_type, memory, target_recall, keep_default=False))
+    manifest = rebuild(index_dir, ann_settings(index_type, memory, target_recall, keep_default=False, on_disk=on_disk))
     print_ann(manifest, as_json)
 
 
@@ -181,15 +184,19 @@ def import_(
     index_type: IndexTypeOpt = None,
     memory: MemoryOpt = None,
     target_recall: TargetRecallOpt = None,
+    on_disk: OnDiskOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Build an index from clip-retrieval embeddings without re-encoding; --model encodes the queries."""
+    """Build an index from clip-retrieval embeddings without re-encoding; --model encodes the queries.
+
+    With --on-disk --memory M, embeddings larger than memory are read partition by partition and the index's
+    inverted lists are written to disk, holding about M in memory for vectors at any time."""
     from clipdex.indexer.importer import import_clip_retrieval
     from clipdex.retrieval.config import EncoderConfig
     from clipdex.retrieval.manifest import read_manifest
 
     encoder = encoder_config(model, pretrained, device) or EncoderConfig(device=device.value)
-    settings = ann_settings(index_type, memory, target_recall, keep_default=False)
+    settings = ann_settings(index_type, memory, target_recall, keep_default=False, on_disk=on_disk)
     summary = import_clip_retrieval(src, index_dir, encoder, settings)
     manifest = read_manifest(index_dir)
     if as_json:

@@ -7,6 +7,7 @@ clip-retrieval writes, per partition i: `img_emb/img_emb_{i}.npy`, `text_emb/tex
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import re
@@ -86,14 +87,18 @@ def import_clip_retrieval(src: Path, index_dir: Path, encoder: EncoderConfig, se
             raise InputError(f"{index_dir} already holds an index; import into a new directory")
         done = {tuple(c) for c in (state or {}).get("done", [])}
         writer.set_ann_settings(settings.to_json())
-        seen = {r["path"] for r in writer.rows("kind = 'image' AND path IS NOT NULL")}
+        seen = {_key(r["path"]) for r in writer.rows("kind = 'image' AND path IS NOT NULL")}
         images = texts = 0
+        # rows per commit: vectors read, normalised and stored, a few copies each, within a memory budget
+        chunk = (state or {}).get("chunk") or (  # a resumed import keeps its chunks, so none is read twice
+            _CHUNK if settings.memory is None else int(max(1024, min(_CHUNK, settings.memory // (16 * model.dim * 4))))
+        )
         for part in parts:
-            for start, records in _read_partition(src, part, model.dim, writer, seen, skip=done):
+            for start, records in _read_partition(src, part, model.dim, writer, seen, skip=done, chunk=chunk):
                 images += sum(r.kind is Kind.IMAGE for r in records)
                 texts += sum(r.kind is Kind.TEXT for r in records)
                 done.add((part, start))
-                writer.commit(records, state={key: json.dumps({"done": sorted(done)})})
+                writer.commit(records, state={key: json.dumps({"done": sorted(done), "chunk": chunk})})
         writer.publish()
         writer.commit([], state={key: json.dumps({"done": sorted(done), "published": True})})
     except BaseException:
@@ -107,7 +112,14 @@ def import_clip_retrieval(src: Path, index_dir: Path, encoder: EncoderConfig, se
 
 
 def _read_partition(
-    src: Path, part: int, dim: int, writer: IndexWriter, seen: set[str], *, skip: set[tuple[Any, ...]]
+    src: Path,
+    part: int,
+    dim: int,
+    writer: IndexWriter,
+    seen: set[int],
+    *,
+    skip: set[tuple[Any, ...]],
+    chunk: int = _CHUNK,
 ) -> Iterator[tuple[int, list[Record]]]:
     meta_path = src / "metadata" / f"metadata_{part}.parquet"
     img_path = src / "img_emb" / f"img_emb_{part}.npy"
@@ -127,10 +139,10 @@ def _read_partition(
         raise InputError(
             f"partition {part}: {len(img)} image and {len(txt)} text embeddings; they must pair row by row"
         )
-    for start in range(0, n, _CHUNK):
-        stop = min(start + _CHUNK, n)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
         if (part, start) in skip:  # committed by an earlier, interrupted run of this import
-            seen.update(p for p in paths[start:stop] if p is not None)
+            seen.update(_key(p) for p in paths[start:stop] if p is not None)
             continue
         img_chunk = _normalised(img[start:stop]) if img is not None else None
         txt_chunk = _normalised(txt[start:stop]) if txt is not None else None
@@ -140,12 +152,17 @@ def _read_partition(
             item = functools.partial(Record, source=str(src), path=path)
             if img_chunk is not None:
                 key = path if path is not None else f"{src}#{part}:{start + j}"
-                if key not in seen:
-                    seen.add(key)
+                if _key(key) not in seen:
+                    seen.add(_key(key))
                     records.append(item(id=writer.new_id(), kind=Kind.IMAGE, text=None, vector=img_chunk[j]))
             if txt_chunk is not None and caption is not None:
                 records.append(item(id=writer.new_id(), kind=Kind.TEXT, text=caption, vector=txt_chunk[j], link=path))
         yield start, records
+
+
+def _key(path: str) -> int:
+    """An image path as 64 bits, to tell paths already imported apart in a set that stays small for billions."""
+    return int.from_bytes(hashlib.blake2b(path.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
 def _load(path: Path, dim: int) -> np.ndarray:

@@ -11,10 +11,14 @@ through an IndexIDMap2, IVF indexes natively.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import math
+import os
 import re
-from collections.abc import Callable, Iterable
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -71,7 +75,7 @@ def parse_memory(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
 
 
-def _nlist(n: int) -> int:
+def nlist_for(n: int) -> int:
     # FAISS's guideline is 4*sqrt(n) to 16*sqrt(n) cells, each trained on >= 39 points
     return int(max(16, min(2 ** round(math.log2(4 * math.sqrt(n))), n // 39)))
 
@@ -81,7 +85,7 @@ def plan_index(n: int, dim: int, *, memory: int | None = None) -> IndexPlan:
     flat_bytes = n * (4 * dim + _ID_BYTES)
     if n <= EXACT_MAX and (memory is None or flat_bytes <= memory):
         return IndexPlan("Flat", f"{n} vectors: exact search is fast enough", flat_bytes)
-    nlist = _nlist(n)
+    nlist = nlist_for(n)
     coarse = nlist * dim * 4
     options = [
         (f"IVF{nlist},Flat", 4 * dim, coarse),
@@ -120,6 +124,84 @@ def build_index(
                 np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)
             )
     return index
+
+
+def build_on_disk(
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    dim: int,
+    *,
+    factory: str,
+    train: Callable[[], np.ndarray],
+    lists: Path,
+    block_bytes: int,
+) -> faiss.Index:
+    """An inverted-file index whose lists live in the file `lists` (write the index beside it), holding at most about
+    `block_bytes` of lists in memory (twice that while lists grow): vectors are added to blocks (empty copies of the
+    trained index), each block is written out when full, and FAISS merges the blocks' lists into one on-disk file
+    (faiss.contrib.ondisk). `train` gives the training sample, which is dropped once trained."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    ivf = find_ivf(index)
+    if ivf is None:
+        raise ValueError(f"{factory} is not an inverted-file index; on-disk lists need IVF")
+    index.train(np.ascontiguousarray(train(), dtype=np.float32))
+    release_memory()  # the sample and k-means' buffers are freed: give the pages back before lists grow
+    per_vector = ivf.code_size + 8  # codes and an id
+    blocks: list[Path] = []
+    block: Any = faiss.clone_index(index)
+    held = 0
+
+    def flush(full: faiss.Index) -> None:
+        path = lists.with_name(f"{lists.name}.block{len(blocks)}{TMP_SUFFIX}")
+        faiss.write_index(full, str(path))
+        blocks.append(path)
+
+    try:
+        for vectors, ids in batches:
+            block.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, np.int64))
+            held += len(ids)
+            if held * per_vector >= block_bytes:
+                flush(block)
+                block, held = faiss.clone_index(index), 0
+                release_memory()
+        if held or not blocks:
+            flush(block)
+        del block  # its lists are in the block files now
+        lists.unlink(missing_ok=True)
+        with quiet_stdout():  # FAISS prints each resize of the lists file
+            merge_ondisk(index, [str(b) for b in blocks], str(lists))
+    finally:
+        for b in blocks:
+            b.unlink(missing_ok=True)
+    return index
+
+
+def release_memory() -> None:
+    """Return freed heap pages to the system (glibc's malloc_trim), so the memory a phase of a build freed is not
+    still held while the next one allocates; a no-op elsewhere."""
+    with contextlib.suppress(AttributeError, OSError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Silence what C++ code prints to file descriptor 1 (FAISS's on-disk lists print as they open and grow),
+    which would corrupt `--json` output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def is_on_disk(index: faiss.Index) -> bool:
+    ivf = find_ivf(index)
+    return ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
 
 
 def find_ivf(index: faiss.Index) -> Any:
@@ -163,13 +245,20 @@ Fetch = Callable[[np.ndarray], np.ndarray]  # ids -> their stored float32 vector
 RERANK_FACTOR = 4  # an approximate index proposes 4k candidates; stored vectors pick the exact top k
 
 
+_RERANK_CHUNK = 64
+
+
 def search_reranked(
     index: faiss.Index, queries: np.ndarray, k: int, fetch: Fetch | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k by exact score among the approximate index's top RERANK_FACTOR*k candidates."""
+    """Top-k by exact score among the approximate index's top RERANK_FACTOR*k candidates (queries a chunk at a
+    time, so the candidates' vectors fetched at once stay few)."""
     q = np.ascontiguousarray(queries, dtype=np.float32)
     if fetch is None or is_exact(index):
         return index.search(q, k)
+    if len(q) > _RERANK_CHUNK:
+        parts = [search_reranked(index, q[s : s + _RERANK_CHUNK], k, fetch) for s in range(0, len(q), _RERANK_CHUNK)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     _, cand = index.search(q, min(index.ntotal, RERANK_FACTOR * k))
     unique = np.unique(cand[cand >= 0])
     vectors = fetch(unique) if len(unique) else np.zeros((0, q.shape[1]), np.float32)
@@ -266,14 +355,17 @@ def write_index(index: faiss.Index, path: Path) -> None:
 
 
 def read_index(path: Path, *, params: str = "", mmap: bool = True) -> faiss.Index:
-    """Load an index; large ones are memory-mapped (read-only) so a search starts without reading them whole."""
-    flags = faiss.IO_FLAG_MMAP if mmap and path.stat().st_size > _MMAP_ABOVE else 0
-    try:
-        index = faiss.read_index(str(path), flags)
-    except RuntimeError:
-        if not flags:
-            raise
-        index = faiss.read_index(str(path))  # this index type cannot be mapped
+    """Load an index; large ones are memory-mapped (read-only) so a search starts without reading them whole. An
+    on-disk index's lists are mapped from the file beside it, so a search reads only the lists it probes."""
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (faiss.IO_FLAG_MMAP if mmap and path.stat().st_size > _MMAP_ABOVE else 0)
+    quiet = quiet_stdout if path.with_suffix(".ivfdata").exists() else contextlib.nullcontext
+    with quiet():
+        try:
+            index = faiss.read_index(str(path), flags)
+        except RuntimeError:
+            if flags == faiss.IO_FLAG_ONDISK_SAME_DIR:
+                raise
+            index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)  # this index type cannot be mapped
     apply_params(index, params)
     return index
 
@@ -314,7 +406,7 @@ def flat_contents(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
 def place(index: faiss.Index, device: str) -> VectorIndex:
     """Put an index where it searches fastest: FAISS on the GPUs when this faiss build has them, exact torch
     search on CUDA when it does not (flat indexes), FAISS on the CPU otherwise."""
-    if not device.startswith("cuda"):
+    if not device.startswith("cuda") or is_on_disk(index):  # on-disk lists are read where they lie
         return index
     if faiss.get_num_gpus() > 0:
         try:

@@ -22,7 +22,7 @@ from clipdex.retrieval.errors import InputError
 from clipdex.retrieval.items import Kind
 from clipdex.retrieval.lock import WriteLock
 from clipdex.retrieval.shards import LiveVectors
-from clipdex.retrieval.snapshot import BuiltIndex, PreviousIndex
+from clipdex.retrieval.snapshot import LISTS_SUFFIX, BuiltIndex, PreviousIndex
 from clipdex.retrieval.writer import IndexWriter
 
 log = logging.getLogger(__name__)
@@ -36,11 +36,17 @@ class AnnSettings:
     """What the user asked for; stored in the manifest (`ann_settings`) so later publishes keep it."""
 
     index_type: str | None = None  # a FAISS factory string; None: automatic
-    memory: int | None = None  # bytes the index may take; None: no limit
+    memory: int | None = None  # bytes the index may take; None: no limit (on disk: what the build may hold)
     target_recall: float = ann.DEFAULT_TARGET_RECALL
+    on_disk: bool = False  # inverted lists in a file beside the index, memory-mapped: corpora larger than RAM
 
     def to_json(self) -> dict[str, Any]:
-        return {"index_type": self.index_type, "memory": self.memory, "target_recall": self.target_recall}
+        return {
+            "index_type": self.index_type,
+            "memory": self.memory,
+            "target_recall": self.target_recall,
+            "on_disk": self.on_disk,
+        }
 
     def validate(self, dim: int) -> None:
         """Refuse an --index-type FAISS cannot build at this index's dimension, before any work is done."""
@@ -58,7 +64,12 @@ class AnnSettings:
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> AnnSettings:
         data = data or {}
-        return cls(data.get("index_type"), data.get("memory"), data.get("target_recall", ann.DEFAULT_TARGET_RECALL))
+        return cls(
+            data.get("index_type"),
+            data.get("memory"),
+            data.get("target_recall", ann.DEFAULT_TARGET_RECALL),
+            bool(data.get("on_disk", False)),
+        )
 
 
 class FaissBuilder:
@@ -74,12 +85,13 @@ class FaissBuilder:
         settings: dict[str, Any] | None,
         out: Path,
     ) -> BuiltIndex:
-        index, info = build_kind(
-            live,
-            AnnSettings.from_json(settings),
-            previous=previous,
-            queries=lambda: other.sample(min(1000, len(other)), np.random.default_rng(3)),
-        )
+        wanted = AnnSettings.from_json(settings)
+        queries = lambda: other.sample(min(1000, len(other)), np.random.default_rng(3))  # noqa: E731
+        if wanted.on_disk and len(live) >= ON_DISK_MIN:
+            lists = out.with_suffix(LISTS_SUFFIX)
+            index, info = build_on_disk(live, wanted, out=out, lists=lists, queries=queries)
+            return BuiltIndex(ann.describe(index), int(index.ntotal), info, lists=lists.name)
+        index, info = build_kind(live, wanted, previous=previous, queries=queries)
         ann.write_index(index, out)
         return BuiltIndex(ann.describe(index), int(index.ntotal), info)
 
@@ -89,6 +101,59 @@ def index_writer(
 ) -> IndexWriter:
     """A writer whose publishes build FAISS indexes, storing vectors as float16 once a kind outgrows exact search."""
     return IndexWriter(index_dir, spec, dim, builder=FaissBuilder(), float16_above=ann.EXACT_MAX, lock=lock, job=job)
+
+
+ON_DISK_MIN = 10_000  # fewer vectors than this are searched from memory even with --on-disk
+ON_DISK_BUDGET = 1 << 30  # what an on-disk build holds in memory when no --memory is given
+
+
+def build_on_disk(
+    live: LiveVectors, settings: AnnSettings, *, out: Path, lists: Path, queries: Callable[[], np.ndarray] | None
+) -> tuple[faiss.Index, dict[str, Any]]:
+    """An IVF index with its lists on disk, built and tuned holding at most about `settings.memory` bytes for vectors:
+    a fifth for the training sample (k-means takes about as much again), a sixth for lists not yet written out
+    (twice that as they grow), a sixteenth for each batch of vectors read (and as much again for FAISS's scratch
+    assigning it to cells). The catalog's own memory is not in it. It
+    is always built afresh (its lists are never changed under a reader)."""
+    n, dim = len(live), live.dim
+    budget = settings.memory or ON_DISK_BUDGET
+    # as many cells as the training sample the budget holds can train well (39 points a cell, FAISS's minimum)
+    fits = budget // 5 // (4 * dim) // 39
+    cells = min(ann.nlist_for(n), 2 ** int(np.log2(max(fits, 16))))
+    factory = settings.index_type or f"IVF{cells},Flat"
+    probe = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    ivf = ann.find_ivf(probe)
+    if ivf is None:
+        raise InputError(f"--on-disk needs an inverted-file index type (IVF...), not {factory}")
+    least = _min_train(probe)
+    train_rows = min(_train_size(probe, n), budget // 5 // (4 * dim))
+    if train_rows < least:
+        raise InputError(
+            f"--memory {budget / 2**20:.0f} MiB cannot hold the {least} training vectors {factory} needs "
+            f"({least * dim * 4 * 4 / 2**20:.0f} MiB with the rest of the build); raise --memory or use fewer cells"
+        )
+    # batches of at most 4096 rows: FAISS's assignment of a batch to cells takes (rows x 1024) floats of scratch
+    live.chunk = int(max(256, min(4096, budget // 16 // (4 * dim))))
+    index = ann.build_on_disk(
+        live.batches(),
+        dim,
+        factory=factory,
+        train=lambda: live.sample(train_rows, np.random.default_rng(0)),
+        lists=lists,
+        block_bytes=budget // 6,
+    )
+    tuning = _tune(index, live, settings, queries)
+    ann.write_index(index, out)  # names its lists file, found beside it when read (IO_FLAG_ONDISK_SAME_DIR)
+    record = {
+        "factory": factory,
+        "reason": f"{n} vectors, inverted lists on disk ({lists.name}), built holding ~{budget / 2**20:.0f} MiB",
+        "bytes_estimate": int(ivf.nlist * dim * 4 + n * 8),  # in memory: the coarse centroids (and list offsets)
+        "trained_n": n,
+        "n": n,
+        "on_disk": True,
+        **tuning.to_json(),
+    }
+    return index, record
 
 
 def build_kind(

@@ -90,6 +90,7 @@ class LiveVectors:
         self.rows = np.asarray(rows, dtype=np.int64)[order]
         self._load = load
         self.dim = dim
+        self.chunk = _CHUNK  # rows per batch: a builder under a memory budget lowers it
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -101,8 +102,9 @@ class LiveVectors:
             sel = keep & (self.shards == shard)
             data = self._load(int(shard))
             rows, ids = self.rows[sel], self.ids[sel]
-            for start in range(0, len(rows), _CHUNK):
-                yield np.asarray(data[rows[start : start + _CHUNK]], dtype=np.float32), ids[start : start + _CHUNK]
+            for start in range(0, len(rows), self.chunk):
+                stop = start + self.chunk
+                yield np.asarray(data[rows[start:stop]], dtype=np.float32), ids[start:stop]
 
     def fetch(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors of the given ids, as float32; an id that is not live is an error."""

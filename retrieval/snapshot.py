@@ -1,6 +1,7 @@
 """Publishing: turn the committed catalog into an immutable, checksummed snapshot that readers open.
 
-A snapshot of generation G is `images-G.faiss`, `texts-G.faiss` and `items-G.parquet` (every catalog row).
+A snapshot of generation G is `images-G.faiss`, `texts-G.faiss` and `items-G.parquet` (every catalog row), and
+for an index built on disk its inverted lists, `images-G.ivfdata`.
 The new files are written first; replacing manifest.json makes them current; older generations are deleted
 after. How each kind's ANN index is chosen and built is not decided here: the writer is handed an
 `IndexBuilder` (retrieval.build), so storage knows files, not index policy.
@@ -24,6 +25,7 @@ from clipdex.retrieval.manifest import MANIFEST, Manifest
 from clipdex.retrieval.shards import LiveVectors
 
 ITEMS = "items"
+LISTS_SUFFIX = ".ivfdata"  # an on-disk index's inverted lists (FAISS OnDiskInvertedLists)
 
 
 @dataclass
@@ -40,6 +42,7 @@ class BuiltIndex:
     index_type: str  # e.g. IndexFlat, IndexIVFFlat
     count: int
     info: dict[str, Any] = field(default_factory=dict)  # how it was chosen and tuned (manifest "ann")
+    lists: str | None = None  # the file of an on-disk index's inverted lists, beside `out`
 
 
 class IndexBuilder(Protocol):
@@ -111,6 +114,8 @@ def write_index_files(
             kind, live[kind], other=other, previous=previous[kind], settings=manifest.ann_settings, out=index_dir / name
         )
         files[kind.plural] = name
+        if built.lists is not None:
+            files[f"{kind.plural}_lists"] = built.lists
         index_types[kind.plural] = built.index_type
         counts[kind.plural] = built.count
         ann[kind.plural] = built.info
@@ -133,6 +138,6 @@ def make_current(manifest: Manifest, files: dict[str, str], index_dir: Path) -> 
 def remove_stale(index_dir: Path, keep: set[str]) -> None:
     """Delete snapshot files of other generations, and temp files a crash left."""
     for p in index_dir.iterdir():
-        stale = p.name.endswith(TMP_SUFFIX) or p.suffix in (".faiss", ".parquet")
+        stale = p.name.endswith(TMP_SUFFIX) or p.suffix in (".faiss", ".parquet", LISTS_SUFFIX)
         if p.is_file() and stale and p.name not in keep and p.name != MANIFEST:
             p.unlink(missing_ok=True)
