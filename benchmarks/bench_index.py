@@ -59,7 +59,7 @@ def forward_throughput(model: Any, size: int, batch: int, n: int) -> float:
 
 
 def clipdex_throughput(
-    folder: Path, config: Path | None, model: str, weights: Path, batch: int, workers: int
+    folder: Path, config: Path | None, model: str, weights: Path, batch: int, workers: int, engine: str = "local"
 ) -> tuple[float, str]:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
@@ -83,6 +83,8 @@ def clipdex_throughput(
         ]
         if workers >= 0:
             cmd += ["--workers", str(workers)]
+        if engine != "local":
+            cmd += ["--engine", engine]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1])
         seconds = time.perf_counter() - t0
@@ -144,6 +146,9 @@ def main() -> None:
         default=[-1],
         help="decode workers for clipdex, one run each (-1: its default)",
     )
+    ap.add_argument(
+        "--engines", nargs="+", default=["local"], help="clipdex engines to time, one run each (local, ray)"
+    )
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clip-retrieval-python", help="python of a virtualenv with clip-retrieval installed")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -161,10 +166,15 @@ def main() -> None:
             torch.save(model.state_dict(), weights)
         size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
         runs: dict[str, list[float]] = {"model forward": []}
-        label = {w: "" if len(args.workers) == 1 else f" (workers {'auto' if w < 0 else w})" for w in args.workers}
-        for w in args.workers:
-            runs[f"clipdex index{label[w]}"] = []
-            runs[f"clipdex index, startup excluded{label[w]}"] = []
+        label = {
+            (w, e): ("" if len(args.workers) == 1 else f" (workers {'auto' if w < 0 else w})")
+            + ("" if e == "local" else f" --engine {e}")
+            for w in args.workers
+            for e in args.engines
+        }
+        for key in label.values():
+            runs[f"clipdex index{key}"] = []
+            runs[f"clipdex index, startup excluded{key}"] = []
         profile = ""
         if args.clip_retrieval_python:
             runs["clip-retrieval inference"] = []
@@ -172,10 +182,10 @@ def main() -> None:
             runs["model forward"].append(
                 forward_throughput(model, size, args.batch_size, len(list(folder.glob("*.jpg"))))
             )
-            for w in args.workers:
-                rate, profile = clipdex_throughput(folder, None, args.model, weights, args.batch_size, w)
-                runs[f"clipdex index{label[w]}"].append(rate)
-                runs[f"clipdex index, startup excluded{label[w]}"].append(
+            for (w, e), key in label.items():
+                rate, profile = clipdex_throughput(folder, None, args.model, weights, args.batch_size, w, e)
+                runs[f"clipdex index{key}"].append(rate)
+                runs[f"clipdex index, startup excluded{key}"].append(
                     steady_rate(profile, len(list(folder.glob("*.jpg"))))
                 )
             if args.clip_retrieval_python:

@@ -58,7 +58,9 @@ def write_corpus(folder: Path, n: int, d: int, centres: np.ndarray, rng: np.rand
     shards = []
     for s, start in enumerate(range(0, n, _SHARD)):
         m = min(_SHARD, n - start)
-        x = centres[rng.integers(0, len(centres), m)] + rng.normal(scale=0.6 / np.sqrt(d), size=(m, d)).astype(np.float32)
+        x = centres[rng.integers(0, len(centres), m)] + rng.normal(scale=0.6 / np.sqrt(d), size=(m, d)).astype(
+            np.float32
+        )
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         np.save(folder / f"{s}.npy", x.astype(np.float16))
         shards.append(m)
@@ -147,7 +149,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(4096, args.dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    q = centres[rng.integers(0, 4096, 500)] + rng.normal(scale=0.8 / np.sqrt(args.dim), size=(500, args.dim)).astype(np.float32)
+    q = centres[rng.integers(0, 4096, 500)] + rng.normal(scale=0.8 / np.sqrt(args.dim), size=(500, args.dim)).astype(
+        np.float32
+    )
     queries = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:

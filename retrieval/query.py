@@ -61,6 +61,8 @@ class Query:
         subtract: Iterable[str] = (),
         add_image: Iterable[Path] = (),
         subtract_image: Iterable[Path] = (),
+        add_data: Iterable[bytes] = (),
+        subtract_data: Iterable[bytes] = (),
     ) -> Query:
         terms: list[Term] = []
         if text is not None:
@@ -77,6 +79,7 @@ class Query:
                 w, body = weighted(t, sign)
                 terms.append(Term(w, text=body))
         terms += [Term(1.0, image=p) for p in add_image] + [Term(-1.0, image=p) for p in subtract_image]
+        terms += [Term(1.0, data=d) for d in add_data] + [Term(-1.0, data=d) for d in subtract_data]
         for term in terms:
             if term.text is not None and not term.text.strip():
                 raise InputError("a query text is empty")

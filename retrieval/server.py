@@ -144,6 +144,9 @@ def _status_for(e: ClipdexError) -> int:
     return 400
 
 
+_MAX_IMAGE_TERMS = 4  # add_image and subtract_image files in one search, each
+
+
 def create_app(searcher: Searcher, config: ServeConfig) -> FastAPI:
     """The ASGI app over one searcher; `serve` runs it on uvicorn, tests call it directly."""
     app = FastAPI(
@@ -214,13 +217,27 @@ def create_app(searcher: Searcher, config: ServeConfig) -> FastAPI:
         return data
 
     def answer(
-        s: Searcher, body: SearchBody, *, data: bytes | None = None, filename: str | None = None
+        s: Searcher,
+        body: SearchBody,
+        *,
+        data: bytes | None = None,
+        filename: str | None = None,
+        images: dict[str, list[bytes]] | None = None,
     ) -> dict[str, Any]:
         for text in [body.q or "", *body.add, *body.subtract]:
             if len(text) > config.max_query_chars:
                 raise InputError(f"a query text is {len(text)} characters long; the limit is {config.max_query_chars}")
         # Query.build refuses empty texts, as the CLI does
-        query = QueryTerms.build(text=body.q, data=data, like=body.like, add=body.add, subtract=body.subtract)
+        extra = images or {}
+        query = QueryTerms.build(
+            text=body.q,
+            data=data,
+            like=body.like,
+            add=body.add,
+            subtract=body.subtract,
+            add_data=extra.get("add_image", []),
+            subtract_data=extra.get("subtract_image", []),
+        )
         tgt = Target(body.target)
         where = Filter.build(
             in_folder=Path(body.in_folder) if body.in_folder else None,
@@ -285,6 +302,8 @@ def create_app(searcher: Searcher, config: ServeConfig) -> FastAPI:
                             "type": "object",
                             "properties": {
                                 "image": {"type": "string", "format": "binary"},
+                                "add_image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                                "subtract_image": {"type": "array", "items": {"type": "string", "format": "binary"}},
                                 "q": {"type": "string"},
                                 "like": {"type": "integer"},
                                 "add": {"type": "array", "items": {"type": "string"}},
@@ -319,7 +338,7 @@ def create_app(searcher: Searcher, config: ServeConfig) -> FastAPI:
             return _JSON(await run_in_threadpool(answer, s, body))
         if kind != "multipart/form-data":
             raise InputError("send multipart/form-data with an `image` file, or application/json with `q`")
-        form = await _replay(request, raw).form(max_files=1, max_fields=64)
+        form = await _replay(request, raw).form(max_files=1 + 2 * _MAX_IMAGE_TERMS, max_fields=64)
         texts = {name: [v for v in form.getlist(name) if isinstance(v, str)] for name in ("add", "subtract")}
         q, like = form.get("q"), form.get("like")
         body = SearchBody(  # type: ignore[call-arg]  # `in` by its field name (populate_by_name)
@@ -336,15 +355,21 @@ def create_app(searcher: Searcher, config: ServeConfig) -> FastAPI:
             before=_form_str(form.get("before")),
             min_score=_form_float(form.get("min_score")),
         )
+        images: dict[str, list[bytes]] = {}
+        for field in ("add_image", "subtract_image"):
+            files = [f for f in form.getlist(field) if not isinstance(f, str)]
+            if len(files) > _MAX_IMAGE_TERMS:
+                raise InputError(f"at most {_MAX_IMAGE_TERMS} `{field}` files")
+            images[field] = [await f.read() for f in files]  # the whole body is within the upload limit
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
             if body.q is None and body.like is None:
                 raise InputError("the form needs an `image` file (or a `q` text)")
-            return _JSON(await run_in_threadpool(answer, s, body))
+            return _JSON(await run_in_threadpool(answer, s, body, images=images))
         data = await upload.read()
         if len(data) > config.max_upload_bytes:
             raise _TooLarge(config.max_upload_bytes)
-        return _JSON(await run_in_threadpool(answer, s, body, data=data, filename=upload.filename))
+        return _JSON(await run_in_threadpool(answer, s, body, data=data, filename=upload.filename, images=images))
 
     @app.get("/api/items/{item}", response_model=ItemModel, tags=["items"])
     def get_item(item: str) -> _JSON:

@@ -177,6 +177,20 @@ def test_api_takes_the_same_arithmetic(cli, library):
         data={"include_self": "true", "k": "5"},
     ).json()
     assert kept["results"] == search_json(cli, index, "--image", made[0][0], "--include-self", "-k", 5)["results"]
+    # image terms as uploads: the same as the CLI's --add-image / --subtract-image files
+    files = [
+        ("image", ("q.png", made[0][0].read_bytes(), "image/png")),
+        ("add_image", ("a.png", made[1][0].read_bytes(), "image/png")),
+        ("add_image", ("b.png", made[2][0].read_bytes(), "image/png")),
+        ("subtract_image", ("c.png", made[3][0].read_bytes(), "image/png")),
+    ]
+    composed = client.post("/api/search", files=files, data={"k": "6", "add": "red"}).json()
+    args = ["--image", made[0][0], "--add-image", made[1][0], "--add-image", made[2][0]]
+    want = search_json(cli, index, *args, "--subtract-image", made[3][0], "--add", "red", "-k", 6)
+    assert composed["results"] == want["results"] and len(composed["terms"]) == 5
+    too_many = [("add_image", (f"{i}.png", made[1][0].read_bytes(), "image/png")) for i in range(5)]
+    refused = client.post("/api/search", files=too_many, data={"q": "a dog"})
+    assert refused.status_code == 400 and "at most 4" in refused.json()["error"]
     assert client.get("/api/search", params={"subtract": "dog"}).status_code == 400
     assert (
         json.dumps(Query.build(text="x", like=3).describe())
