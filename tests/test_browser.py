@@ -67,6 +67,10 @@ def served(tmp_path_factory, tiny_model):
         yield base, searcher, made
 
 
+def image_id(searcher: Searcher, path) -> int:
+    return next(h.id for h in searcher.search_image(path, k=3) if h.path == str(path))
+
+
 def _shown_ids(page) -> list[int]:
     return [int(x) for x in page.eval_on_selector_all("#results .card", "cards => cards.map(c => c.dataset.id)")]
 
@@ -130,13 +134,15 @@ def test_search_drop_similar_texts_keyboard_and_errors(browser, served, tmp_path
         }""",
         [payload, image.name],
     )
-    _wait_for(page, [h.id for h in searcher.search_image(image, k=K)])
+    # the dropped file is an indexed image: it is left out, as `clipdex search --image` leaves it out
+    _wait_for(page, [h.id for h in searcher.search(Query.build(data=image.read_bytes()), k=K)])
+    assert image_id(searcher, image) not in _shown_ids(page)
     assert page.locator("#query-chip").is_visible() and image.name in page.inner_text("#query-label")
     page.screenshot(path=str(tmp_path / "dropped.png"))
 
     # the picture button: a file chooser
     page.set_input_files("#file", str(made[5][0]))
-    _wait_for(page, [h.id for h in searcher.search_image(made[5][0], k=K)])
+    _wait_for(page, [h.id for h in searcher.search(Query.build(data=made[5][0].read_bytes()), k=K)])
 
     # "Similar" on a result
     first = _shown_ids(page)[1]
