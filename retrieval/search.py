@@ -232,18 +232,18 @@ class Searcher:
         encoder = self.encoder
         if isinstance(image, Image.Image):
             return self._encode_pil(encoder, image.convert("RGB"))
-        options = encoder.decode_options()
         if isinstance(image, bytes):
-            try:
-                return self._encode_pil(encoder, options.decode(image).image)
-            except ImageDecodeError as e:
-                raise InputError(f"cannot read the query image: {e}") from e
+            return self._embed_bytes(image, "the query image")
         path = canonical(image)
-        data = read_query_image(path)
+        return self._embed_bytes(read_query_image(path), f"query image {path}")
+
+    def _embed_bytes(self, data: bytes, what: str) -> np.ndarray:
+        """An image file's bytes decoded as indexing decodes them, then encoded; `what` names it in errors."""
+        encoder = self.encoder
         try:
-            return self._encode_pil(encoder, options.decode(data).image)
+            return self._encode_pil(encoder, encoder.decode_options().decode(data).image)
         except ImageDecodeError as e:
-            raise InputError(f"cannot read query image {path}: {e}") from e
+            raise InputError(f"cannot read {what}: {e}") from e
 
     def _encode_pil(self, encoder: Encoder, image: Image.Image) -> np.ndarray:
         _, images, _ = self._batchers()
@@ -281,8 +281,9 @@ class Searcher:
         if dedup is not None and not -1.0 <= dedup <= 1.0:
             raise InputError(f"the dedup threshold is a cosine between -1 and 1 (got {dedup})")
         snap = self._snap
-        vector = self.embed_query(query)
-        exclude = set() if include_self else self._own_items(snap, query)
+        files = _read_query_files(query)  # each query image file read once, to embed it and to recognise it
+        vector = self.embed_query(query, files)
+        exclude = set() if include_self else self._own_items(snap, query, files)
         allowed = self.filter_ids(where, target) if where is not None and where.selects else None
         want = k + len(exclude)
         while True:
@@ -359,9 +360,11 @@ class Searcher:
                 return kept[:want], len(kept) < want
             depth = min(total, depth * 2)
 
-    def embed_query(self, query: Query) -> np.ndarray:
-        """The query's vector: a plain term's embedding as it is, else the normalised weighted sum of the terms'."""
-        vectors = [self._embed_term(t) for t in query.terms]
+    def embed_query(self, query: Query, files: dict[Path, tuple[Path, bytes]] | None = None) -> np.ndarray:
+        """The query's vector: a plain term's embedding as it is, else the normalised weighted sum of the terms'.
+        `files` holds image files already read (`_read_query_files`)."""
+        files = _read_query_files(query) if files is None else files
+        vectors = [self._embed_term(t, files) for t in query.terms]
         if query.is_plain:
             return vectors[0]
         total = np.sum([t.weight * v[0].astype(np.float64) for t, v in zip(query.terms, vectors, strict=True)], axis=0)
@@ -370,18 +373,20 @@ class Searcher:
             raise InputError("the query's terms cancel out (their weighted sum is zero); change a weight or a term")
         return (total / norm).astype(np.float32)[None, :]
 
-    def _embed_term(self, term: Term) -> np.ndarray:
+    def _embed_term(self, term: Term, files: dict[Path, tuple[Path, bytes]]) -> np.ndarray:
         if term.text is not None:
             return self.embed_text(term.text)
         if term.item is not None:
             snap = self._snap
             _position(snap, term.item)  # a clear error for an unknown id
             return _fetch(snap, self.dir, np.array([term.item], dtype=np.int64))
-        image = term.image if term.image is not None else term.data
-        assert image is not None
-        return self.embed_image(image)
+        if term.image is not None:
+            path, data = files[term.image]
+            return self._embed_bytes(data, f"query image {path}")
+        assert term.data is not None
+        return self.embed_image(term.data)
 
-    def _own_items(self, snap: _Snapshot, query: Query) -> set[int]:
+    def _own_items(self, snap: _Snapshot, query: Query, files: dict[Path, tuple[Path, bytes]]) -> set[int]:
         """Indexed items a query is made of: `like` ids, and the images a positive query image is, by path or content."""
         own = {t.item for t in query.terms if t.item is not None and t.weight > 0}
         if snap.items is None:
@@ -391,8 +396,11 @@ class Searcher:
             if t.weight <= 0 or (t.image is None and t.data is None):
                 continue
             if t.image is not None:
-                paths.add(str(canonical(t.image)))
-            hashes.add(content_hash(t.data if t.data is not None else read_query_image(canonical(t.image))))  # type: ignore[arg-type]
+                path, data = files[t.image]
+                paths.add(str(path))
+                hashes.add(content_hash(data))
+            else:
+                hashes.add(content_hash(t.data))  # type: ignore[arg-type]
         same = pc.is_in(snap.items["path"], value_set=pa.array(sorted(paths), pa.string()))
         if hashes and "hash" in snap.items.column_names:
             same = pc.or_kleene(same, pc.is_in(snap.items["hash"], value_set=pa.array(sorted(hashes), pa.string())))
@@ -415,6 +423,16 @@ class Searcher:
         pos = _position(snap, item_id)
         target = Target.IMAGES if snap.items["kind"][pos].as_py() == Kind.IMAGE.value else Target.TEXTS
         return self.search(Query.build(like=item_id), k=k, target=target)
+
+
+def _read_query_files(query: Query) -> dict[Path, tuple[Path, bytes]]:
+    """Each image file a query names, as given → (its canonical path, its bytes), read once."""
+    files = {}
+    for t in query.terms:
+        if t.image is not None and t.image not in files:
+            path = canonical(t.image)
+            files[t.image] = (path, read_query_image(path))
+    return files
 
 
 def _dedup(snap: _Snapshot, index_dir: Path, hits: list[Hit], threshold: float) -> list[Hit]:
