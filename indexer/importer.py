@@ -151,9 +151,9 @@ def _read_partition(
             path, caption = paths[start + j], captions[start + j]
             item = functools.partial(Record, source=str(src), path=path)
             if img_chunk is not None:
-                key = path if path is not None else f"{src}#{part}:{start + j}"
-                if _key(key) not in seen:
-                    seen.add(_key(key))
+                key = _key(path if path is not None else f"{src}#{part}:{start + j}")
+                if key not in seen:
+                    seen.add(key)
                     records.append(item(id=writer.new_id(), kind=Kind.IMAGE, text=None, vector=img_chunk[j]))
             if txt_chunk is not None and caption is not None:
                 records.append(item(id=writer.new_id(), kind=Kind.TEXT, text=caption, vector=txt_chunk[j], link=path))

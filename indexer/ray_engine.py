@@ -168,12 +168,8 @@ def _worker_encoder(model: dict[str, Any]) -> Encoder:
     if device == "cpu":
         with contextlib.suppress(Exception):
             torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-    return _load(EncoderConfig(model=name, pretrained=pretrained, device=device), spec, load_encoder)
-
-
-def _load(config: EncoderConfig, spec: ModelSpec, load: Any) -> Encoder:
-    encoder: Encoder = load(config, expect=spec if spec.checkpoint_sha256 else None)
-    return encoder
+    config = EncoderConfig(model=name, pretrained=pretrained, device=device)
+    return load_encoder(config, expect=spec if spec.checkpoint_sha256 else None)
 
 
 def _decode_batch(

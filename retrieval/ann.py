@@ -29,6 +29,7 @@ from faiss.contrib.exhaustive_search import knn_ground_truth
 from faiss.contrib.inspect_tools import get_flat_data, get_invlist
 
 from clipdex.retrieval.atomic import TMP_SUFFIX, finish_tmp
+from clipdex.retrieval.snapshot import LISTS_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +359,7 @@ def read_index(path: Path, *, params: str = "", mmap: bool = True) -> faiss.Inde
     """Load an index; large ones are memory-mapped (read-only) so a search starts without reading them whole. An
     on-disk index's lists are mapped from the file beside it, so a search reads only the lists it probes."""
     flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (faiss.IO_FLAG_MMAP if mmap and path.stat().st_size > _MMAP_ABOVE else 0)
-    quiet = quiet_stdout if path.with_suffix(".ivfdata").exists() else contextlib.nullcontext
+    quiet = quiet_stdout if path.with_suffix(LISTS_SUFFIX).exists() else contextlib.nullcontext
     with quiet():
         try:
             index = faiss.read_index(str(path), flags)

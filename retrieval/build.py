@@ -117,16 +117,16 @@ def build_on_disk(
     is always built afresh (its lists are never changed under a reader)."""
     n, dim = len(live), live.dim
     budget = settings.memory or ON_DISK_BUDGET
-    # as many cells as the training sample the budget holds can train well (39 points a cell, FAISS's minimum)
-    fits = budget // 5 // (4 * dim) // 39
-    cells = min(ann.nlist_for(n), 2 ** int(np.log2(max(fits, 16))))
+    sample_rows = budget // 5 // (4 * dim)  # the training sample the budget holds
+    # as many cells as that sample can train well (39 points a cell, FAISS's minimum)
+    cells = min(ann.nlist_for(n), 2 ** int(np.log2(max(sample_rows // 39, 16))))
     factory = settings.index_type or f"IVF{cells},Flat"
     probe = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     ivf = ann.find_ivf(probe)
     if ivf is None:
         raise InputError(f"--on-disk needs an inverted-file index type (IVF...), not {factory}")
     least = _min_train(probe)
-    train_rows = min(_train_size(probe, n), budget // 5 // (4 * dim))
+    train_rows = min(_train_size(probe, n), sample_rows)
     if train_rows < least:
         raise InputError(
             f"--memory {budget / 2**20:.0f} MiB cannot hold the {least} training vectors {factory} needs "
