@@ -119,6 +119,26 @@ def ann_settings(
 
 
 DeviceOpt = Annotated[Device, typer.Option(help="Where to run the model.")]
+PathsArg = Annotated[
+    list[Path] | None, typer.Argument(help="Folders (walked recursively) and image files.", show_default=False)
+]
+TextsOpt = Annotated[
+    list[Path] | None, typer.Option(help="Caption file: .txt, .csv, .tsv, .jsonl or .parquet (repeatable).")
+]
+TextColumnOpt = Annotated[str | None, typer.Option(help="Text column (default: caption, then text).")]
+ImageColumnOpt = Annotated[
+    str | None, typer.Option(help="Column of image paths, relative to the caption file (default: image).")
+]
+BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Images per encoder batch.")]
+WorkersOpt = Annotated[int | None, typer.Option(min=0, help="Decode worker processes (default: cores - 1).")]
+Float16Opt = Annotated[bool, typer.Option(help="Write vectors as float16 (half the size, 1e-3 precision).")]
+ExcludeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="Skip files and folders matching this glob (repeatable; relative to each folder given).",
+        show_default=False,
+    ),
+]
 
 
 class RichProgress:

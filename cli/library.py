@@ -10,20 +10,28 @@ import typer
 from rich.table import Table
 
 from clipdex.cli.common import (
+    BatchSizeOpt,
     Device,
     DeviceOpt,
     EngineOpt,
     EngineOption,
+    ExcludeOpt,
+    Float16Opt,
+    ImageColumnOpt,
     IndexDir,
     IndexTypeOpt,
     JsonOpt,
     MemoryOpt,
     ModelOpt,
     OnDiskOpt,
+    PathsArg,
     PretrainedOpt,
     RayAddressOpt,
     RichProgress,
     TargetRecallOpt,
+    TextColumnOpt,
+    TextsOpt,
+    WorkersOpt,
     ann_settings,
     app,
     encoder_config,
@@ -38,21 +46,15 @@ from clipdex.cli.common import (
 @app.command(rich_help_panel="Index")
 @friendly
 def index(
-    paths: Annotated[
-        list[Path] | None, typer.Argument(help="Folders (walked recursively) and image files.", show_default=False)
-    ] = None,
+    paths: PathsArg = None,
     index_dir: IndexDir = ...,  # type: ignore[assignment]
-    texts: Annotated[
-        list[Path] | None, typer.Option(help="Caption file: .txt, .csv, .tsv, .jsonl or .parquet (repeatable).")
-    ] = None,
-    text_column: Annotated[str | None, typer.Option(help="Text column (default: caption, then text).")] = None,
-    image_column: Annotated[
-        str | None, typer.Option(help="Column of image paths, relative to the caption file (default: image).")
-    ] = None,
+    texts: TextsOpt = None,
+    text_column: TextColumnOpt = None,
+    image_column: ImageColumnOpt = None,
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder batch.")] = 64,
-    workers: Annotated[int | None, typer.Option(min=0, help="Decode worker processes (default: cores - 1).")] = None,
+    batch_size: BatchSizeOpt = 64,
+    workers: WorkersOpt = None,
     device: DeviceOpt = Device.auto,
     max_pixels: Annotated[
         int, typer.Option(min=1, help="Refuse images with more pixels than this, without decoding them.")
@@ -69,13 +71,7 @@ def index(
     profile: Annotated[
         bool, typer.Option(help="Report where the time went (scan, decode wait, encode, write).")
     ] = False,
-    exclude: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Skip files and folders matching this glob (repeatable; relative to each folder given).",
-            show_default=False,
-        ),
-    ] = None,
+    exclude: ExcludeOpt = None,
     engine: EngineOption = EngineOpt.local,
     ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
@@ -314,7 +310,7 @@ def info(
 def export_index(
     index_dir: IndexDir = ...,  # type: ignore[assignment]
     out_dir: Annotated[Path, typer.Option("--out", help="A new folder for img_emb/, text_emb/, metadata/.")] = ...,  # type: ignore[assignment]
-    float16: Annotated[bool, typer.Option(help="Write vectors as float16 (half the size, 1e-3 precision).")] = False,
+    float16: Float16Opt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write the index's vectors in clip-retrieval's layout (`clipdex import` reads it back)."""
@@ -336,35 +332,26 @@ def export_index(
 @app.command(rich_help_panel="Index")
 @friendly
 def embed(
-    paths: Annotated[
-        list[Path] | None, typer.Argument(help="Folders (walked recursively) and image files.", show_default=False)
-    ] = None,
+    paths: PathsArg = None,
     out_url: Annotated[
         str,
         typer.Option(
             "--out", help="A folder or fsspec URL (s3://bucket/prefix, ...) for img_emb/, text_emb/, metadata/."
         ),
     ] = ...,  # type: ignore[assignment]
-    texts: Annotated[
-        list[Path] | None, typer.Option(help="Caption file: .txt, .csv, .tsv, .jsonl or .parquet (repeatable).")
-    ] = None,
-    text_column: Annotated[str | None, typer.Option(help="Text column (default: caption, then text).")] = None,
-    image_column: Annotated[
-        str | None, typer.Option(help="Column of image paths, relative to the caption file (default: image).")
-    ] = None,
+    texts: TextsOpt = None,
+    text_column: TextColumnOpt = None,
+    image_column: ImageColumnOpt = None,
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
     device: DeviceOpt = Device.auto,
     engine: EngineOption = EngineOpt.local,
     ray_address: RayAddressOpt = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder batch.")] = 64,
-    workers: Annotated[int | None, typer.Option(min=0, help="Decode worker processes (default: cores - 1).")] = None,
+    batch_size: BatchSizeOpt = 64,
+    workers: WorkersOpt = None,
     partition_rows: Annotated[int, typer.Option(min=1, help="Items per partition (the unit of resuming).")] = 100_000,
-    float16: Annotated[bool, typer.Option(help="Write vectors as float16 (half the size, 1e-3 precision).")] = False,
-    exclude: Annotated[
-        list[str] | None,
-        typer.Option(help="Skip files and folders matching this glob (repeatable).", show_default=False),
-    ] = None,
+    float16: Float16Opt = False,
+    exclude: ExcludeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write embeddings in clip-retrieval's layout, without an index; `clipdex import` builds one from them.
@@ -409,8 +396,8 @@ def reindex(
         str, typer.Option(help="The new weights (e.g. a `clipdex finetune` checkpoint).", show_default=False)
     ] = ...,  # type: ignore[assignment]
     model: ModelOpt = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder batch.")] = 64,
-    workers: Annotated[int | None, typer.Option(min=0, help="Decode worker processes (default: cores - 1).")] = None,
+    batch_size: BatchSizeOpt = 64,
+    workers: WorkersOpt = None,
     device: DeviceOpt = Device.auto,
     as_json: JsonOpt = False,
 ) -> None:

@@ -12,11 +12,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from clipdex.cli.common import (
+    BatchSizeOpt,
     Device,
     DeviceOpt,
     JsonOpt,
     ModelOpt,
     PretrainedOpt,
+    TextColumnOpt,
+    WorkersOpt,
     app,
     encoder_config,
     err,
@@ -53,8 +56,8 @@ def eval_(
     index_dir: Annotated[
         Path | None, typer.Option("--index", "-i", help="Evaluate the model this index was built with.")
     ] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per encoder batch.")] = 64,
-    workers: Annotated[int | None, typer.Option(min=0, help="Decode worker processes (default: cores - 1).")] = None,
+    batch_size: BatchSizeOpt = 64,
+    workers: WorkersOpt = None,
     device: DeviceOpt = Device.auto,
     limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N images (a quick run).")] = None,
     as_json: JsonOpt = False,
@@ -174,9 +177,9 @@ def finetune(
         float | None, typer.Option(help="WiSE-FT: interpolate tuned and starting weights (1 = tuned, 0 = start).")
     ] = None,
     seed: Annotated[int, typer.Option()] = 0,
-    workers: Annotated[int | None, typer.Option(min=0, help="Decode worker processes (default: cores - 1).")] = None,
+    workers: WorkersOpt = None,
     device: DeviceOpt = Device.auto,
-    text_column: Annotated[str | None, typer.Option(help="Text column (default: caption, then text).")] = None,
+    text_column: TextColumnOpt = None,
     image_column: Annotated[str | None, typer.Option(help="Image column (default: image).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its last epoch.")] = False,
     as_json: JsonOpt = False,
