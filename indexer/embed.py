@@ -123,13 +123,19 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
         for f in dict.fromkeys(canonical(f) for f in config.texts)
     ]
     out = Output(config.out)
-    if config.encoder is not None and out.exists(PLAN):  # a different architecture is refused before it loads
-        planned = json.loads(out.read(PLAN))["model"]
+    earlier = json.loads(out.read(PLAN)) if out.exists(PLAN) else None  # the plan of an earlier run, read once
+    if config.encoder is not None and earlier is not None:  # a different architecture is refused before it loads
         asked = Path(config.encoder.model).stem if config.encoder.model.endswith(".json") else config.encoder.model
-        if asked != planned["name"]:
-            raise _other_model(out, planned)
-    encoder = load_encoder(config.encoder or _plan_encoder(out, config.device))
-    plan = _read_plan(out, encoder.spec, encoder.dim)
+        if asked != earlier["model"]["name"]:
+            raise _other_model(out, earlier["model"])
+    if config.encoder is not None:
+        encoder_config = config.encoder
+    elif earlier is not None:
+        encoder_config = _plan_encoder(earlier, config.device)
+    else:
+        encoder_config = EncoderConfig(device=config.device)
+    encoder = load_encoder(encoder_config)
+    plan = _check_plan(out, earlier, encoder.spec, encoder.dim)
     _extend_plan(out, plan, roots, sources, config)
     summary = EmbedSummary(out=config.out, partitions=len(plan["partitions"]))
     todo = [p for p in plan["partitions"] if not out.exists("metadata", f"metadata_{p['n']}.parquet")]
@@ -147,11 +153,9 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
     return summary
 
 
-def _plan_encoder(out: Output, device: str) -> EncoderConfig:
+def _plan_encoder(plan: dict[str, Any], device: str) -> EncoderConfig:
     """The model an unfinished output was planned with (its config JSON and checkpoint found again)."""
-    if not out.exists(PLAN):
-        return EncoderConfig(device=device)
-    spec = ModelSpec.from_json(json.loads(out.read(PLAN))["model"])
+    spec = ModelSpec.from_json(plan["model"])
     model = spec.name
     if spec.config is not None:  # a custom architecture, registered from its config under its name
         folder = Path(tempfile.mkdtemp(prefix="clipdex-embed-"))
@@ -161,12 +165,12 @@ def _plan_encoder(out: Output, device: str) -> EncoderConfig:
     return EncoderConfig(model=model, pretrained=str(checkpoint) if checkpoint else spec.pretrained, device=device)
 
 
-def _read_plan(out: Output, spec: ModelSpec, dim: int) -> dict[str, Any]:
-    if not out.exists(PLAN):
+def _check_plan(out: Output, plan: dict[str, Any] | None, spec: ModelSpec, dim: int) -> dict[str, Any]:
+    """The earlier run's plan if it was made with this model (else an error), or a new, empty one."""
+    if plan is None:
         if out.exists("metadata") and out.fs.ls(out.path("metadata")):
             raise InputError(f"{out.root} holds embeddings clipdex did not plan; embed into a new --out")
         return {"format": 1, "model": spec.to_json(), "dim": dim, "partitions": [], "texts": {}}
-    plan = json.loads(out.read(PLAN))
     if not ModelSpec.from_json(plan["model"]).same_model(spec) or plan["dim"] != dim:
         raise _other_model(out, plan["model"])
     return plan
