@@ -156,11 +156,7 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
 def _plan_encoder(plan: dict[str, Any], device: str) -> EncoderConfig:
     """The model an unfinished output was planned with (its config JSON and checkpoint found again)."""
     spec = ModelSpec.from_json(plan["model"])
-    model = spec.name
-    if spec.config is not None:  # a custom architecture, registered from its config under its name
-        folder = Path(tempfile.mkdtemp(prefix="clipdex-embed-"))
-        (folder / f"{spec.name}.json").write_text(json.dumps(spec.config))
-        model = str(folder / f"{spec.name}.json")
+    model = spec.model_arg(Path(tempfile.mkdtemp(prefix="clipdex-embed-"))) if spec.config is not None else spec.name
     checkpoint = weights.locate(spec)
     return EncoderConfig(model=model, pretrained=str(checkpoint) if checkpoint else spec.pretrained, device=device)
 

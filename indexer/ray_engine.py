@@ -151,11 +151,7 @@ def _worker_encoder(model: dict[str, Any]) -> Encoder:
     spec = ModelSpec.from_json(model["spec"])
     folder = Path(tempfile.gettempdir()) / f"clipdex-ray-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
-    name, pretrained = spec.name, spec.pretrained
-    if spec.config is not None:  # a custom architecture: registered from its config, under its name
-        config_file = folder / f"{spec.name}.json"
-        config_file.write_text(json.dumps(spec.config))
-        name = str(config_file)
+    name, pretrained = spec.model_arg(folder), spec.pretrained
     if model["weights"] is not None:
         local = folder / f"{spec.checkpoint_sha256}{model['suffix']}"
         if not local.is_file():

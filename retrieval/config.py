@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,15 @@ class ModelSpec:
             checkpoint_size=data.get("checkpoint_size"),
             checkpoint_mtime=data.get("checkpoint_mtime"),
         )
+
+    def model_arg(self, folder: Path) -> str:
+        """The --model value that rebuilds this architecture elsewhere: its name, or for a custom architecture its
+        config JSON, written into `folder` under its name (so it registers under the same name)."""
+        if self.config is None:
+            return self.name
+        path = folder / f"{self.name}.json"
+        path.write_text(json.dumps(self.config))
+        return str(path)
 
     def same_model(self, other: ModelSpec) -> bool:
         """Same architecture and the same weights: by content for a local checkpoint, by name otherwise."""
