@@ -39,9 +39,9 @@ def main() -> None:
     import open_clip
     import torch
 
-    from clipdex.retrieval.filters import Filter
-    from clipdex.retrieval.query import Query
-    from clipdex.retrieval.search import Searcher, Target
+    from clipdex.retrieval.search.filters import Filter
+    from clipdex.retrieval.search.query import Query
+    from clipdex.retrieval.search.searcher import Searcher, Target
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp_name:

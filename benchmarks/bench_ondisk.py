@@ -28,8 +28,8 @@ import numpy as np
 from _report import machine, markdown_table, write_report
 
 from clipdex.retrieval import ann
-from clipdex.retrieval.build import AnnSettings, build_on_disk
-from clipdex.retrieval.shards import LiveVectors
+from clipdex.retrieval.ann.build import AnnSettings, build_on_disk
+from clipdex.retrieval.store.shards import LiveVectors
 
 _SHARD = 250_000
 

@@ -26,7 +26,7 @@ import numpy as np
 from _report import machine, markdown_table, write_report
 
 from clipdex.retrieval import ann
-from clipdex.retrieval.build import AnnSettings, LiveVectors, build_kind
+from clipdex.retrieval.ann.build import AnnSettings, LiveVectors, build_kind
 
 _AUTOFAISS = """
 import sys, numpy as np

@@ -21,7 +21,7 @@ import torch
 from _report import machine, markdown_table, write_report
 
 from clipdex.retrieval.config import ModelSpec
-from clipdex.retrieval.encoder import Encoder
+from clipdex.retrieval.model.encoder import Encoder
 
 WORDS = """a man woman child dog cat red blue green small large old young wooden street beach park table
 walks sits runs holds looks plays stands near under beside with on in at the of and""".split()

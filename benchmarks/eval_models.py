@@ -18,9 +18,9 @@ from typing import Any
 from _report import machine, markdown_table, write_report
 
 from clipdex.retrieval.config import EncoderConfig
-from clipdex.retrieval.datasets import DatasetName
 from clipdex.retrieval.errors import ClipdexError
-from clipdex.retrieval.evaluate import EvalConfig, evaluate
+from clipdex.retrieval.evaluation.datasets import DatasetName
+from clipdex.retrieval.evaluation.evaluate import EvalConfig, evaluate
 
 # From open_clip's docs/openclip_retrieval_results.csv: (t2i R@1, R@5, R@10, i2t R@1, R@5, R@10), in %.
 BUILT_IN = {

@@ -103,8 +103,8 @@ def ann_settings(
     keep_default: bool,
     on_disk: bool = False,
 ) -> Any:
-    from clipdex.retrieval.ann import DEFAULT_TARGET_RECALL, parse_memory
-    from clipdex.retrieval.build import AnnSettings
+    from clipdex.retrieval.config import parse_memory
+    from clipdex.retrieval.store.manifest import DEFAULT_TARGET_RECALL, AnnSettings
 
     if keep_default and index_type is None and memory is None and target_recall is None and not on_disk:
         return None
@@ -172,7 +172,7 @@ def encoder_config(model: str | None, pretrained: str | None, device: Device, in
     """The model the user named; --pretrained alone names weights for the index's own architecture (or the
     default one for a new index)."""
     from clipdex.retrieval.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, EncoderConfig
-    from clipdex.retrieval.manifest import MANIFEST, index_model
+    from clipdex.retrieval.store.manifest import MANIFEST, index_model
 
     if model is None and pretrained is None:
         return None

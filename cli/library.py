@@ -189,7 +189,7 @@ def import_(
     inverted lists are written to disk, holding about M in memory for vectors at any time."""
     from clipdex.indexer.importer import import_clip_retrieval
     from clipdex.retrieval.config import EncoderConfig
-    from clipdex.retrieval.manifest import read_manifest
+    from clipdex.retrieval.store.manifest import read_manifest
 
     encoder = encoder_config(model, pretrained, device) or EncoderConfig(device=device.value)
     settings = ann_settings(index_type, memory, target_recall, keep_default=False, on_disk=on_disk)
@@ -233,11 +233,11 @@ def check(
     as_json: JsonOpt = False,
 ) -> None:
     """Verify that manifest, catalog, vectors and FAISS indexes agree; exit 1 and list what is wrong if not."""
-    from clipdex.retrieval.check import check_index
+    from clipdex.retrieval.maintain.check import check_index
 
     repaired = None
     if repair:
-        from clipdex.retrieval.repair import repair_index
+        from clipdex.retrieval.maintain.repair import repair_index
 
         repaired = repair_index(index_dir)
     report = check_index(index_dir)
@@ -268,7 +268,7 @@ def info(
     as_json: JsonOpt = False,
 ) -> None:
     """Describe an index: model, dimension, counts, index types, size on disk."""
-    from clipdex.retrieval.info import index_info
+    from clipdex.retrieval.maintain.info import index_info
 
     data = index_info(index_dir, with_failures=failed)
     if as_json:
@@ -315,7 +315,7 @@ def export_index(
 ) -> None:
     """Write the index's vectors in clip-retrieval's layout (`clipdex import` reads it back)."""
     from clipdex.indexer.exporter import export_clip_retrieval
-    from clipdex.retrieval.manifest import read_manifest
+    from clipdex.retrieval.store.manifest import read_manifest
 
     read_manifest(index_dir)
     summary = export_clip_retrieval(index_dir, out_dir, float16=float16)

@@ -63,11 +63,11 @@ def eval_(
     as_json: JsonOpt = False,
 ) -> None:
     """Measure text→image and image→text recall@1/5/10 exactly as CLIP_benchmark does, on a benchmark or your pairs."""
-    from clipdex.indexer.decode import default_workers
     from clipdex.retrieval.config import EncoderConfig
-    from clipdex.retrieval.datasets import DatasetName
-    from clipdex.retrieval.evaluate import EvalConfig, evaluate
-    from clipdex.retrieval.manifest import index_encoder_config
+    from clipdex.retrieval.evaluation.datasets import DatasetName
+    from clipdex.retrieval.evaluation.evaluate import EvalConfig, evaluate
+    from clipdex.retrieval.imaging.loader import default_workers
+    from clipdex.retrieval.model.weights import index_encoder_config
 
     if index_dir is not None:
         if model or pretrained:
@@ -185,10 +185,10 @@ def finetune(
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune a CLIP model on your own image–caption pairs; report validation recall before and after."""
-    from clipdex.indexer.decode import default_workers
     from clipdex.retrieval.config import EncoderConfig
-    from clipdex.retrieval.datasets import DatasetName
+    from clipdex.retrieval.evaluation.datasets import DatasetName
     from clipdex.retrieval.finetune import FinetuneConfig, Method, finetune
+    from clipdex.retrieval.imaging.loader import default_workers
 
     config = FinetuneConfig(
         out=out_dir,

@@ -77,9 +77,9 @@ def search(
         )
     if paths and as_json:
         raise ClipdexError("--paths and --json are two ways to print the results: choose one")
-    from clipdex.retrieval.filters import Filter
-    from clipdex.retrieval.manifest import read_manifest
-    from clipdex.retrieval.query import Query
+    from clipdex.retrieval.search.filters import Filter
+    from clipdex.retrieval.search.query import Query
+    from clipdex.retrieval.store.manifest import read_manifest
 
     manifest = read_manifest(index_dir)  # a missing or damaged index is said before anything heavy loads
     filtered = Filter.build(where=where, in_folder=in_folder, after=after, before=before, min_score=min_score)
@@ -111,7 +111,7 @@ def search(
     answer = _ask_server(index_dir, asked, image) if use_server and not local_only else None
     if answer is None:
         lean_model_imports(manifest.model)
-        from clipdex.retrieval.search import Searcher, Target, results_json
+        from clipdex.retrieval.search.searcher import Searcher, Target, results_json
 
         tgt = Target(target.value)
         searcher = Searcher(index_dir, device=device.value)
@@ -133,11 +133,11 @@ def search(
 
 def _ask_server(index_dir: Path, asked: dict[str, Any], image: Path | None) -> dict[str, Any] | None:
     """The answer of a running `clipdex serve` (which parses the query as this command does), or None."""
-    from clipdex.retrieval.remote import search_via_server
+    from clipdex.retrieval.serve.remote import search_via_server
 
     data = None
     if image is not None:
-        from clipdex.retrieval.imaging import read_query_image
+        from clipdex.retrieval.imaging.decode import read_query_image
         from clipdex.retrieval.paths import canonical
 
         data = read_query_image(canonical(image))
@@ -180,11 +180,11 @@ def duplicates(
     as_json: JsonOpt = False,
 ) -> None:
     """Groups of near-duplicate images: every pair at or above --threshold joins, largest groups first."""
-    from clipdex.retrieval.manifest import read_manifest
+    from clipdex.retrieval.store.manifest import read_manifest
 
     read_manifest(index_dir)
-    from clipdex.retrieval.duplicates import find_duplicates
-    from clipdex.retrieval.search import Searcher
+    from clipdex.retrieval.search.duplicates import find_duplicates
+    from clipdex.retrieval.search.searcher import Searcher
 
     found = find_duplicates(Searcher(index_dir, device="cpu"), threshold=threshold)
     if as_json:
@@ -231,12 +231,18 @@ def classify(
     as_json: JsonOpt = False,
 ) -> None:
     """Zero-shot labels for every indexed image, with the index's own model; or accuracy on a labelled folder."""
-    from clipdex.retrieval.classify import evaluate_folder, label_images, read_labels, read_templates, store_labels
-    from clipdex.retrieval.manifest import read_manifest
+    from clipdex.retrieval.search.classify import (
+        evaluate_folder,
+        label_images,
+        read_labels,
+        read_templates,
+        store_labels,
+    )
+    from clipdex.retrieval.store.manifest import read_manifest
 
     read_manifest(index_dir)
     prompts = read_templates(templates)
-    from clipdex.retrieval.search import Searcher
+    from clipdex.retrieval.search.searcher import Searcher
 
     searcher = Searcher(index_dir, device=device.value)
     if eval_folder is not None:

@@ -29,8 +29,8 @@ def serve(
     device: DeviceOpt = Device.auto,
 ) -> None:
     """Serve the index: an HTTP API (OpenAPI at /api/openapi.json) and a web page at /, the model loaded once."""
-    from clipdex.retrieval.ann import parse_memory
-    from clipdex.retrieval.manifest import read_manifest
+    from clipdex.retrieval.config import parse_memory
+    from clipdex.retrieval.store.manifest import read_manifest
 
     read_manifest(index_dir)  # a missing or damaged index is said before the model loads
     try:
@@ -38,8 +38,8 @@ def serve(
     except ValueError as e:
         raise ClipdexError(f"--max-upload: {e}") from None
     _check_port_free(host, port)
-    from clipdex.retrieval.server import ServeConfig
-    from clipdex.retrieval.server import serve as run_server
+    from clipdex.retrieval.serve.app import ServeConfig
+    from clipdex.retrieval.serve.app import serve as run_server
 
     config = ServeConfig(
         index_dir, host=host, port=port, token=token or None, device=device.value, max_upload_bytes=upload

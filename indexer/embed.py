@@ -27,12 +27,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipdex.indexer.engines import EngineConfig, encode_decoded, open_engine
-from clipdex.indexer.sources import check_roots, no_images_error, open_texts, scan_root
-from clipdex.retrieval import weights
+from clipdex.indexer.sources import check_roots, no_images_error, scan_root
 from clipdex.retrieval.config import EncoderConfig, ModelSpec
-from clipdex.retrieval.encoder import load_encoder
 from clipdex.retrieval.errors import InputError
-from clipdex.retrieval.imaging import DEFAULT_MAX_PIXELS
+from clipdex.retrieval.imaging.captions import open_texts
+from clipdex.retrieval.imaging.decode import DEFAULT_MAX_PIXELS
+from clipdex.retrieval.model import weights
+from clipdex.retrieval.model.encoder import load_encoder
 from clipdex.retrieval.paths import canonical
 
 PLAN = "clipdex-embed.json"

@@ -17,9 +17,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from clipdex.indexer.decode import Decoded, ImageFiles, default_workers, iter_decoded
-from clipdex.retrieval.encoder import Encoder
 from clipdex.retrieval.errors import InputError
+from clipdex.retrieval.imaging.loader import Decoded, ImageFiles, default_workers, iter_decoded
+from clipdex.retrieval.model.encoder import Encoder
 
 ENGINES = ("local", "ray")
 

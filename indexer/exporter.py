@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipdex.retrieval.atomic import atomic_file
 from clipdex.retrieval.errors import InputError
-from clipdex.retrieval.search import Searcher, Target
+from clipdex.retrieval.search.searcher import Searcher, Target
+from clipdex.retrieval.store.atomic import atomic_file
 
 PARTITION_ROWS = 100_000
 

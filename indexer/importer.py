@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from clipdex.retrieval.build import AnnSettings, index_writer
+from clipdex.retrieval.ann.build import index_writer, validate_settings
 from clipdex.retrieval.config import EncoderConfig
-from clipdex.retrieval.encoder import load_encoder
 from clipdex.retrieval.errors import InputError
-from clipdex.retrieval.items import Kind, Record
-from clipdex.retrieval.manifest import Manifest, check_index_dir, read_manifest
+from clipdex.retrieval.model.encoder import load_encoder
 from clipdex.retrieval.paths import canonical
-from clipdex.retrieval.writer import FreshIndexDir, IndexWriter
+from clipdex.retrieval.store.items import Kind, Record
+from clipdex.retrieval.store.manifest import AnnSettings, Manifest, check_index_dir, read_manifest
+from clipdex.retrieval.store.writer import FreshIndexDir, IndexWriter
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ _CHUNK = 65536
 def rebuild(index_dir: Path, settings: AnnSettings) -> Manifest:
     """Re-choose, re-train and re-tune the ANN indexes from the stored vectors; no model is loaded."""
     manifest = read_manifest(index_dir)
-    settings.validate(manifest.dim)
+    validate_settings(settings, manifest.dim)
     writer = index_writer(index_dir, manifest.model, manifest.dim)
     try:
         return writer.publish(settings=settings.to_json(), rebuild=True)
@@ -76,7 +76,7 @@ def import_clip_retrieval(src: Path, index_dir: Path, encoder: EncoderConfig, se
         )
     check_index_dir(index_dir)
     model = load_encoder(encoder)
-    settings.validate(model.dim)
+    validate_settings(settings, model.dim)
     fresh = FreshIndexDir(index_dir)
     writer = index_writer(index_dir, model.spec, model.dim)
     # Progress is committed with each chunk's rows, so a killed import resumes where it stopped: never twice.

@@ -20,18 +20,20 @@ from typing import Any, Protocol
 import torch
 
 from clipdex.indexer.engines import Engine, EngineConfig, open_engine
-from clipdex.indexer.sources import FileEntry, TextSource, check_roots, no_images_error, open_texts, scan_root
-from clipdex.retrieval import weights
-from clipdex.retrieval.build import AnnSettings, index_writer
+from clipdex.indexer.sources import FileEntry, check_roots, no_images_error, scan_root
+from clipdex.retrieval.ann.build import index_writer, validate_settings
 from clipdex.retrieval.config import EncoderConfig, ModelSpec
-from clipdex.retrieval.encoder import Encoder, load_encoder
 from clipdex.retrieval.errors import ClipdexError, IndexFormatError, InputError
-from clipdex.retrieval.imaging import DEFAULT_MAX_PIXELS, PhotoMeta
-from clipdex.retrieval.items import Kind, Record, Status, content_hash
-from clipdex.retrieval.lock import acquire_lock
-from clipdex.retrieval.manifest import MANIFEST, check_index_dir, index_encoder_config
-from clipdex.retrieval.paths import canonical, is_at_or_under
-from clipdex.retrieval.writer import FreshIndexDir, IndexWriter
+from clipdex.retrieval.imaging.captions import TextSource, open_texts
+from clipdex.retrieval.imaging.decode import DEFAULT_MAX_PIXELS, PhotoMeta
+from clipdex.retrieval.model import weights
+from clipdex.retrieval.model.encoder import Encoder, load_encoder
+from clipdex.retrieval.model.weights import index_encoder_config
+from clipdex.retrieval.paths import canonical, content_hash, is_at_or_under
+from clipdex.retrieval.store.items import Kind, Record, Status
+from clipdex.retrieval.store.lock import acquire_lock
+from clipdex.retrieval.store.manifest import MANIFEST, AnnSettings, check_index_dir
+from clipdex.retrieval.store.writer import FreshIndexDir, IndexWriter
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +125,7 @@ def run_index(config: IndexConfig, *, progress: Progress | None = None) -> Summa
     try:
         encoder = load_encoder(encoder_config, expect=existing)
         if config.ann is not None:
-            config.ann.validate(encoder.dim)
+            validate_settings(config.ann, encoder.dim)
         writer = index_writer(config.index_dir, encoder.spec, encoder.dim, lock=lock)
     except BaseException:
         if lock is not None:
@@ -195,7 +197,7 @@ def _encoder_config(config: IndexConfig) -> tuple[EncoderConfig, ModelSpec | Non
         return config.encoder or EncoderConfig(device=config.device), None
     if config.encoder is None:
         return index_encoder_config(config.index_dir, device=config.device)
-    from clipdex.retrieval.manifest import read_manifest
+    from clipdex.retrieval.store.manifest import read_manifest
 
     spec = read_manifest(config.index_dir).model
     asked = config.encoder

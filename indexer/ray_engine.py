@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from clipdex.indexer.decode import Decoded, ImageFiles
 from clipdex.retrieval.config import EncoderConfig, ModelSpec
-from clipdex.retrieval.encoder import Encoder
 from clipdex.retrieval.errors import InputError
-from clipdex.retrieval.imaging import PhotoMeta
+from clipdex.retrieval.imaging.decode import PhotoMeta
+from clipdex.retrieval.imaging.loader import Decoded, ImageFiles
+from clipdex.retrieval.model.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def _worker_encoder(model: dict[str, Any]) -> Encoder:
     import ray
     import torch
 
-    from clipdex.retrieval.encoder import load_encoder
+    from clipdex.retrieval.model.encoder import load_encoder
 
     spec = ModelSpec.from_json(model["spec"])
     folder = Path(tempfile.gettempdir()) / f"clipdex-ray-{os.getuid()}"

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clipdex.retrieval.build import index_writer
-from clipdex.retrieval.manifest import read_manifest
+from clipdex.retrieval.ann.build import index_writer
 from clipdex.retrieval.paths import canonical, is_at_or_under
+from clipdex.retrieval.store.manifest import read_manifest
 
 
 @dataclass

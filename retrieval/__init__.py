@@ -12,15 +12,15 @@ from clipdex.retrieval.config import DEFAULT_MODEL, DEFAULT_PRETRAINED, EncoderC
 from clipdex.retrieval.errors import ClipdexError
 
 if TYPE_CHECKING:
-    from clipdex.retrieval.encoder import Encoder, load_encoder
-    from clipdex.retrieval.search import Hit, Searcher, Target
+    from clipdex.retrieval.model.encoder import Encoder, load_encoder
+    from clipdex.retrieval.search.searcher import Hit, Searcher, Target
 
 _LAZY = {
-    "Encoder": "clipdex.retrieval.encoder",
-    "load_encoder": "clipdex.retrieval.encoder",
-    "Hit": "clipdex.retrieval.search",
-    "Searcher": "clipdex.retrieval.search",
-    "Target": "clipdex.retrieval.search",
+    "Encoder": "clipdex.retrieval.model.encoder",
+    "load_encoder": "clipdex.retrieval.model.encoder",
+    "Hit": "clipdex.retrieval.search.searcher",
+    "Searcher": "clipdex.retrieval.search.searcher",
+    "Target": "clipdex.retrieval.search.searcher",
 }
 
 

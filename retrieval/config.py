@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,14 @@ class ModelSpec:
         if self.checkpoint_sha256 or other.checkpoint_sha256:
             return self.checkpoint_sha256 == other.checkpoint_sha256
         return self.pretrained == other.pretrained
+
+
+def parse_memory(text: str) -> int:
+    """'4G', '512M', '1.5GB', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)i?b?\s*", text.lower())
+    if not m:
+        raise ValueError(f"cannot read memory size {text!r}: use e.g. 512M, 4G")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -10,7 +10,7 @@ import threading
 import time
 
 from clipdex.cli.main import main
-from clipdex.retrieval import build
+from clipdex.retrieval.ann import build
 
 
 def anon() -> int:

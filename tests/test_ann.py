@@ -12,7 +12,7 @@ import pytest
 
 from clipdex.cli.main import app
 from clipdex.retrieval import Searcher, Target, ann
-from clipdex.retrieval.check import check_index
+from clipdex.retrieval.maintain.check import check_index
 
 
 def clustered(n: int, dim: int, seed: int, *, clusters: int = 50) -> np.ndarray:
@@ -136,9 +136,9 @@ def test_build_changes_index_type_and_keeps_results_sound(cli, tmp_path, tiny_mo
 
 
 def test_incremental_publish_reuses_the_trained_index(tmp_path, tiny_model):
-    from clipdex.retrieval.build import AnnSettings, index_writer
-    from clipdex.retrieval.encoder import EncoderConfig, load_encoder
-    from clipdex.retrieval.items import Kind, Record
+    from clipdex.retrieval.ann.build import AnnSettings, index_writer
+    from clipdex.retrieval.model.encoder import EncoderConfig, load_encoder
+    from clipdex.retrieval.store.items import Kind, Record
 
     encoder = load_encoder(EncoderConfig(model=str(tiny_model.config), pretrained=str(tiny_model.weights)))
     writer = index_writer(tmp_path / "idx", encoder.spec, encoder.dim)
@@ -189,9 +189,9 @@ def test_import_errors(cli, tmp_path, tiny_model):
 
 
 def test_float16_shards_only_past_exact_size_per_kind(tmp_path, tiny_model, monkeypatch):
-    from clipdex.retrieval.build import index_writer
-    from clipdex.retrieval.encoder import EncoderConfig, load_encoder
-    from clipdex.retrieval.items import Kind, Record
+    from clipdex.retrieval.ann.build import index_writer
+    from clipdex.retrieval.model.encoder import EncoderConfig, load_encoder
+    from clipdex.retrieval.store.items import Kind, Record
 
     monkeypatch.setattr(ann, "EXACT_MAX", 100)
     encoder = load_encoder(EncoderConfig(model=str(tiny_model.config), pretrained=str(tiny_model.weights)))

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from clipdex.retrieval.batching import Batcher, LRUCache
+from clipdex.retrieval.search.batching import Batcher, LRUCache
 
 
 def _slow_encoder(calls: list[list[int]]):
@@ -86,7 +86,7 @@ def test_searcher_under_concurrency_equals_lone_encodings(tmp_path, tiny_model, 
     from conftest import run
     from corpus import make_images
 
-    from clipdex.retrieval.search import Searcher
+    from clipdex.retrieval.search.searcher import Searcher
 
     make_images(tmp_path / "photos", 3, seed=97)
     run(cli, "index", tmp_path / "photos", "--index", tmp_path / "idx", *tiny_model.cli_args())

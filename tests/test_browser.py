@@ -15,10 +15,10 @@ from conftest import run, serving
 from corpus import make_captioned_library
 from typer.testing import CliRunner
 
-from clipdex.retrieval.filters import Filter, parse_date
-from clipdex.retrieval.query import Query
-from clipdex.retrieval.search import Searcher, Target
-from clipdex.retrieval.server import ServeConfig, create_app
+from clipdex.retrieval.search.filters import Filter, parse_date
+from clipdex.retrieval.search.query import Query
+from clipdex.retrieval.search.searcher import Searcher, Target
+from clipdex.retrieval.serve.app import ServeConfig, create_app
 
 K = 48  # what the page asks for
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

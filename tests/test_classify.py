@@ -55,7 +55,7 @@ def test_labels_equal_brute_force(cli, tmp_path, tiny_model, reference):
     default = json.loads(
         run(cli, "classify", "--index", tmp_path / "idx", "--labels-file", tmp_path / "labels.txt", "--json")
     )
-    from clipdex.retrieval.classify import DEFAULT_TEMPLATES
+    from clipdex.retrieval.search.classify import DEFAULT_TEMPLATES
 
     classes = _reference_classes(reference, ["circle", "square", "triangle", "cross"], list(DEFAULT_TEMPLATES))
     want = {

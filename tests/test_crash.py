@@ -17,7 +17,7 @@ from conftest import TinyModel, counts
 from corpus import make_images
 
 from clipdex.retrieval import Searcher, Target
-from clipdex.retrieval.check import check_index
+from clipdex.retrieval.maintain.check import check_index
 
 REPO = Path(__file__).parents[1]
 
@@ -164,9 +164,9 @@ def _published_images(index: Path) -> int:
 
 def test_lock_is_released_when_the_holder_dies(tmp_path, tiny_model):
     """A lock file left by a dead process does not block: the kernel drops its flock."""
-    from clipdex.retrieval.build import index_writer
-    from clipdex.retrieval.encoder import EncoderConfig, load_encoder
+    from clipdex.retrieval.ann.build import index_writer
     from clipdex.retrieval.errors import IndexLockedError
+    from clipdex.retrieval.model.encoder import EncoderConfig, load_encoder
 
     encoder = load_encoder(EncoderConfig(model=str(tiny_model.config), pretrained=str(tiny_model.weights)))
     writer = index_writer(tmp_path / "idx", encoder.spec, encoder.dim)

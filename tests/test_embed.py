@@ -14,7 +14,7 @@ from corpus import make_captioned_library, make_images
 from test_errors import assert_one_line_error
 
 from clipdex.cli.main import app
-from clipdex.retrieval.search import Searcher, Target
+from clipdex.retrieval.search.searcher import Searcher, Target
 
 
 @pytest.fixture

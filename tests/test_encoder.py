@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from clipdex.retrieval.encoder import EncoderConfig, _encode_text_trimmed, load_encoder
 from clipdex.retrieval.errors import ModelError
+from clipdex.retrieval.model.encoder import EncoderConfig, _encode_text_trimmed, load_encoder
 
 CAPTIONS = [
     "a dog",
@@ -92,7 +92,7 @@ def test_skipping_random_init_before_a_checkpoint_load_changes_no_tensor(tiny_mo
     import torch
 
     from clipdex.retrieval.config import EncoderConfig
-    from clipdex.retrieval.encoder import load_model
+    from clipdex.retrieval.model.encoder import load_model
 
     loaded = load_model(EncoderConfig(model=str(tiny_model.config), pretrained=str(tiny_model.weights), device="cpu"))
     open_clip.add_model_config(tiny_model.config)

@@ -8,7 +8,7 @@ import numpy as np
 from conftest import run
 from corpus import make_captioned_library
 
-from clipdex.retrieval.search import Searcher, Target
+from clipdex.retrieval.search.searcher import Searcher, Target
 
 
 def _contents(index) -> dict:

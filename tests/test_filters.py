@@ -15,11 +15,11 @@ from corpus import make_images
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from clipdex.retrieval.filters import Filter
-from clipdex.retrieval.imaging import photo_meta
-from clipdex.retrieval.query import Query
-from clipdex.retrieval.search import Searcher, Target
-from clipdex.retrieval.server import ServeConfig, create_app
+from clipdex.retrieval.imaging.decode import photo_meta
+from clipdex.retrieval.search.filters import Filter
+from clipdex.retrieval.search.query import Query
+from clipdex.retrieval.search.searcher import Searcher, Target
+from clipdex.retrieval.serve.app import ServeConfig, create_app
 
 TAKEN = "2021:07:04 10:30:00"
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from test_errors import assert_one_line_error
 
 from clipdex.cli.main import app
-from clipdex.retrieval.datasets import RetrievalDataset
+from clipdex.retrieval.evaluation.datasets import RetrievalDataset
 from clipdex.retrieval.finetune.pairs import epoch_batches, split_by_image
 
 REPO = Path(__file__).parents[1]
@@ -308,7 +308,7 @@ def test_bad_input_gets_one_line(cli, tmp_path, tiny_model, domain):
 def test_reindex_with_a_lit_checkpoint_encodes_no_image(cli, tmp_path, tiny_model, domain, monkeypatch):
     import open_clip
 
-    from clipdex.retrieval.encoder import Encoder
+    from clipdex.retrieval.model.encoder import Encoder
 
     pairs = domain[0]
     index = tmp_path / "idx"
@@ -350,8 +350,8 @@ def test_reindex_with_a_lit_checkpoint_encodes_no_image(cli, tmp_path, tiny_mode
 
 
 def test_reindex_is_crash_safe_and_blocks_other_writers_until_done(cli, tmp_path, tiny_model, domain, monkeypatch):
-    from clipdex.retrieval.check import check_index
-    from clipdex.retrieval.writer import IndexWriter
+    from clipdex.retrieval.maintain.check import check_index
+    from clipdex.retrieval.store.writer import IndexWriter
 
     pairs = domain[0]
     index = tmp_path / "idx"

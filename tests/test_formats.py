@@ -10,8 +10,8 @@ from corpus import make_images
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from clipdex.retrieval.search import Searcher
-from clipdex.retrieval.server import ServeConfig, create_app
+from clipdex.retrieval.search.searcher import Searcher
+from clipdex.retrieval.serve.app import ServeConfig, create_app
 
 
 def test_heic_and_avif_are_indexed_searched_and_thumbnailed(cli, tmp_path, tiny_model, reference):

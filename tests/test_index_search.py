@@ -229,9 +229,9 @@ def test_search_sees_last_published_state_while_writer_holds_catalog(tmp_path, t
     """Readers never open the DuckDB file: while a writer holds it with committed, unpublished changes (an
     added image, a deleted one), a search answers from the last published state, then from the next."""
     from clipdex.indexer import IndexConfig, run_index
-    from clipdex.retrieval.build import index_writer
-    from clipdex.retrieval.encoder import EncoderConfig, load_encoder
-    from clipdex.retrieval.items import Kind, Record
+    from clipdex.retrieval.ann.build import index_writer
+    from clipdex.retrieval.model.encoder import EncoderConfig, load_encoder
+    from clipdex.retrieval.store.items import Kind, Record
 
     items = make_images(tmp_path / "p", 5, seed=9)
     enc_cfg = EncoderConfig(model=str(tiny_model.config), pretrained=str(tiny_model.weights))

@@ -19,7 +19,7 @@ from test_errors import assert_one_line_error
 
 from clipdex.cli.main import app
 from clipdex.retrieval import Searcher
-from clipdex.retrieval.check import check_index
+from clipdex.retrieval.maintain.check import check_index
 
 
 def catalog_rows(index: Path, sql: str = "SELECT path FROM items WHERE kind = 'image'") -> list[tuple]:
@@ -191,8 +191,8 @@ def test_moved_checkpoint_keeps_the_index_searchable(cli, tmp_path, tiny_model, 
 def test_cleanup_keeps_what_the_published_snapshot_reads(cli, tmp_path, tiny_model):
     """A run killed after committing deletions but before publishing them: the next writer's clean-up must
     not delete the shards the published (IVF, re-ranked from shards) snapshot still reads."""
-    from clipdex.retrieval.build import index_writer
-    from clipdex.retrieval.manifest import read_manifest
+    from clipdex.retrieval.ann.build import index_writer
+    from clipdex.retrieval.store.manifest import read_manifest
 
     items = make_images(tmp_path / "photos", 40, seed=50)
     index = tmp_path / "idx"
@@ -213,7 +213,7 @@ def test_interrupted_import_resumes_without_duplicates(cli, tmp_path, tiny_model
     from test_ann import write_clip_retrieval
 
     import clipdex.indexer.importer as importer
-    from clipdex.retrieval.writer import IndexWriter
+    from clipdex.retrieval.store.writer import IndexWriter
 
     monkeypatch.setattr(importer, "_CHUNK", 1000)
     write_clip_retrieval(tmp_path / "cr", [2500, 1500], 32)
@@ -401,7 +401,7 @@ def test_identical_files_in_one_run_are_encoded_once(cli, tmp_path, tiny_model):
 def test_query_images_are_decoded_as_indexing_decodes_them(cli, tmp_path, tiny_model):
     from PIL import Image
 
-    from clipdex.retrieval.imaging import decode_image
+    from clipdex.retrieval.imaging.decode import decode_image
 
     strip = tmp_path / "photos" / "strip.png"
     strip.parent.mkdir()
@@ -421,7 +421,7 @@ def test_unknown_ids_are_an_index_problem_not_an_index_error(tmp_path, tiny_mode
 
     make_images(tmp_path / "photos", 4, seed=56)
     run(cli, "index", tmp_path / "photos", "--index", tmp_path / "idx", *tiny_model.cli_args())
-    from clipdex.retrieval.search import _fetch
+    from clipdex.retrieval.search.searcher import _fetch
 
     searcher = Searcher(tmp_path / "idx")
     with pytest.raises(IndexFormatError, match="clipdex check"):
@@ -445,7 +445,7 @@ def test_text_rankings_after_reindexing_captions(cli, tmp_path, tiny_model, refe
 
 
 def test_check_and_an_indexer_never_meet_in_the_catalog(cli, tmp_path, tiny_model):
-    from clipdex.retrieval.lock import acquire_lock
+    from clipdex.retrieval.store.lock import acquire_lock
 
     make_images(tmp_path / "photos", 4, seed=57)
     index = tmp_path / "idx"

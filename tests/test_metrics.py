@@ -7,7 +7,7 @@ import pytest
 import torch
 from clip_benchmark.metrics.zeroshot_retrieval import recall_at_k as cb_recall_at_k
 
-from clipdex.retrieval.metrics import recall_at_k
+from clipdex.retrieval.evaluation.metrics import recall_at_k
 
 KS = (1, 2, 5, 10)
 
@@ -89,7 +89,7 @@ def test_images_without_captions_are_misses_and_k_beyond_n():
 
 
 def test_chunking_does_not_change_results(monkeypatch):
-    import clipdex.retrieval.metrics as m
+    import clipdex.retrieval.evaluation.metrics as m
 
     texts, images, owner = corpus(7, 60, integer=True)
     full = recall_at_k(texts, images, owner, KS)

@@ -18,8 +18,8 @@ from conftest import run, search_json
 from corpus import write_tiny_config
 
 from clipdex.retrieval import ann
-from clipdex.retrieval.check import check_index
-from clipdex.retrieval.search import Searcher, Target
+from clipdex.retrieval.maintain.check import check_index
+from clipdex.retrieval.search.searcher import Searcher, Target
 
 REPO = Path(__file__).parents[1]
 

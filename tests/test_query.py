@@ -11,9 +11,9 @@ from conftest import assert_same_ranking, run, search_json
 from corpus import make_captioned_library
 from fastapi.testclient import TestClient
 
-from clipdex.retrieval.query import Query, weighted
-from clipdex.retrieval.search import Searcher
-from clipdex.retrieval.server import ServeConfig, create_app
+from clipdex.retrieval.search.query import Query, weighted
+from clipdex.retrieval.search.searcher import Searcher
+from clipdex.retrieval.serve.app import ServeConfig, create_app
 
 
 @pytest.fixture(scope="module")

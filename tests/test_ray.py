@@ -20,7 +20,7 @@ from conftest import run, search_json
 from corpus import edit, make_captioned_library, make_images
 
 from clipdex.cli.main import app
-from clipdex.retrieval.search import Searcher, Target
+from clipdex.retrieval.search.searcher import Searcher, Target
 
 ray = pytest.importorskip("ray")
 

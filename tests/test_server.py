@@ -15,9 +15,9 @@ from corpus import make_captioned_library, make_images
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from clipdex.retrieval.query import Query
-from clipdex.retrieval.search import Searcher, Target
-from clipdex.retrieval.server import ServeConfig, create_app
+from clipdex.retrieval.search.query import Query
+from clipdex.retrieval.search.searcher import Searcher, Target
+from clipdex.retrieval.serve.app import ServeConfig, create_app
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_thumbnails_are_bounded_cached_outside_the_index_and_revalidated(client,
     _, index, made = library
     big = made[5][0].parent / "big_photo.jpg"
     Image.new("RGB", (1600, 900), (200, 30, 30)).save(big, quality=90)
-    from clipdex.retrieval.thumbnails import thumbnail_dir
+    from clipdex.retrieval.serve.thumbnails import thumbnail_dir
 
     hit = searcher.search_image(made[5][0], k=1)[0]
     r = client.get(f"/api/items/{hit.id}/thumbnail")
@@ -304,7 +304,7 @@ def test_serve_command_checks_before_loading(cli, tmp_path, library, monkeypatch
         assert result.exit_code == 2 and "pick another --port" in result.stderr
     started = []
     monkeypatch.setattr(serve_cli, "_check_port_free", lambda host, port: None)
-    monkeypatch.setattr("clipdex.retrieval.server.serve", lambda config, on_ready=None: started.append(config))
+    monkeypatch.setattr("clipdex.retrieval.serve.app.serve", lambda config, on_ready=None: started.append(config))
     result = cli.invoke(serve_cli.app, ["serve", "--index", str(index), "--host", "192.0.2.10"])
     assert result.exit_code == 0 and "without --token" in result.stderr
     result = cli.invoke(serve_cli.app, ["serve", "--index", str(index), "--host", "192.0.2.10", "--token", "t"])
@@ -320,7 +320,7 @@ def test_info_reports_the_index(client, library):
 
 
 def test_cli_search_is_answered_by_a_running_server_with_the_same_output(library, searcher, cli, monkeypatch):
-    from clipdex.retrieval import remote
+    from clipdex.retrieval.serve import remote
 
     _, index, made = library
     local_text = run(cli, "search", "a red circle", "--index", index, "--json", "--no-server", "-k", 6)
@@ -332,7 +332,7 @@ def test_cli_search_is_answered_by_a_running_server_with_the_same_output(library
         registered = remote.register(index, base, "tok")
         assert registered.stat().st_mode & 0o077 == 0  # the token is for this user only
         monkeypatch.setattr(
-            "clipdex.retrieval.search.Searcher.__init__", lambda *a, **kw: pytest.fail("loaded locally")
+            "clipdex.retrieval.search.searcher.Searcher.__init__", lambda *a, **kw: pytest.fail("loaded locally")
         )
         assert run(cli, "search", "a red circle", "--index", index, "--json", "-k", 6) == local_text
         assert run(cli, "search", "--image", made[1][0], "--index", index, "--json", "--target", "texts") == local_image
@@ -349,7 +349,7 @@ def test_cli_search_is_answered_by_a_running_server_with_the_same_output(library
 def test_a_dead_servers_registration_is_ignored(library, cli, monkeypatch):
     import subprocess
 
-    from clipdex.retrieval import remote
+    from clipdex.retrieval.serve import remote
 
     _, index, _ = library
     gone = subprocess.Popen(["true"])
@@ -375,7 +375,7 @@ def test_clipdex_serve_end_to_end(library, tmp_path):
     import sys
     import urllib.request
 
-    from clipdex.retrieval import remote
+    from clipdex.retrieval.serve import remote
 
     _, index, _ = library
     with socket.socket() as s:

@@ -12,8 +12,8 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from typer.testing import CliRunner
 
-from clipdex.retrieval.search import Searcher
-from clipdex.retrieval.server import ServeConfig, create_app
+from clipdex.retrieval.search.searcher import Searcher
+from clipdex.retrieval.serve.app import ServeConfig, create_app
 
 
 @pytest.fixture(scope="module")

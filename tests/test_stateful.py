@@ -30,11 +30,10 @@ from clipdex.indexer import IndexConfig, run_index
 from clipdex.indexer.importer import rebuild
 from clipdex.indexer.remove import remove_paths
 from clipdex.retrieval import EncoderConfig, Searcher, Target
-from clipdex.retrieval.build import AnnSettings
-from clipdex.retrieval.check import check_index
 from clipdex.retrieval.errors import InputError
-from clipdex.retrieval.manifest import read_manifest
+from clipdex.retrieval.maintain.check import check_index
 from clipdex.retrieval.paths import is_at_or_under
+from clipdex.retrieval.store.manifest import AnnSettings, read_manifest
 
 FOLDERS = ("a", "b", "a/deep")
 TEXT_QUERIES = ("a red circle", "a large green square on a white background")

@@ -13,20 +13,20 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from clipdex.indexer.pipeline import IndexConfig, Summary, run_index
     from clipdex.retrieval.config import EncoderConfig
-    from clipdex.retrieval.encoder import Encoder, load_encoder
     from clipdex.retrieval.errors import ClipdexError
-    from clipdex.retrieval.query import Query
-    from clipdex.retrieval.search import Hit, Searcher, Target
+    from clipdex.retrieval.model.encoder import Encoder, load_encoder
+    from clipdex.retrieval.search.query import Query
+    from clipdex.retrieval.search.searcher import Hit, Searcher, Target
 
 _LAZY = {
     "ClipdexError": "clipdex.retrieval.errors",
     "EncoderConfig": "clipdex.retrieval.config",
-    "Encoder": "clipdex.retrieval.encoder",
-    "load_encoder": "clipdex.retrieval.encoder",
-    "Hit": "clipdex.retrieval.search",
-    "Query": "clipdex.retrieval.query",
-    "Searcher": "clipdex.retrieval.search",
-    "Target": "clipdex.retrieval.search",
+    "Encoder": "clipdex.retrieval.model.encoder",
+    "load_encoder": "clipdex.retrieval.model.encoder",
+    "Hit": "clipdex.retrieval.search.searcher",
+    "Query": "clipdex.retrieval.search.query",
+    "Searcher": "clipdex.retrieval.search.searcher",
+    "Target": "clipdex.retrieval.search.searcher",
     "IndexConfig": "clipdex.indexer.pipeline",
     "Summary": "clipdex.indexer.pipeline",
     "run_index": "clipdex.indexer.pipeline",

@@ -1,4 +1,7 @@
-"""Contrastive fine-tuning on a user's own image–caption pairs (full, last-n, lora, lit); see run.py."""
+"""Contrastive fine-tuning on a user's own image–caption pairs (full, last-n, lora, lit); see run.py.
+
+Layer: above `evaluation/` and `model/` (it validates with recall@k and trains open_clip models); below `serve/`.
+"""
 
 from clipdex.retrieval.finetune.methods import Method
 from clipdex.retrieval.finetune.run import FinetuneConfig, FinetuneResult, finetune

@@ -6,8 +6,8 @@ import logging
 
 import numpy as np
 
-from clipdex.retrieval.datasets import RetrievalDataset
 from clipdex.retrieval.errors import InputError
+from clipdex.retrieval.evaluation.datasets import RetrievalDataset
 
 log = logging.getLogger(__name__)
 

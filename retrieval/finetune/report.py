@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from clipdex.retrieval.atomic import atomic_write_bytes
+from clipdex.retrieval.store.atomic import atomic_write_bytes
 
 LOG = "train_log.jsonl"
 REPORT = "report.json"

@@ -21,17 +21,17 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from clipdex.retrieval.atomic import TMP_SUFFIX
 from clipdex.retrieval.config import EncoderConfig
-from clipdex.retrieval.datasets import DatasetName, RetrievalDataset, Skipped, load_dataset, read_pairs
-from clipdex.retrieval.encoder import Encoder, LoadedModel, load_model
 from clipdex.retrieval.errors import InputError
-from clipdex.retrieval.evaluate import BENCHMARK_DECODE, dataset_recall, keep_decodable
+from clipdex.retrieval.evaluation.datasets import DatasetName, RetrievalDataset, Skipped, load_dataset, read_pairs
+from clipdex.retrieval.evaluation.evaluate import BENCHMARK_DECODE, dataset_recall, keep_decodable
 from clipdex.retrieval.finetune.loop import Step, Trainer, make_optimizer, make_schedule
 from clipdex.retrieval.finetune.methods import Method, prepare
 from clipdex.retrieval.finetune.pairs import epoch_batches, split_by_image
 from clipdex.retrieval.finetune.report import TrainLog, plot, write_report
-from clipdex.retrieval.imaging import DecodeOptions
+from clipdex.retrieval.imaging.decode import DecodeOptions
+from clipdex.retrieval.model.encoder import Encoder, LoadedModel, load_model
+from clipdex.retrieval.store.atomic import TMP_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +319,7 @@ def _read_data(config: FinetuneConfig, loaded: LoadedModel, progress: TrainProgr
 
 def _batches(config: FinetuneConfig, data: _Data, loaded: LoadedModel, batch_size: int, epoch: int) -> Any:
     """(pixels, tokens) batches of one epoch, decoded with the training augmentation in the indexer's workers."""
-    from clipdex.indexer.decode import ImageFiles, iter_decoded
+    from clipdex.retrieval.imaging.loader import ImageFiles, iter_decoded
 
     seed = config.seed * 100_003 + epoch  # each epoch's order and augmentation, the same when resumed
     pairs = epoch_batches(data.train, batch_size, np.random.default_rng(seed))

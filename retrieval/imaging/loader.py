@@ -1,0 +1,120 @@
+"""Read, hash and decode image files in DataLoader worker processes.
+
+Each file is read once: the bytes are hashed (to spot unchanged, renamed and duplicate files)
+and, unless the hash is already known, decoded and preprocessed for the encoder.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from clipdex.retrieval.imaging.decode import MAX_FILE_BYTES, DecodeOptions, ImageDecodeError, PhotoMeta
+from clipdex.retrieval.paths import content_hash
+
+
+@dataclass
+class Decoded:
+    index: int
+    size: int | None = None
+    mtime: float | None = None
+    hash: str | None = None
+    width: int | None = None
+    height: int | None = None
+    meta: PhotoMeta | None = None
+    pixels: torch.Tensor | None = None
+    error: str | None = None
+    vanished: bool = False
+    vector: np.ndarray | None = None  # set when the engine encoded it (Ray); else the caller encodes `pixels`
+
+
+class ImageFiles(Dataset[Decoded]):
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        transform: Callable[[Any], torch.Tensor],
+        *,
+        known_hashes: frozenset[str] = frozenset(),
+        options: DecodeOptions,
+    ):
+        self.paths = paths
+        self.transform = transform
+        self.known_hashes = known_hashes
+        self.options = options
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Decoded:
+        path = self.paths[i]
+        try:
+            st = os.stat(path)
+            if st.st_size > MAX_FILE_BYTES:
+                return Decoded(
+                    i, size=st.st_size, mtime=st.st_mtime, error=f"file is {st.st_size} bytes, over the 1 GiB limit"
+                )
+            with open(path, "rb") as f:
+                data = f.read(MAX_FILE_BYTES + 1)
+        except FileNotFoundError:
+            return Decoded(i, vanished=True, error="file vanished before it could be read")
+        except OSError as e:
+            return Decoded(i, error=f"cannot read file: {e.strerror or e}")
+        if len(data) != st.st_size:
+            return Decoded(i, error="file changed while it was being read")
+        out = Decoded(i, size=st.st_size, mtime=st.st_mtime, hash=content_hash(data))
+        if out.hash in self.known_hashes:
+            return out
+        try:
+            decoded = self.options.decode(data)
+            out.pixels = self.transform(decoded.image)
+            out.width, out.height, out.meta = decoded.width, decoded.height, decoded.meta
+        except ImageDecodeError as e:
+            out.error = str(e)
+        except Exception as e:  # a transform failing on an odd image must not stop the run
+            out.error = f"preprocessing failed ({type(e).__name__}: {e})"
+        return out
+
+
+def _worker_init(_: int) -> None:
+    # Ctrl-C is the main process's to handle: it commits what is done, then stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def _as_list(batch: list[Decoded]) -> list[Decoded]:
+    return batch
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def iter_decoded(
+    dataset: ImageFiles,
+    *,
+    batch_size: int = 1,
+    workers: int,
+    batches: list[list[int]] | None = None,
+    seed: int | None = None,
+) -> Iterator[list[Decoded]]:
+    """Decoded items in batches of `batch_size` in order, or exactly the index lists `batches`. With `seed`, the
+    random transforms applied in the workers (training augmentation) are reproducible."""
+    loader = DataLoader(
+        dataset,
+        batch_size=1 if batches is not None else batch_size,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=_as_list,
+        worker_init_fn=_worker_init if workers > 0 else None,
+        prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed) if seed is not None else None,
+    )
+    yield from loader

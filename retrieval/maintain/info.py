@@ -1,0 +1,60 @@
+"""What `clipdex info` reports, read from the manifest and the published snapshot only."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from clipdex.retrieval.errors import IndexFormatError
+from clipdex.retrieval.store.manifest import Manifest, read_manifest
+
+
+def index_info(index_dir: Path, *, with_failures: bool = False) -> dict[str, Any]:
+    manifest = read_manifest(index_dir)
+    size = sum(p.stat().st_size for p in index_dir.rglob("*") if p.is_file())
+    data: dict[str, Any] = {
+        "index": str(index_dir),
+        "format_version": manifest.format_version,
+        "model": {
+            "name": manifest.model.name,
+            "pretrained": manifest.model.pretrained,
+            "checkpoint_sha256": manifest.model.checkpoint_sha256,
+        },
+        "dim": manifest.dim,
+        "counts": manifest.counts,
+        "index_types": manifest.index_types,
+        "ann": {
+            kind: {k: info.get(k) for k in ("factory", "params", "recall_at_10", "reason")}
+            for kind, info in manifest.ann.items()
+        },
+        "size_bytes": size,
+        "generation": manifest.snapshot.generation,
+        "roots": list(manifest.roots),
+        "updated": _iso(manifest.snapshot.published),
+    }
+    if with_failures:
+        data["failures"] = _failures(index_dir, manifest)
+    return data
+
+
+def _iso(timestamp: float | None) -> str | None:
+    """When the last snapshot was published, as local time with its offset (ISO 8601)."""
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
+
+
+def _failures(index_dir: Path, manifest: Manifest) -> list[dict[str, Any]]:
+    name = manifest.snapshot.files.get("items")
+    if not name:
+        return []
+    try:
+        table = pq.read_table(index_dir / name, columns=["id", "kind", "path", "text", "status", "error"])
+    except Exception as e:
+        raise IndexFormatError(f"{index_dir / name} is damaged ({e}); rebuild the index") from e
+    failed = table.filter(pc.equal(table["status"], "failed"))
+    return [{k: row[k] for k in ("id", "kind", "path", "text", "error")} for row in failed.to_pylist()]

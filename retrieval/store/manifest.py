@@ -1,0 +1,152 @@
+"""manifest.json: the typed entry point of an index directory, and the checks on the directory itself.
+
+The manifest names the model, the embedding width, the ANN settings and the current published snapshot.
+It is replaced atomically, so a reader sees one snapshot or the next, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clipdex.retrieval.config import ModelSpec
+from clipdex.retrieval.errors import IndexFormatError, IndexNotFoundError, InputError
+from clipdex.retrieval.store.atomic import atomic_write_bytes
+
+FORMAT_VERSION = 2  # 2: canonical paths, caption links (`link`), full rows in the snapshot
+MANIFEST = "manifest.json"
+MODEL_DIR = "model"
+DEFAULT_TARGET_RECALL = 0.95
+VECTOR_DTYPE_RULE = "float32 while a kind is exact-search sized, float16 past it (per shard, in the .npy header)"
+
+
+@dataclass(frozen=True)
+class AnnSettings:
+    """What the user asked for; stored in the manifest (`ann_settings`) so later publishes keep it."""
+
+    index_type: str | None = None  # a FAISS factory string; None: automatic
+    memory: int | None = None  # bytes the index may take; None: no limit (on disk: what the build may hold)
+    target_recall: float = DEFAULT_TARGET_RECALL
+    on_disk: bool = False  # inverted lists in a file beside the index, memory-mapped: corpora larger than RAM
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index_type": self.index_type,
+            "memory": self.memory,
+            "target_recall": self.target_recall,
+            "on_disk": self.on_disk,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> AnnSettings:
+        data = data or {}
+        return cls(
+            data.get("index_type"),
+            data.get("memory"),
+            data.get("target_recall", DEFAULT_TARGET_RECALL),
+            bool(data.get("on_disk", False)),
+        )
+
+
+@dataclass
+class Snapshot:
+    """The published generation: one FAISS file per kind and a parquet of items, with their checksums."""
+
+    generation: int = 0
+    files: dict[str, str] = field(default_factory=dict)
+    sha256: dict[str, str] = field(default_factory=dict)
+    published: float | None = None
+
+
+@dataclass
+class Manifest:
+    model: ModelSpec
+    dim: int
+    format_version: int = FORMAT_VERSION
+    created: float = field(default_factory=time.time)
+    metric: str = "cosine"
+    vector_dtype: str = VECTOR_DTYPE_RULE
+    counts: dict[str, int] = field(default_factory=lambda: {"images": 0, "texts": 0, "failed": 0})
+    index_types: dict[str, str] = field(default_factory=dict)
+    ann_settings: dict[str, Any] | None = None  # what the user asked for (retrieval.build.AnnSettings)
+    ann: dict[str, dict[str, Any]] = field(default_factory=dict)  # per kind: how its index was chosen and tuned
+    snapshot: Snapshot = field(default_factory=Snapshot)
+    roots: list[str] = field(default_factory=list)  # folders and files given to `clipdex index`, canonical
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["model"] = self.model.to_json()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        snapshot = data.get("snapshot") or {}
+        return cls(
+            model=ModelSpec.from_json(data["model"]),
+            dim=int(data["dim"]),
+            format_version=int(data["format_version"]),
+            created=float(data.get("created") or 0.0),
+            metric=data.get("metric", "cosine"),
+            vector_dtype=data.get("vector_dtype", VECTOR_DTYPE_RULE),
+            counts=dict(data.get("counts") or {}),
+            index_types=dict(data.get("index_types") or {}),
+            ann_settings=data.get("ann_settings"),
+            ann=dict(data.get("ann") or {}),
+            roots=list(data.get("roots") or []),
+            snapshot=Snapshot(
+                generation=int(snapshot.get("generation", 0)),
+                files=dict(snapshot.get("files") or {}),
+                sha256=dict(snapshot.get("sha256") or {}),
+                published=snapshot.get("published"),
+            ),
+        )
+
+
+def check_index_dir(index_dir: Path) -> None:
+    """Refuse an --index that names something other than a folder, before anything is created."""
+    if index_dir.exists() and not index_dir.is_dir():
+        raise InputError(f"--index {index_dir} is a file, not an index folder; give a folder (new or existing)")
+
+
+def read_manifest(index_dir: Path) -> Manifest:
+    check_index_dir(index_dir)
+    if not index_dir.is_dir():
+        raise IndexNotFoundError(
+            f"index directory not found: {index_dir} (create one with `clipdex index PATH --index {index_dir}`)"
+        )
+    path = index_dir / MANIFEST
+    if not path.is_file():
+        raise IndexNotFoundError(f"{index_dir} holds no clipdex index (no {MANIFEST}); create one with `clipdex index`")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IndexFormatError(f"{path} is damaged ({e}); rebuild the index") from e
+    if not isinstance(data, dict) or "format_version" not in data:
+        raise IndexFormatError(f"{path} is not a clipdex manifest")
+    version = data["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise IndexFormatError(
+            f"{index_dir} has index format {version}, newer than this clipdex reads ({FORMAT_VERSION}); upgrade clipdex"
+        )
+    try:
+        return Manifest.from_json(data)
+    except (KeyError, TypeError, ValueError) as e:
+        raise IndexFormatError(f"{path} is damaged (bad or missing field: {e}); rebuild the index") from e
+
+
+def write_manifest(index_dir: Path, manifest: Manifest) -> None:
+    atomic_write_bytes(index_dir / MANIFEST, (json.dumps(manifest.to_json(), indent=2) + "\n").encode())
+
+
+def model_config_path(index_dir: Path, spec: ModelSpec) -> Path:
+    """Where an index keeps a copy of the model-config JSON it was built with."""
+    return index_dir / MODEL_DIR / f"{spec.name}.json"
+
+
+def index_model(index_dir: Path, spec: ModelSpec | None = None) -> str:
+    """The --model value that rebuilds an index's architecture: its name, or the config JSON kept in the index."""
+    spec = spec or read_manifest(index_dir).model
+    return str(model_config_path(index_dir, spec)) if spec.config is not None else spec.name

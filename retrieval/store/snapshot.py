@@ -1,0 +1,143 @@
+"""Publishing: turn the committed catalog into an immutable, checksummed snapshot that readers open.
+
+A snapshot of generation G is `images-G.faiss`, `texts-G.faiss` and `items-G.parquet` (every catalog row), and
+for an index built on disk its inverted lists, `images-G.ivfdata`.
+The new files are written first; replacing manifest.json makes them current; older generations are deleted
+after. How each kind's ANN index is chosen and built is not decided here: the writer is handed an
+`IndexBuilder` (retrieval.build), so storage knows files, not index policy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from clipdex.retrieval.config import sha256_file
+from clipdex.retrieval.store.atomic import TMP_SUFFIX, finish_tmp
+from clipdex.retrieval.store.items import Kind
+from clipdex.retrieval.store.manifest import MANIFEST, Manifest
+from clipdex.retrieval.store.shards import LiveVectors
+
+ITEMS = "items"
+LISTS_SUFFIX = ".ivfdata"  # an on-disk index's inverted lists (FAISS OnDiskInvertedLists)
+
+
+@dataclass
+class PreviousIndex:
+    """The kind's index in the current snapshot, which a builder may update instead of re-training."""
+
+    path: Path
+    info: dict[str, Any]
+    live: LiveVectors  # the vectors it was built from (ids and locations at that generation)
+
+
+@dataclass
+class BuiltIndex:
+    index_type: str  # e.g. IndexFlat, IndexIVFFlat
+    count: int
+    info: dict[str, Any] = field(default_factory=dict)  # how it was chosen and tuned (manifest "ann")
+    lists: str | None = None  # the file of an on-disk index's inverted lists, beside `out`
+
+
+class IndexBuilder(Protocol):
+    def build(
+        self,
+        kind: Kind,
+        live: LiveVectors,
+        *,
+        other: LiveVectors,
+        previous: PreviousIndex | None,
+        settings: dict[str, Any] | None,
+        out: Path,
+    ) -> BuiltIndex:
+        """Write the ANN index over `live` to `out`; `other` is the other kind (a source of realistic queries)."""
+        ...
+
+
+def snapshot_name(kind_or_items: str, generation: int) -> str:
+    suffix = "parquet" if kind_or_items == ITEMS else "faiss"
+    return f"{kind_or_items}-{generation:06d}.{suffix}"
+
+
+def read_locations(index_dir: Path, manifest: Manifest, kind: Kind, load: Any) -> LiveVectors | None:
+    """The live vectors of one kind as the published snapshot has them, or None without a snapshot."""
+    name = manifest.snapshot.files.get(ITEMS)
+    if not name or not (index_dir / name).is_file():
+        return None
+    try:
+        table = pq.read_table(index_dir / name, columns=["id", "kind", "status", "shard", "row"])
+    except Exception:  # a damaged snapshot: build afresh instead of updating it
+        return None
+    table = table.filter(pc.and_(pc.equal(table["kind"], kind.value), pc.equal(table["status"], "ok")))
+    ids, shards, rows = (table[c].to_numpy(zero_copy_only=False).astype(np.int64) for c in ("id", "shard", "row"))
+    return LiveVectors(ids, shards, rows, load, manifest.dim)
+
+
+def snapshot_shards(index_dir: Path, manifest: Manifest) -> set[int] | None:
+    """Shards the published snapshot reads: clean-up must keep them even when no committed row does.
+
+    None when its item table cannot be read: then nobody can tell which shards it needs, so keep them all."""
+    name = manifest.snapshot.files.get(ITEMS)
+    if not name or not (index_dir / name).is_file():
+        return set()
+    try:
+        shards = pq.read_table(index_dir / name, columns=["shard"])["shard"].drop_null()
+    except Exception:  # a damaged snapshot: `clipdex check` reports it
+        return None
+    return {int(s) for s in shards.unique().to_pylist()}
+
+
+def write_index_files(
+    index_dir: Path,
+    manifest: Manifest,
+    live: dict[Kind, LiveVectors],
+    previous: dict[Kind, PreviousIndex | None],
+    builder: IndexBuilder,
+    export_items: Any,
+) -> tuple[dict[str, str], dict[str, str], dict[str, int], dict[str, Any]]:
+    """Build generation G+1's files; return (files, index types, counts, ann info). Nothing is current yet."""
+    generation = manifest.snapshot.generation + 1
+    files: dict[str, str] = {}
+    index_types: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    ann: dict[str, Any] = {}
+    for kind in Kind:
+        other = live[Kind.TEXT if kind is Kind.IMAGE else Kind.IMAGE]
+        name = snapshot_name(kind.plural, generation)
+        built = builder.build(
+            kind, live[kind], other=other, previous=previous[kind], settings=manifest.ann_settings, out=index_dir / name
+        )
+        files[kind.plural] = name
+        if built.lists is not None:
+            files[f"{kind.plural}_lists"] = built.lists
+        index_types[kind.plural] = built.index_type
+        counts[kind.plural] = built.count
+        ann[kind.plural] = built.info
+    items = snapshot_name(ITEMS, generation)
+    tmp = index_dir / (items + TMP_SUFFIX)
+    export_items(tmp)
+    finish_tmp(tmp, index_dir / items)
+    files[ITEMS] = items
+    return files, index_types, counts, ann
+
+
+def make_current(manifest: Manifest, files: dict[str, str], index_dir: Path) -> None:
+    """Point the manifest (in memory) at generation G+1's files, with their checksums."""
+    manifest.snapshot.generation += 1
+    manifest.snapshot.files = files
+    manifest.snapshot.sha256 = {key: sha256_file(index_dir / name) for key, name in files.items()}
+    manifest.snapshot.published = time.time()
+
+
+def remove_stale(index_dir: Path, keep: set[str]) -> None:
+    """Delete snapshot files of other generations, and temp files a crash left."""
+    for p in index_dir.iterdir():
+        stale = p.name.endswith(TMP_SUFFIX) or p.suffix in (".faiss", ".parquet", LISTS_SUFFIX)
+        if p.is_file() and stale and p.name not in keep and p.name != MANIFEST:
+            p.unlink(missing_ok=True)
