@@ -39,9 +39,10 @@ def main() -> None:
     import open_clip
     import torch
 
+    from clipdex.retrieval.config import Kind
     from clipdex.retrieval.search.filters import Filter
     from clipdex.retrieval.search.query import Query
-    from clipdex.retrieval.search.searcher import Searcher, Target
+    from clipdex.retrieval.search.searcher import Searcher
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -77,7 +78,7 @@ def main() -> None:
         build_s = time.perf_counter() - t0
         searcher = Searcher(tmp / "idx", device="cpu")
         chosen = searcher.manifest.ann["images"]
-        ids = searcher.ids(Target.IMAGES)
+        ids = searcher.ids(Kind.IMAGE)
         stored = searcher.vectors(ids).astype(np.float32)  # float16 on disk past exact size
         paths = np.array([r["path"] for r in searcher.rows(ids)])
         queries = rng.choice(len(ids), args.queries, replace=False)
@@ -86,7 +87,7 @@ def main() -> None:
             folders = [f"/photos/f{f:02d}" for f in range(max(1, round(100 * share)))]
             where = Filter(where="folder IN (" + ", ".join(f"'{f}'" for f in folders) + ")")
             t0 = time.perf_counter()
-            plan = searcher.filter_plan(where, Target.IMAGES)
+            plan = searcher.filter_plan(where, Kind.IMAGE)
             first_ms = 1000 * (time.perf_counter() - t0)
             inside = np.isin(np.char.rpartition(paths.astype(str), "/")[:, 0], folders)
             latencies, recalls = [], []
@@ -112,7 +113,14 @@ def main() -> None:
     table = markdown_table(
         rows, ["selectivity", "matched", "method", "first_filter_ms", "p50_ms", "p99_ms", "recall_at_10"]
     )
-    payload = {"machine": machine(), "n": args.n, "dim": args.dim, "index": chosen, "build_s": build_s, "rows": rows}
+    payload = {
+        "machine": machine(),
+        "n": args.n,
+        "dim": args.dim,
+        "index": chosen.to_json(),
+        "build_s": build_s,
+        "rows": rows,
+    }
     write_report(args.out, "filter", payload, table)
 
 

@@ -28,7 +28,8 @@ import numpy as np
 from _report import machine, markdown_table, write_report
 
 from clipdex.retrieval import ann
-from clipdex.retrieval.ann.build import AnnSettings, build_on_disk
+from clipdex.retrieval.ann.build import build_on_disk
+from clipdex.retrieval.store.manifest import AnnSettings
 from clipdex.retrieval.store.shards import LiveVectors
 
 _SHARD = 250_000
@@ -113,13 +114,13 @@ def run_size(n: int, d: int, budget: int, queries: np.ndarray, centres: np.ndarr
             {
                 "n": n,
                 "dim": d,
-                "factory": info["factory"],
+                "factory": info.factory,
                 "budget MiB": budget / 2**20,
                 "corpus MiB (float32)": n * d * 4 / 2**20,
                 "build held MiB": held / 2**20,
                 "build s": build_s,
                 "lists MiB": lists.stat().st_size / 2**20,
-                "tuned": info["params"],
+                "tuned": info.params,
                 "nprobe": nprobe,
                 "scanned %": 100 * nprobe / ivf.nlist,
                 "recall@10": recall,

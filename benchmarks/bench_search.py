@@ -26,7 +26,9 @@ import numpy as np
 from _report import machine, markdown_table, write_report
 
 from clipdex.retrieval import ann
-from clipdex.retrieval.ann.build import AnnSettings, LiveVectors, build_kind
+from clipdex.retrieval.ann.build import build_kind
+from clipdex.retrieval.store.manifest import AnnSettings
+from clipdex.retrieval.store.shards import LiveVectors
 
 _AUTOFAISS = """
 import sys, numpy as np
@@ -106,7 +108,7 @@ def main() -> None:
             truth,
             live.fetch,
             time.perf_counter() - t0,
-            f"{info['factory']} {info['params']}",
+            f"{info.factory} {info.params}",
         )
     )
 

@@ -6,7 +6,7 @@ import functools
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 from rich.console import Console
@@ -36,7 +36,7 @@ def friendly(fn: F) -> F:
             return fn(*args, **kwargs)
         except ClipdexError as e:
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(130 if type(e).__name__ == "Interrupted" else 2) from None
+            raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None
@@ -50,9 +50,7 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
-class TargetOpt(str, Enum):
-    images = "images"
-    texts = "texts"
+TargetOpt = Annotated[Literal["images", "texts"], typer.Option(help="Search images or texts.")]
 
 
 IndexDir = Annotated[

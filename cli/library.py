@@ -196,7 +196,7 @@ def import_(
     summary = import_clip_retrieval(src, index_dir, encoder, settings)
     manifest = read_manifest(index_dir)
     if as_json:
-        print(json.dumps({**summary.to_json(), "ann": manifest.ann}))
+        print(json.dumps({**summary.to_json(), "ann": manifest.to_json()["ann"]}))
     else:
         out.print(f"imported {summary.images} images and {summary.texts} texts from {summary.partitions} partitions")
         print_ann(manifest, False)
@@ -204,20 +204,20 @@ def import_(
 
 def print_ann(manifest: Any, as_json: bool) -> None:
     if as_json:
-        print(json.dumps({"ann": manifest.ann, "counts": manifest.counts}))
+        print(json.dumps({"ann": manifest.to_json()["ann"], "counts": manifest.counts}))
         return
     table = Table(title="ANN indexes", show_header=True)
     for col in ("kind", "vectors", "index", "params", "recall@10", "why"):
         table.add_column(col)
-    for kind, info in manifest.ann.items():
-        recall = info.get("recall_at_10")
+    for kind, record in manifest.ann.items():
+        recall = record.recall_at_10
         table.add_row(
             kind,
-            str(info.get("n")),
-            info.get("factory", ""),
-            info.get("params") or "-",
+            str(record.n),
+            record.factory,
+            record.params or "-",
             "-" if recall is None else f"{recall:.3f}",
-            info.get("reason", ""),
+            record.reason,
         )
     out.print(table)
 

@@ -38,7 +38,7 @@ def search(
     add_image: Annotated[list[Path] | None, typer.Option(help="Add an image file to the query (repeatable).")] = None,
     subtract_image: Annotated[list[Path] | None, typer.Option(help="Subtract an image file (repeatable).")] = None,
     k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Number of results.")] = 10,
-    target: Annotated[TargetOpt, typer.Option(help="Search images or texts.")] = TargetOpt.images,
+    target: TargetOpt = "images",
     include_self: Annotated[
         bool,
         typer.Option(
@@ -77,47 +77,42 @@ def search(
         )
     if paths and as_json:
         raise ClipdexError("--paths and --json are two ways to print the results: choose one")
-    from clipdex.retrieval.search.filters import Filter
-    from clipdex.retrieval.search.query import Query
+    from clipdex.retrieval.config import Kind
+    from clipdex.retrieval.search.request import SearchRequest
     from clipdex.retrieval.store.manifest import read_manifest
 
     manifest = read_manifest(index_dir)  # a missing or damaged index is said before anything heavy loads
-    filtered = Filter.build(where=where, in_folder=in_folder, after=after, before=before, min_score=min_score)
-    q = Query.build(
-        text=query,
-        image=image,
+    asked = SearchRequest(
+        q=query,
         like=like,
-        add=add or (),
-        subtract=subtract or (),
-        add_image=add_image or (),
-        subtract_image=subtract_image or (),
+        add=tuple(add or ()),
+        subtract=tuple(subtract or ()),
+        k=k,
+        target=Kind(target),
+        include_self=include_self,
+        dedup=dedup_threshold if dedup else None,
+        in_folder=str(in_folder) if in_folder else None,
+        after=after,
+        before=before,
+        min_score=min_score,
+        image=image,
+        add_image=tuple(add_image or ()),
+        subtract_image=tuple(subtract_image or ()),
+        where=where,
     )
-    collapse = dedup_threshold if dedup else None
-    asked: dict[str, Any] = {  # the HTTP API's parameters
-        "q": query,
-        "like": like,
-        "add": add or [],
-        "subtract": subtract or [],
-        "k": k,
-        "target": target.value,
-        "include_self": include_self,
-        "dedup": collapse,
-        "in": str(in_folder) if in_folder else None,
-        "after": after,
-        "before": before,
-        "min_score": min_score,
-    }
-    local_only = add_image or subtract_image or where  # the API takes no files to compose, and no SQL
-    answer = _ask_server(index_dir, asked, image) if use_server and not local_only else None
+    q = asked.query()  # a bad query or filter is said before a server is asked or the model loads
+    asked.filter()
+    local_only = add_image or subtract_image or where  # compose image files and run SQL here
+    answer = None
+    if use_server and not local_only:
+        from clipdex.retrieval.serve.remote import search_via_server
+
+        answer = search_via_server(index_dir, asked)
     if answer is None:
         lean_model_imports(manifest.model)
-        from clipdex.retrieval.search.searcher import Searcher, Target, results_json
+        from clipdex.retrieval.search.searcher import Searcher
 
-        tgt = Target(target.value)
-        searcher = Searcher(index_dir, device=device.value)
-        hits = searcher.search(q, k=k, target=tgt, include_self=include_self, dedup=collapse, where=filtered)
-        plan = searcher.filter_plan(filtered, tgt) if filtered is not None else None
-        answer = results_json(q.label(), tgt, hits, q.describe(), plan)
+        answer = Searcher(index_dir, device=device.value).answer(asked)
     answer["query"] = q.label()  # an image sent to a server is named there by its bytes only
     if q.describe() is not None:  # the terms as this command names them (a server saw the image as bytes)
         answer["terms"] = q.describe()
@@ -129,19 +124,6 @@ def search(
                 print(h["path"])
     else:
         _print_results(answer)
-
-
-def _ask_server(index_dir: Path, asked: dict[str, Any], image: Path | None) -> dict[str, Any] | None:
-    """The answer of a running `clipdex serve` (which parses the query as this command does), or None."""
-    from clipdex.retrieval.serve.remote import search_via_server
-
-    data = None
-    if image is not None:
-        from clipdex.retrieval.imaging.decode import read_query_image
-        from clipdex.retrieval.paths import canonical
-
-        data = read_query_image(canonical(image))
-    return search_via_server(index_dir, asked, image=data)
 
 
 def _print_results(answer: dict[str, Any]) -> None:

@@ -16,8 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clipdex.retrieval.config import Kind
 from clipdex.retrieval.errors import InputError
-from clipdex.retrieval.search.searcher import Searcher, Target
+from clipdex.retrieval.search.searcher import Searcher
 from clipdex.retrieval.store.atomic import atomic_file
 
 PARTITION_ROWS = 100_000
@@ -44,14 +45,14 @@ def export_clip_retrieval(
         (out / sub).mkdir(parents=True, exist_ok=True)
     part = 0
     counts = {}
-    for target, prefix in ((Target.IMAGES, "img_emb"), (Target.TEXTS, "text_emb")):
+    for target, prefix in ((Kind.IMAGE, "img_emb"), (Kind.TEXT, "text_emb")):
         ids = searcher.ids(target)
         counts[target] = len(ids)
         for start in range(0, len(ids), partition_rows):
             chunk = ids[start : start + partition_rows]
             vectors = searcher.vectors(chunk)
             rows = searcher.rows(chunk)
-            if target is Target.IMAGES:
+            if target is Kind.IMAGE:
                 meta = {"image_path": [r["path"] for r in rows], "caption": [r["text"] for r in rows]}
             else:
                 meta = {"image_path": [r.get("link") or r["path"] for r in rows], "caption": [r["text"] for r in rows]}
@@ -59,7 +60,7 @@ def export_clip_retrieval(
             table = pa.table({k: pa.array(v, type=pa.string()) for k, v in meta.items()})
             pq.write_table(table, out / "metadata" / f"metadata_{part}.parquet")
             part += 1
-    return ExportSummary(counts[Target.IMAGES], counts[Target.TEXTS], part, str(out))
+    return ExportSummary(counts[Kind.IMAGE], counts[Kind.TEXT], part, str(out))
 
 
 def _save(path: Path, array: np.ndarray) -> None:

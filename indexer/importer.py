@@ -20,11 +20,11 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from clipdex.retrieval.ann.build import index_writer, validate_settings
-from clipdex.retrieval.config import EncoderConfig
+from clipdex.retrieval.config import EncoderConfig, Kind
 from clipdex.retrieval.errors import InputError
 from clipdex.retrieval.model.encoder import load_encoder
 from clipdex.retrieval.paths import canonical
-from clipdex.retrieval.store.items import Kind, Record
+from clipdex.retrieval.store.items import Record
 from clipdex.retrieval.store.manifest import AnnSettings, Manifest, check_index_dir, read_manifest
 from clipdex.retrieval.store.writer import FreshIndexDir, IndexWriter
 
@@ -39,7 +39,7 @@ def rebuild(index_dir: Path, settings: AnnSettings) -> Manifest:
     validate_settings(settings, manifest.dim)
     writer = index_writer(index_dir, manifest.model, manifest.dim)
     try:
-        return writer.publish(settings=settings.to_json(), rebuild=True)
+        return writer.publish(settings=settings, rebuild=True)
     finally:
         writer.close()
 
@@ -86,7 +86,7 @@ def import_clip_retrieval(src: Path, index_dir: Path, encoder: EncoderConfig, se
         if (state is None and writer.catalog.next_id() > 0) or (state or {}).get("published"):
             raise InputError(f"{index_dir} already holds an index; import into a new directory")
         done = {tuple(c) for c in (state or {}).get("done", [])}
-        writer.set_ann_settings(settings.to_json())
+        writer.set_ann_settings(settings)
         seen = {_key(r["path"]) for r in writer.rows("kind = 'image' AND path IS NOT NULL")}
         images = texts = 0
         # rows per commit: vectors read, normalised and stored, a few copies each, within a memory budget

@@ -22,24 +22,20 @@ import torch
 from clipdex.indexer.engines import Engine, EngineConfig, open_engine
 from clipdex.indexer.sources import FileEntry, check_roots, no_images_error, scan_root
 from clipdex.retrieval.ann.build import index_writer, validate_settings
-from clipdex.retrieval.config import EncoderConfig, ModelSpec
-from clipdex.retrieval.errors import ClipdexError, IndexFormatError, InputError
+from clipdex.retrieval.config import EncoderConfig, Kind, ModelSpec
+from clipdex.retrieval.errors import IndexFormatError, InputError, Interrupted
 from clipdex.retrieval.imaging.captions import TextSource, open_texts
 from clipdex.retrieval.imaging.decode import DEFAULT_MAX_PIXELS, PhotoMeta
 from clipdex.retrieval.model import weights
 from clipdex.retrieval.model.encoder import Encoder, load_encoder
 from clipdex.retrieval.model.weights import index_encoder_config
 from clipdex.retrieval.paths import canonical, content_hash, is_at_or_under
-from clipdex.retrieval.store.items import Kind, Record, Status
+from clipdex.retrieval.store.items import Record, Status
 from clipdex.retrieval.store.lock import acquire_lock
 from clipdex.retrieval.store.manifest import MANIFEST, AnnSettings, check_index_dir
 from clipdex.retrieval.store.writer import FreshIndexDir, IndexWriter
 
 log = logging.getLogger(__name__)
-
-
-class Interrupted(ClipdexError):
-    """Ctrl-C during a run; the work committed so far is kept."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +131,7 @@ def run_index(config: IndexConfig, *, progress: Progress | None = None) -> Summa
     if config.encoder is not None or not _is_cached_copy(encoder.spec):
         writer.record_model_location(encoder.spec)
     if config.ann is not None:
-        writer.set_ann_settings(config.ann.to_json())
+        writer.set_ann_settings(config.ann)
     engine: Engine | None = None
     try:
         with _graceful_interrupt() as stop_requested:

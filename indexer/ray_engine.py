@@ -30,6 +30,7 @@ from clipdex.retrieval.errors import InputError
 from clipdex.retrieval.imaging.decode import PhotoMeta
 from clipdex.retrieval.imaging.loader import Decoded, ImageFiles
 from clipdex.retrieval.model.encoder import Encoder
+from clipdex.retrieval.store.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +156,7 @@ def _worker_encoder(model: dict[str, Any]) -> Encoder:
     if model["weights"] is not None:
         local = folder / f"{spec.checkpoint_sha256}{model['suffix']}"
         if not local.is_file():
-            tmp = local.with_suffix(f".{os.getpid()}.part")
-            tmp.write_bytes(ray.get(model["weights"]))
-            tmp.replace(local)
+            atomic_write_bytes(local, ray.get(model["weights"]), durable=False, unique=True)  # a worker's cache
         pretrained = str(local)
     gpus = ray.get_gpu_ids()
     device = "cuda" if gpus and torch.cuda.is_available() else "cpu"

@@ -19,13 +19,12 @@ import torch
 
 from clipdex.indexer.pipeline import NoProgress, Progress
 from clipdex.retrieval.ann.build import index_writer
-from clipdex.retrieval.config import EncoderConfig
+from clipdex.retrieval.config import EncoderConfig, Kind
 from clipdex.retrieval.errors import InputError, ModelError
 from clipdex.retrieval.imaging.decode import DEFAULT_MAX_PIXELS
 from clipdex.retrieval.imaging.loader import ImageFiles, default_workers, iter_decoded
 from clipdex.retrieval.model.encoder import Encoder, load_encoder
 from clipdex.retrieval.model.weights import index_encoder_config
-from clipdex.retrieval.store.items import Kind
 from clipdex.retrieval.store.lock import acquire_lock
 from clipdex.retrieval.store.manifest import read_manifest
 from clipdex.retrieval.store.writer import IndexWriter

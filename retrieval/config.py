@@ -6,12 +6,41 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 # Best Flickr30k/COCO recall per GFLOP in open_clip's published retrieval table (see README).
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+
+
+class Kind(str, Enum):
+    """The two kinds of item, and so the two things a search can target. The catalog stores the singular; a search's
+    target reads as the plural (`--target images`, `"target": "texts"`), which `Kind("images")` also accepts."""
+
+    IMAGE = "image"
+    TEXT = "text"
+    IMAGES = "image"  # the same members under their plural names: `Kind.IMAGES is Kind.IMAGE`
+    TEXTS = "text"
+
+    @property
+    def plural(self) -> str:
+        return self.value + "s"
+
+    @property
+    def other(self) -> Kind:
+        return Kind.TEXT if self is Kind.IMAGE else Kind.IMAGE
+
+    @classmethod
+    def from_plural(cls, text: str) -> Kind:
+        return cls(text)
+
+    @classmethod
+    def _missing_(cls, value: object) -> Kind | None:
+        if value in ("images", "texts"):
+            return cls(str(value)[:-1])
+        return None
 
 
 @dataclass(frozen=True)

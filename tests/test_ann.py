@@ -137,13 +137,14 @@ def test_build_changes_index_type_and_keeps_results_sound(cli, tmp_path, tiny_mo
 
 def test_incremental_publish_reuses_the_trained_index(tmp_path, tiny_model):
     from clipdex.retrieval.ann.build import AnnSettings, index_writer
+    from clipdex.retrieval.config import Kind
     from clipdex.retrieval.model.encoder import EncoderConfig, load_encoder
-    from clipdex.retrieval.store.items import Kind, Record
+    from clipdex.retrieval.store.items import Record
 
     encoder = load_encoder(EncoderConfig(model=str(tiny_model.config), pretrained=str(tiny_model.weights)))
     writer = index_writer(tmp_path / "idx", encoder.spec, encoder.dim)
     try:
-        writer.set_ann_settings(AnnSettings(index_type="IVF32,Flat").to_json())
+        writer.set_ann_settings(AnnSettings(index_type="IVF32,Flat"))
         x = clustered(3_000, 32, 9)
         writer.commit(
             [
@@ -163,7 +164,7 @@ def test_incremental_publish_reuses_the_trained_index(tmp_path, tiny_model):
         second = writer.publish().ann["images"]
     finally:
         writer.close()
-    assert second["trained_n"] == first["trained_n"] == 3_000 and second["n"] == 3_400
+    assert second.trained_n == first.trained_n == 3_000 and second.n == 3_400
     assert check_index(tmp_path / "idx").ok
     hits = Searcher(tmp_path / "idx", encoder=encoder).search_vectors(more[:1], k=1, target=Target.IMAGES)
     assert hits[0][0].path == "/q/0"
@@ -190,8 +191,9 @@ def test_import_errors(cli, tmp_path, tiny_model):
 
 def test_float16_shards_only_past_exact_size_per_kind(tmp_path, tiny_model, monkeypatch):
     from clipdex.retrieval.ann.build import index_writer
+    from clipdex.retrieval.config import Kind
     from clipdex.retrieval.model.encoder import EncoderConfig, load_encoder
-    from clipdex.retrieval.store.items import Kind, Record
+    from clipdex.retrieval.store.items import Record
 
     monkeypatch.setattr(ann, "EXACT_MAX", 100)
     encoder = load_encoder(EncoderConfig(model=str(tiny_model.config), pretrained=str(tiny_model.weights)))

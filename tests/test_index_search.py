@@ -230,8 +230,9 @@ def test_search_sees_last_published_state_while_writer_holds_catalog(tmp_path, t
     added image, a deleted one), a search answers from the last published state, then from the next."""
     from clipdex.indexer import IndexConfig, run_index
     from clipdex.retrieval.ann.build import index_writer
+    from clipdex.retrieval.config import Kind
     from clipdex.retrieval.model.encoder import EncoderConfig, load_encoder
-    from clipdex.retrieval.store.items import Kind, Record
+    from clipdex.retrieval.store.items import Record
 
     items = make_images(tmp_path / "p", 5, seed=9)
     enc_cfg = EncoderConfig(model=str(tiny_model.config), pretrained=str(tiny_model.weights))

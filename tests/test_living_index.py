@@ -421,11 +421,9 @@ def test_unknown_ids_are_an_index_problem_not_an_index_error(tmp_path, tiny_mode
 
     make_images(tmp_path / "photos", 4, seed=56)
     run(cli, "index", tmp_path / "photos", "--index", tmp_path / "idx", *tiny_model.cli_args())
-    from clipdex.retrieval.search.searcher import _fetch
-
     searcher = Searcher(tmp_path / "idx")
     with pytest.raises(IndexFormatError, match="clipdex check"):
-        _fetch(searcher._snap, searcher.dir, np.array([10_000], dtype=np.int64))
+        searcher.vectors(np.array([10_000], dtype=np.int64))
 
 
 def test_text_rankings_after_reindexing_captions(cli, tmp_path, tiny_model, reference):

@@ -16,7 +16,8 @@ from corpus import draw, make_images, random_scene
 from PIL import Image
 
 from clipdex.cli.main import app
-from clipdex.retrieval.imaging.decode import ImageDecodeError, decode_image
+from clipdex.retrieval.errors import ImageDecodeError
+from clipdex.retrieval.imaging.decode import decode_image
 
 
 def scene_image(seed: int) -> Image.Image:

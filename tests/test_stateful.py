@@ -229,7 +229,8 @@ class LibraryLife(RuleBasedStateMachine):
         paths = sorted(self.model)
         assert searcher.count(Target.IMAGES) == len(paths)
         vecs = np.stack([self._vector(self.model[p]) for p in paths]) if paths else np.zeros((0, 32), np.float32)
-        exact = read_manifest(self.index).ann.get("images", {}).get("factory") == "Flat"
+        record = read_manifest(self.index).ann.get("images")
+        exact = record is not None and record.factory == "Flat"
         queries = [(q, self.reference.texts([q])[0]) for q in TEXT_QUERIES]  # type: ignore[attr-defined]
         queries.append((self.query_image, self.reference.images([self.query_image])[0]))  # type: ignore[attr-defined]
         for query, qv in queries:
@@ -261,7 +262,7 @@ class LibraryLife(RuleBasedStateMachine):
         recall = np.mean(
             [len({paths.index(h.path) for h in hits} & set(t)) / 10 for hits, t in zip(found, truth, strict=True)]
         )
-        stated = read_manifest(self.index).ann["images"]["recall_at_10"]
+        stated = read_manifest(self.index).ann["images"].recall_at_10
         assert recall >= stated - 0.03, (recall, stated)
 
     @invariant()

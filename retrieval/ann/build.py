@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
 
 from clipdex.retrieval import ann
-from clipdex.retrieval.config import ModelSpec
+from clipdex.retrieval.config import Kind, ModelSpec
 from clipdex.retrieval.errors import InputError
-from clipdex.retrieval.store.items import Kind
 from clipdex.retrieval.store.lock import WriteLock
-from clipdex.retrieval.store.manifest import AnnSettings
+from clipdex.retrieval.store.manifest import AnnRecord, AnnSettings
 from clipdex.retrieval.store.shards import LiveVectors
 from clipdex.retrieval.store.snapshot import LISTS_SUFFIX, BuiltIndex, PreviousIndex
 from clipdex.retrieval.store.writer import IndexWriter
@@ -55,10 +54,10 @@ class FaissBuilder:
         *,
         other: LiveVectors,
         previous: PreviousIndex | None,
-        settings: dict[str, Any] | None,
+        settings: AnnSettings | None,
         out: Path,
     ) -> BuiltIndex:
-        wanted = AnnSettings.from_json(settings)
+        wanted = settings or AnnSettings()
         queries = lambda: other.sample(min(1000, len(other)), np.random.default_rng(3))  # noqa: E731
         if wanted.on_disk and len(live) >= ON_DISK_MIN:
             lists = out.with_suffix(LISTS_SUFFIX)
@@ -82,7 +81,7 @@ ON_DISK_BUDGET = 1 << 30  # what an on-disk build holds in memory when no --memo
 
 def build_on_disk(
     live: LiveVectors, settings: AnnSettings, *, out: Path, lists: Path, queries: Callable[[], np.ndarray] | None
-) -> tuple[faiss.Index, dict[str, Any]]:
+) -> tuple[faiss.Index, AnnRecord]:
     """An IVF index with its lists on disk, built and tuned holding at most about `settings.memory` bytes for vectors:
     a fifth for the training sample (k-means takes about as much again), a sixth for lists not yet written out
     (twice that as they grow), a sixteenth for each batch of vectors read (and as much again for FAISS's scratch
@@ -117,15 +116,15 @@ def build_on_disk(
     )
     tuning = _tune(index, live, settings, queries)
     ann.write_index(index, out)  # names its lists file, found beside it when read (IO_FLAG_ONDISK_SAME_DIR)
-    record = {
-        "factory": factory,
-        "reason": f"{n} vectors, inverted lists on disk ({lists.name}), built holding ~{budget / 2**20:.0f} MiB",
-        "bytes_estimate": int(ivf.nlist * dim * 4 + n * 8),  # in memory: the coarse centroids (and list offsets)
-        "trained_n": n,
-        "n": n,
-        "on_disk": True,
+    record = AnnRecord(
+        factory=factory,
+        reason=f"{n} vectors, inverted lists on disk ({lists.name}), built holding ~{budget / 2**20:.0f} MiB",
+        bytes_estimate=int(ivf.nlist * dim * 4 + n * 8),  # in memory: the coarse centroids (and list offsets)
+        trained_n=n,
+        n=n,
+        on_disk=True,
         **tuning.to_json(),
-    }
+    )
     return index, record
 
 
@@ -135,7 +134,7 @@ def build_kind(
     *,
     previous: PreviousIndex | None = None,
     queries: Callable[[], np.ndarray] | None = None,
-) -> tuple[faiss.Index, dict[str, Any]]:
+) -> tuple[faiss.Index, AnnRecord]:
     """An index over `live`, and the manifest record of how it was chosen and tuned."""
     n = len(live)
     try:
@@ -149,18 +148,17 @@ def _build_kind(
     settings: AnnSettings,
     previous: PreviousIndex | None,
     queries: Callable[[], np.ndarray] | None,
-) -> tuple[faiss.Index, dict[str, Any]]:
+) -> tuple[faiss.Index, AnnRecord]:
     n = len(live)
     if settings.index_type:
         plan = ann.IndexPlan(settings.index_type, "--index-type", 0)
     else:
         plan = ann.plan_index(n, live.dim, memory=settings.memory)
-    info = dict(previous.info) if previous is not None else {}
     reuse = (
         previous is not None
-        and plan.factory == info.get("factory")
+        and plan.factory == previous.info.factory
         and plan.factory != "Flat"
-        and info.get("trained_n", 0) // 2 <= n <= 2 * info.get("trained_n", 0)
+        and previous.info.trained_n // 2 <= n <= 2 * previous.info.trained_n
     )
     if reuse:
         assert previous is not None
@@ -180,39 +178,39 @@ def _build_kind(
             train = live.sample(_train_size(probe, n), np.random.default_rng(0))
     index = ann.build_index(live.batches(), live.dim, factory=plan.factory, train=train)
     tuning = ann.Tuning(recall_at_10=1.0) if ann.is_exact(index) else _tune(index, live, settings, queries)
-    record = {
-        "factory": plan.factory,
-        "reason": plan.reason,
-        "bytes_estimate": plan.bytes_estimate,
-        "trained_n": n,
-        "n": n,
+    record = AnnRecord(
+        factory=plan.factory,
+        reason=plan.reason,
+        bytes_estimate=plan.bytes_estimate,
+        trained_n=n,
+        n=n,
         **tuning.to_json(),
-    }
+    )
     return index, record
 
 
 def _reuse(
     previous: PreviousIndex, live: LiveVectors, settings: AnnSettings, queries: Callable[[], np.ndarray] | None
-) -> tuple[faiss.Index, dict[str, Any]] | None:
+) -> tuple[faiss.Index, AnnRecord] | None:
     """The previous snapshot's trained index brought up to date, or None when it must be rebuilt: its type
     cannot remove ids (HNSW), or recall at its tuned setting fell below the target and re-tuning cannot
     restore it (the data drifted away from what the quantizer was trained on)."""
     index = ann.read_index(previous.path, mmap=False)
-    info = {**previous.info, "n": len(live)}
+    info = replace(previous.info, n=len(live))
     changed = _update_in_place(index, live, previous.live)
     if changed is None:
         log.info("%s cannot remove ids: rebuilding", ann.describe(index))
         return None
     if not changed:
         return index, info
-    params = info.get("params") or ""
+    params = info.params
     ann.apply_params(index, params)
     recall = _recall_now(index, live, queries, params)
     if recall >= settings.target_recall:
-        return index, {**info, "recall_at_10": recall}
+        return index, replace(info, recall_at_10=recall)
     tuning = _tune(index, live, settings, queries)
     if tuning.recall_at_10 is not None and tuning.recall_at_10 >= settings.target_recall:
-        return index, {**info, **tuning.to_json()}
+        return index, replace(info, **tuning.to_json())
     log.info("recall@10 %.3f < %.2f after updates, even re-tuned: re-training", recall, settings.target_recall)
     return None
 

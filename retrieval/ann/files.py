@@ -9,16 +9,14 @@ import faiss
 
 from clipdex.retrieval.ann.ondisk import quiet_stdout
 from clipdex.retrieval.ann.tune import apply_params
-from clipdex.retrieval.store.atomic import TMP_SUFFIX, finish_tmp
+from clipdex.retrieval.store.atomic import replace_with
 from clipdex.retrieval.store.snapshot import LISTS_SUFFIX
 
 _MMAP_ABOVE = 256 << 20
 
 
 def write_index(index: faiss.Index, path: Path) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    faiss.write_index(index, str(tmp))
-    finish_tmp(tmp, path)
+    replace_with(path, lambda tmp: faiss.write_index(index, str(tmp)))
 
 
 def read_index(path: Path, *, params: str = "", mmap: bool = True) -> faiss.Index:

@@ -31,7 +31,7 @@ from clipdex.retrieval.finetune.pairs import epoch_batches, split_by_image
 from clipdex.retrieval.finetune.report import TrainLog, plot, write_report
 from clipdex.retrieval.imaging.decode import DecodeOptions
 from clipdex.retrieval.model.encoder import Encoder, LoadedModel, load_model
-from clipdex.retrieval.store.atomic import TMP_SUFFIX
+from clipdex.retrieval.store.atomic import replace_with
 
 log = logging.getLogger(__name__)
 
@@ -350,15 +350,12 @@ def _wise(start: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha:
 def _save_state(path: Path, state: dict[str, Any]) -> None:
     """Resume state, written atomically at the end of each epoch (loaded with weights_only=True)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    torch.save(state, tmp)
-    tmp.replace(path)
+    replace_with(path, lambda tmp: torch.save(state, tmp))
 
 
 def _save_checkpoint(path: Path, weights: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp))
-    tmp.replace(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    replace_with(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def _peak_memory_mib(device: torch.device) -> dict[str, float]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from clipdex.retrieval.errors import InputError
+from clipdex.retrieval.errors import ImageDecodeError, InputError
 
 DEFAULT_MAX_PIXELS = 178_956_970  # twice PIL's own bomb threshold: a 13k x 13k photo still passes
 MAX_FILE_BYTES = 1 << 30  # an "image" file over 1 GiB is refused unread
@@ -45,10 +45,6 @@ def read_query_image(path: Path) -> bytes:
         raise InputError(f"query image not found: {path}") from None
     except OSError as e:
         raise InputError(f"cannot read query image {path}: {e.strerror or e}") from e
-
-
-class ImageDecodeError(Exception):
-    """A file could not be turned into an image; the message is the reason stored in the catalog."""
 
 
 @dataclass(frozen=True)

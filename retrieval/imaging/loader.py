@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from clipdex.retrieval.imaging.decode import MAX_FILE_BYTES, DecodeOptions, ImageDecodeError, PhotoMeta
+from clipdex.retrieval.errors import ImageDecodeError
+from clipdex.retrieval.imaging.decode import MAX_FILE_BYTES, DecodeOptions, PhotoMeta
 from clipdex.retrieval.paths import content_hash
 
 

@@ -19,10 +19,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipdex.retrieval import ann
-from clipdex.retrieval.config import sha256_file
+from clipdex.retrieval.config import Kind, sha256_file
 from clipdex.retrieval.errors import IndexFormatError, IndexLockedError
 from clipdex.retrieval.store.catalog import CATALOG, Catalog
-from clipdex.retrieval.store.items import Kind
 from clipdex.retrieval.store.lock import acquire_lock
 from clipdex.retrieval.store.manifest import Manifest, read_manifest
 from clipdex.retrieval.store.shards import shard_path

@@ -28,8 +28,8 @@ def index_info(index_dir: Path, *, with_failures: bool = False) -> dict[str, Any
         "counts": manifest.counts,
         "index_types": manifest.index_types,
         "ann": {
-            kind: {k: info.get(k) for k in ("factory", "params", "recall_at_10", "reason")}
-            for kind, info in manifest.ann.items()
+            kind: {k: getattr(record, k) for k in ("factory", "params", "recall_at_10", "reason")}
+            for kind, record in manifest.ann.items()
         },
         "size_bytes": size,
         "generation": manifest.snapshot.generation,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from clipdex.retrieval.config import EncoderConfig, ModelSpec, sha256_file
 from clipdex.retrieval.errors import ModelError
+from clipdex.retrieval.store.atomic import replace_with
 from clipdex.retrieval.store.manifest import index_model, read_manifest
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,7 @@ def keep_copy(path: Path, sha256: str) -> Path | None:
         if dest.is_file() and dest.stat().st_size == path.stat().st_size:
             return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, dest)
+        replace_with(dest, lambda tmp: shutil.copyfile(path, tmp), unique=True)  # indexes may copy it at once
         return dest
     except OSError as e:
         log.warning(

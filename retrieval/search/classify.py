@@ -83,10 +83,10 @@ class Labels:
 
 def label_images(searcher: Searcher, labels: list[str], templates: list[str], *, batch: int = 4096) -> Labels:
     """The top label and its cosine for every indexed image, from the stored vectors (no image is re-encoded)."""
-    from clipdex.retrieval.search.searcher import Target
+    from clipdex.retrieval.config import Kind
 
     classes = class_vectors(searcher.encoder, labels, templates)
-    ids = searcher.ids(Target.IMAGES)
+    ids = searcher.ids(Kind.IMAGE)
     items: list[dict[str, Any]] = []
     for start in range(0, len(ids), batch):
         chunk = ids[start : start + batch]

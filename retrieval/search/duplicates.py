@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from clipdex.retrieval.config import Kind
 from clipdex.retrieval.errors import InputError
-from clipdex.retrieval.search.searcher import Searcher, Target
+from clipdex.retrieval.search.searcher import Searcher
 
 _BATCH = 2048  # query vectors per range search
 
@@ -37,8 +38,8 @@ def find_duplicates(searcher: Searcher, *, threshold: float = 0.95) -> Duplicate
 
     if not -1.0 < threshold <= 1.0:
         raise InputError(f"the threshold is a cosine in (-1, 1] (got {threshold})")
-    ids = searcher.ids(Target.IMAGES)
-    index = searcher.ann_index(Target.IMAGES)
+    ids = searcher.ids(Kind.IMAGE)
+    index = searcher.ann_index(Kind.IMAGE)
     if len(ids) < 2 or index is None:
         return Duplicates(threshold, "exact", [])
     exact = ann.is_exact(index) or ann.find_ivf(index) is None  # FAISS range-searches IVF, not HNSW

@@ -16,9 +16,13 @@ import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clipdex.retrieval.model.weights import cache_root, index_digest
+from clipdex.retrieval.store.atomic import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from clipdex.retrieval.search.request import SearchRequest
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +37,8 @@ def register(index_dir: Path, url: str, token: str | None) -> Path:
     """Record a server for `index_dir`; returns the file, for `unregister`."""
     path = registration_path(index_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"url": url, "pid": os.getpid(), "token": token, "index": str(index_dir.resolve())}, f)
-    os.replace(tmp, path)
+    entry = {"url": url, "pid": os.getpid(), "token": token, "index": str(index_dir.resolve())}
+    atomic_write_bytes(path, json.dumps(entry).encode(), durable=False, unique=True, mode=0o600)  # holds the token
     return path
 
 
@@ -60,11 +61,10 @@ def _live_server(index_dir: Path) -> dict[str, Any] | None:
     return entry
 
 
-def search_via_server(index_dir: Path, asked: dict[str, Any], *, image: bytes | None = None) -> dict[str, Any] | None:
-    """The server's answer (as `results_json`) to the search `asked` describes (the API's parameters: `q`, `like`,
-    `add`, `subtract`, `k`, `target`, `include_self`, `dedup`), with an image if given; None when no live server
-    answers it. The search then runs locally, which also gives the same error a local search would for a request
-    the server refuses (its limits on k and query length are tighter than the CLI's)."""
+def search_via_server(index_dir: Path, asked: SearchRequest) -> dict[str, Any] | None:
+    """The server's answer (as `results_json`) to a search request, its image files sent as uploads; None when no
+    live server answers it. The search then runs locally, which also gives the same error a local search would for a
+    request the server refuses (its limits on k and query length are tighter than the CLI's)."""
     entry = _live_server(index_dir)
     if entry is None:
         return None
@@ -72,19 +72,14 @@ def search_via_server(index_dir: Path, asked: dict[str, Any], *, image: bytes | 
     if entry.get("token"):
         headers["Authorization"] = f"Bearer {entry['token']}"
     base = str(entry["url"]).rstrip("/")
-    fields = [
-        (name, str(v).lower() if isinstance(v, bool) else str(v))
-        for name, value in asked.items()
-        if value is not None
-        for v in (value if isinstance(value, list) else [value])
-    ]
-    if image is None:
+    fields, files = asked.wire_fields(), asked.files()
+    if not files:
         request = urllib.request.Request(f"{base}/api/search?" + urllib.parse.urlencode(fields), headers=headers)
     else:
         boundary = uuid.uuid4().hex
         headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
         request = urllib.request.Request(
-            f"{base}/api/search", data=_multipart(boundary, image, fields), headers=headers, method="POST"
+            f"{base}/api/search", data=_multipart(boundary, fields, files), headers=headers, method="POST"
         )
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
@@ -104,15 +99,16 @@ def _error_message(e: urllib.error.HTTPError) -> str | None:
         return None
 
 
-def _multipart(boundary: str, image: bytes, fields: list[tuple[str, str]]) -> bytes:
+def _multipart(boundary: str, fields: list[tuple[str, str]], files: list[tuple[str, bytes]]) -> bytes:
     parts = [
         f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
         for name, value in fields
     ]
-    parts.append(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="query"\r\n'
+    parts += [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="query"\r\n'
         "Content-Type: application/octet-stream\r\n\r\n".encode()
-        + image
+        + data
         + b"\r\n"
-    )
+        for name, data in files
+    ]
     return b"".join(parts) + f"--{boundary}--\r\n".encode()

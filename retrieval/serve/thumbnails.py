@@ -13,14 +13,13 @@ import io
 import logging
 import os
 import stat
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from clipdex.retrieval.errors import ClipdexError
+from clipdex.retrieval.errors import FileGoneError
 from clipdex.retrieval.imaging.decode import (
     DEFAULT_MAX_PIXELS,
     MAX_FILE_BYTES,
@@ -29,15 +28,12 @@ from clipdex.retrieval.imaging.decode import (
     register_heif,
 )
 from clipdex.retrieval.model.weights import cache_root, index_digest
+from clipdex.retrieval.store.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 THUMBNAIL_SIZE = 320  # longest side, pixels: a grid cell on a high-density screen
 _CHUNK = 1 << 20
-
-
-class FileGoneError(ClipdexError):
-    """An item's file is missing, replaced by something else, or no longer an image."""
 
 
 @dataclass(frozen=True)
@@ -145,11 +141,9 @@ def thumbnail(
 
 
 def _write_cache(path: Path, data: bytes) -> None:
-    """Temp file and rename (no fsync: a cache); the temp name is per thread, so two requests never collide."""
+    """No fsync (a cache); the temp name is per thread, so two requests never collide."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data, durable=False, unique=True)
 
 
 def _key(path: Path, size: int, mtime_ns: int, what: str) -> str:

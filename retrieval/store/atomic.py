@@ -1,12 +1,15 @@
-"""Atomic file writes: a temp file beside the target, fsync, rename, fsync the folder.
+"""Atomic file replacement: a temp file beside the target, fsync, rename, fsync the folder.
 
-A crash at any moment leaves either the old file or the new one, never a mix.
+A crash at any moment leaves either the old file or the new one, never a mix. Every file clipdex replaces goes
+through here: index files durably (fsync), caches without fsync (a lost write only costs doing it again), and files
+several processes may replace at once under a temp name of their own (`unique`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -22,29 +25,55 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def temp_path(path: Path, *, unique: bool = False) -> Path:
+    """The temp file beside `path`; with `unique`, one per process and thread, so concurrent writers never share it."""
+    tag = f".{os.getpid()}.{threading.get_ident()}" if unique else ""
+    return path.with_name(f"{path.name}{tag}{TMP_SUFFIX}")
+
+
 @contextmanager
-def atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """Write `path` through a temp file; it replaces `path` only if the block finishes."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+def atomic_file(path: Path, *, durable: bool = True, unique: bool = False, mode: int = 0o666) -> Iterator[BinaryIO]:
+    """Write `path` through a temp file; it replaces `path` only if the block finishes. `mode` is the new file's
+    permission bits (before the umask): 0o600 for a file holding a secret."""
+    tmp = temp_path(path, unique=unique)
     try:
-        with tmp.open("wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_file(path) as f:
+def atomic_write_bytes(
+    path: Path, data: bytes, *, durable: bool = True, unique: bool = False, mode: int = 0o666
+) -> None:
+    with atomic_file(path, durable=durable, unique=unique, mode=mode) as f:
         f.write(data)
 
 
+def replace_with(path: Path, write: Callable[[Path], object], *, durable: bool = True, unique: bool = False) -> None:
+    """Replace `path` with what `write(temp path)` writes: for libraries that write a file by name (FAISS, DuckDB's
+    COPY, torch.save, safetensors, a file copy)."""
+    tmp = temp_path(path, unique=unique)
+    try:
+        write(tmp)
+        if durable:
+            finish_tmp(tmp, path)
+        else:
+            tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def finish_tmp(tmp: Path, path: Path) -> None:
-    """Make a temp file that a library wrote by name (FAISS, DuckDB's COPY) durable, then rename it."""
+    """Make a temp file that a library wrote by name durable, then rename it."""
     with tmp.open("rb") as f:
         os.fsync(f.fileno())
     tmp.replace(path)

@@ -16,8 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clipdex.retrieval.config import Kind
 from clipdex.retrieval.paths import under_prefix
-from clipdex.retrieval.store.items import Kind, Record
+from clipdex.retrieval.store.items import Record
 
 CATALOG = "catalog.duckdb"
 

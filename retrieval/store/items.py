@@ -7,14 +7,7 @@ from enum import Enum
 
 import numpy as np
 
-
-class Kind(str, Enum):
-    IMAGE = "image"
-    TEXT = "text"
-
-    @property
-    def plural(self) -> str:
-        return self.value + "s"
+from clipdex.retrieval.config import Kind
 
 
 class Status(str, Enum):

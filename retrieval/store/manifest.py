@@ -51,6 +51,35 @@ class AnnSettings:
         )
 
 
+@dataclass(frozen=True)
+class AnnRecord:
+    """How one kind's index was chosen and tuned: the manifest's `ann` section for that kind."""
+
+    factory: str
+    reason: str = ""
+    bytes_estimate: int = 0  # what the index takes in memory
+    trained_n: int = 0  # vectors when it was trained: past twice or half that, it is trained anew
+    n: int = 0
+    on_disk: bool = False  # inverted lists in a file beside the index
+    params: str = ""  # a faiss ParameterSpace string, e.g. "nprobe=16"
+    recall_at_10: float | None = None
+    queries: int = 0  # tuning queries
+    curve: list[list[Any]] = field(default_factory=list)  # [params, recall@10] as tuning went
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        if not self.on_disk:
+            del data["on_disk"]  # only on-disk indexes say so (format 2 as written)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AnnRecord:
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in data.items() if k in known}
+        values["curve"] = [list(step) for step in values.get("curve") or []]
+        return cls(**{"factory": "", **values})
+
+
 @dataclass
 class Snapshot:
     """The published generation: one FAISS file per kind and a parquet of items, with their checksums."""
@@ -71,14 +100,16 @@ class Manifest:
     vector_dtype: str = VECTOR_DTYPE_RULE
     counts: dict[str, int] = field(default_factory=lambda: {"images": 0, "texts": 0, "failed": 0})
     index_types: dict[str, str] = field(default_factory=dict)
-    ann_settings: dict[str, Any] | None = None  # what the user asked for (retrieval.build.AnnSettings)
-    ann: dict[str, dict[str, Any]] = field(default_factory=dict)  # per kind: how its index was chosen and tuned
+    ann_settings: AnnSettings | None = None  # what the user asked for
+    ann: dict[str, AnnRecord] = field(default_factory=dict)  # per kind (images, texts): how its index was made
     snapshot: Snapshot = field(default_factory=Snapshot)
     roots: list[str] = field(default_factory=list)  # folders and files given to `clipdex index`, canonical
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["model"] = self.model.to_json()
+        data["ann_settings"] = self.ann_settings.to_json() if self.ann_settings is not None else None
+        data["ann"] = {kind: record.to_json() for kind, record in self.ann.items()}
         return data
 
     @classmethod
@@ -93,8 +124,8 @@ class Manifest:
             vector_dtype=data.get("vector_dtype", VECTOR_DTYPE_RULE),
             counts=dict(data.get("counts") or {}),
             index_types=dict(data.get("index_types") or {}),
-            ann_settings=data.get("ann_settings"),
-            ann=dict(data.get("ann") or {}),
+            ann_settings=AnnSettings.from_json(data["ann_settings"]) if data.get("ann_settings") else None,
+            ann={kind: AnnRecord.from_json(record) for kind, record in (data.get("ann") or {}).items()},
             roots=list(data.get("roots") or []),
             snapshot=Snapshot(
                 generation=int(snapshot.get("generation", 0)),

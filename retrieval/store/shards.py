@@ -76,6 +76,15 @@ def remove_unused(index_dir: Path, keep: Iterable[int]) -> list[int]:
     return gone
 
 
+def gather(shards: np.ndarray, rows: np.ndarray, load: Callable[[int], np.ndarray], dim: int) -> np.ndarray:
+    """The float32 vectors at these (shard, row) locations, in order; each shard is loaded once."""
+    out = np.empty((len(rows), dim), dtype=np.float32)
+    for shard in np.unique(shards).tolist():
+        mask = shards == shard
+        out[mask] = load(int(shard))[rows[mask]]
+    return out
+
+
 class LiveVectors:
     """The searchable vectors of one kind, read from shards on demand: never all in memory at once.
 
@@ -120,11 +129,7 @@ class LiveVectors:
         return self._gather(np.sort(rng.choice(len(self.ids), size=n, replace=False)))
 
     def _gather(self, pos: np.ndarray) -> np.ndarray:
-        out = np.empty((len(pos), self.dim), dtype=np.float32)
-        for shard in np.unique(self.shards[pos]).tolist():
-            mask = self.shards[pos] == shard
-            out[mask] = self._load(int(shard))[self.rows[pos][mask]]
-        return out
+        return gather(self.shards[pos], self.rows[pos], self._load, self.dim)
 
     def changed_since(self, before: LiveVectors) -> np.ndarray:
         """Ids live in both whose vector location differs: items edited since `before`."""

@@ -10,18 +10,15 @@ after. How each kind's ANN index is chosen and built is not decided here: the wr
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from clipdex.retrieval.config import sha256_file
-from clipdex.retrieval.store.atomic import TMP_SUFFIX, finish_tmp
-from clipdex.retrieval.store.items import Kind
-from clipdex.retrieval.store.manifest import MANIFEST, Manifest
+from clipdex.retrieval.config import Kind, sha256_file
+from clipdex.retrieval.store.atomic import TMP_SUFFIX, replace_with
+from clipdex.retrieval.store.manifest import MANIFEST, AnnRecord, AnnSettings, Manifest
 from clipdex.retrieval.store.shards import LiveVectors
 
 ITEMS = "items"
@@ -33,7 +30,7 @@ class PreviousIndex:
     """The kind's index in the current snapshot, which a builder may update instead of re-training."""
 
     path: Path
-    info: dict[str, Any]
+    info: AnnRecord
     live: LiveVectors  # the vectors it was built from (ids and locations at that generation)
 
 
@@ -41,7 +38,7 @@ class PreviousIndex:
 class BuiltIndex:
     index_type: str  # e.g. IndexFlat, IndexIVFFlat
     count: int
-    info: dict[str, Any] = field(default_factory=dict)  # how it was chosen and tuned (manifest "ann")
+    info: AnnRecord  # how it was chosen and tuned (manifest "ann")
     lists: str | None = None  # the file of an on-disk index's inverted lists, beside `out`
 
 
@@ -53,7 +50,7 @@ class IndexBuilder(Protocol):
         *,
         other: LiveVectors,
         previous: PreviousIndex | None,
-        settings: dict[str, Any] | None,
+        settings: AnnSettings | None,
         out: Path,
     ) -> BuiltIndex:
         """Write the ANN index over `live` to `out`; `other` is the other kind (a source of realistic queries)."""
@@ -63,20 +60,6 @@ class IndexBuilder(Protocol):
 def snapshot_name(kind_or_items: str, generation: int) -> str:
     suffix = "parquet" if kind_or_items == ITEMS else "faiss"
     return f"{kind_or_items}-{generation:06d}.{suffix}"
-
-
-def read_locations(index_dir: Path, manifest: Manifest, kind: Kind, load: Any) -> LiveVectors | None:
-    """The live vectors of one kind as the published snapshot has them, or None without a snapshot."""
-    name = manifest.snapshot.files.get(ITEMS)
-    if not name or not (index_dir / name).is_file():
-        return None
-    try:
-        table = pq.read_table(index_dir / name, columns=["id", "kind", "status", "shard", "row"])
-    except Exception:  # a damaged snapshot: build afresh instead of updating it
-        return None
-    table = table.filter(pc.and_(pc.equal(table["kind"], kind.value), pc.equal(table["status"], "ok")))
-    ids, shards, rows = (table[c].to_numpy(zero_copy_only=False).astype(np.int64) for c in ("id", "shard", "row"))
-    return LiveVectors(ids, shards, rows, load, manifest.dim)
 
 
 def snapshot_shards(index_dir: Path, manifest: Manifest) -> set[int] | None:
@@ -100,13 +83,13 @@ def write_index_files(
     previous: dict[Kind, PreviousIndex | None],
     builder: IndexBuilder,
     export_items: Any,
-) -> tuple[dict[str, str], dict[str, str], dict[str, int], dict[str, Any]]:
+) -> tuple[dict[str, str], dict[str, str], dict[str, int], dict[str, AnnRecord]]:
     """Build generation G+1's files; return (files, index types, counts, ann info). Nothing is current yet."""
     generation = manifest.snapshot.generation + 1
     files: dict[str, str] = {}
     index_types: dict[str, str] = {}
     counts: dict[str, int] = {}
-    ann: dict[str, Any] = {}
+    ann: dict[str, AnnRecord] = {}
     for kind in Kind:
         other = live[Kind.TEXT if kind is Kind.IMAGE else Kind.IMAGE]
         name = snapshot_name(kind.plural, generation)
@@ -120,9 +103,7 @@ def write_index_files(
         counts[kind.plural] = built.count
         ann[kind.plural] = built.info
     items = snapshot_name(ITEMS, generation)
-    tmp = index_dir / (items + TMP_SUFFIX)
-    export_items(tmp)
-    finish_tmp(tmp, index_dir / items)
+    replace_with(index_dir / items, export_items)
     files[ITEMS] = items
     return files, index_types, counts, ann
 

@@ -16,17 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from clipdex.retrieval.config import ModelSpec
+from clipdex.retrieval.config import Kind, ModelSpec
 from clipdex.retrieval.errors import IndexFormatError
 from clipdex.retrieval.paths import canonical
-from clipdex.retrieval.store import snapshot
+from clipdex.retrieval.store import reader, snapshot
 from clipdex.retrieval.store.atomic import atomic_write_bytes
 from clipdex.retrieval.store.catalog import Catalog
-from clipdex.retrieval.store.items import Kind, Record
+from clipdex.retrieval.store.items import Record
 from clipdex.retrieval.store.lock import WriteLock, acquire_lock
 from clipdex.retrieval.store.manifest import (
     FORMAT_VERSION,
     MANIFEST,
+    AnnSettings,
     Manifest,
     check_index_dir,
     model_config_path,
@@ -196,7 +197,7 @@ class IndexWriter:
         """The folders and files this index is kept up to date with (written with the next publish)."""
         self.manifest.roots = roots
 
-    def set_ann_settings(self, settings: dict[str, Any]) -> None:
+    def set_ann_settings(self, settings: AnnSettings) -> None:
         """Index type, memory budget and target recall for this and later publishes."""
         self.manifest.ann_settings = settings
 
@@ -212,7 +213,7 @@ class IndexWriter:
 
     # -- publish --------------------------------------------------------------------------------
 
-    def publish(self, *, settings: dict[str, Any] | None = None, rebuild: bool = False) -> Manifest:
+    def publish(self, *, settings: AnnSettings | None = None, rebuild: bool = False) -> Manifest:
         """Build ANN indexes from the committed catalog and make them the current snapshot.
 
         `settings` replace the stored ANN settings; `rebuild` re-trains even where the previous index could be
@@ -239,10 +240,11 @@ class IndexWriter:
         name = self.manifest.snapshot.files.get(kind.plural)
         if not name or not (self.dir / name).is_file():
             return None
-        live = snapshot.read_locations(self.dir, self.manifest, kind, self._load_shard)
+        live = reader.read_locations(self.dir, self.manifest, kind, self._load_shard)
         if live is None:
             return None
-        return PreviousIndex(self.dir / name, self.manifest.ann.get(kind.plural, {}), live)
+        record = self.manifest.ann.get(kind.plural)
+        return PreviousIndex(self.dir / name, record, live) if record is not None else None
 
     def _load_shard(self, shard: int) -> np.ndarray:
         return load_shard(shard_path(self.dir, shard))

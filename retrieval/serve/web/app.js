@@ -43,15 +43,20 @@ async function call(url, options = {}) {
   return body;
 }
 
-const REFINE = ["add", "subtract", "in", "after", "before"];
+// The refinements are the inputs marked data-refine; each is named as the search request's field it fills.
+const REFINE = [...document.querySelectorAll("[data-refine]")];
 
-function refinements() {
-  const out = {};
-  for (const name of REFINE) {
-    const value = $(name).value.trim();
-    if (value) out[name] = value;
+// One search request as [name, value] pairs (the API's fields): sent as a query string, or as form fields
+// beside an image file.
+function searchFields(query) {
+  const fields = [["k", String(K)], ["target", state.target]];
+  if (query.kind === "text") fields.unshift(["q", query.text]);
+  if (query.kind === "similar") fields.unshift(["like", String(query.id)]);
+  for (const input of REFINE) {
+    const value = input.value.trim();
+    if (value) fields.push([input.name, value]);
   }
-  return out;
+  return fields;
 }
 
 function run(query) {
@@ -68,20 +73,15 @@ function run(query) {
   setStatus("Searching…", "busy");
   const started = performance.now();
   let request;
-  const refine = refinements();
-  if (query.kind === "text") {
-    const params = new URLSearchParams({ q: query.text, k: String(K), target: state.target, ...refine });
-    request = call("/api/search?" + params);
-  } else if (query.kind === "image") {
+  const fields = searchFields(query);
+  const refined = REFINE.some((input) => input.value.trim());
+  if (query.kind === "image") {
     const form = new FormData();
     form.append("image", query.file, query.file.name || "image");
-    form.append("k", String(K));
-    form.append("target", state.target);
-    for (const [name, value] of Object.entries(refine)) form.append(name, value);
+    for (const [name, value] of fields) form.append(name, value);
     request = call("/api/search", { method: "POST", body: form });
-  } else if (Object.keys(refine).length) {
-    const params = new URLSearchParams({ like: String(query.id), k: String(K), target: state.target, ...refine });
-    request = call("/api/search?" + params);
+  } else if (query.kind === "text" || refined) {
+    request = call("/api/search?" + new URLSearchParams(fields));
   } else {
     request = call(`/api/items/${query.id}/similar?k=${K}`);
   }
@@ -266,8 +266,8 @@ for (const b of document.querySelectorAll(".target button")) {
   });
 }
 
-for (const name of REFINE) {
-  $(name).addEventListener("input", () => {
+for (const input of REFINE) {
+  input.addEventListener("input", () => {
     clearTimeout(state.timer);
     state.timer = setTimeout(() => { if (state.query) run(state.query); }, DEBOUNCE_MS);
   });

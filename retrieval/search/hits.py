@@ -1,0 +1,57 @@
+"""What a search answers: hits, items, and the one JSON shape of an answer (the CLI's `--json`, the HTTP API's body)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from clipdex.retrieval.config import Kind
+
+
+@dataclass(frozen=True)
+class Item:
+    id: int
+    kind: str
+    path: str | None
+    text: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    score: float
+    id: int
+    kind: str
+    path: str | None
+    text: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def hits_from_rows(scores: Any, ids: Any, rows: list[dict[str, Any]]) -> list[Hit]:
+    return [
+        Hit(rank=r + 1, score=float(s), id=int(i), kind=row["kind"], path=row["path"], text=row["text"])
+        for r, (s, i, row) in enumerate(zip(scores, ids, rows, strict=True))
+    ]
+
+
+def results_json(
+    query: str,
+    target: Kind,
+    hits: list[Hit],
+    terms: list[dict[str, Any]] | None = None,
+    filter: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The one shape of a search answer: `clipdex search --json` prints it, the HTTP API returns it. `terms` lists
+    a composed query's parts (`Query.describe`), `filter` how a filter was applied (`Searcher.filter_plan`)."""
+    out: dict[str, Any] = {"query": query, "target": target.plural}
+    if terms is not None:
+        out["terms"] = terms
+    if filter is not None:
+        out["filter"] = filter
+    out["results"] = [h.to_json() for h in hits]
+    return out

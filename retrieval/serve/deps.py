@@ -1,0 +1,57 @@
+"""What routes are handed (FastAPI `Depends`): the settings, the one `Searcher` (refreshed per request), and small
+checks every route shares."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Request
+
+from clipdex.retrieval.errors import InputError, ItemNotFoundError
+from clipdex.retrieval.search.searcher import Searcher
+from clipdex.retrieval.serve.thumbnails import THUMBNAIL_SIZE
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_ID = re.compile(r"[0-9]{1,18}")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    index_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+    device: str = "auto"
+    max_upload_bytes: int = 20 << 20
+    max_query_chars: int = 1000
+    max_k: int = 1000
+    thumbnail_size: int = THUMBNAIL_SIZE
+
+    @property
+    def is_loopback(self) -> bool:
+        return self.host in LOOPBACK or self.host.startswith("127.")
+
+
+def settings(request: Request) -> ServeConfig:
+    return request.app.state.config
+
+
+def searcher(request: Request) -> Searcher:
+    """The app's searcher; a publish by a running `clipdex index` is picked up at the next request."""
+    s: Searcher = request.app.state.searcher
+    s.refresh()
+    return s
+
+
+def check_k(k: int, config: ServeConfig) -> int:
+    if not 1 <= k <= config.max_k:
+        raise InputError(f"k must be between 1 and {config.max_k} (got {k})")
+    return k
+
+
+def item_id(text: str) -> int:
+    if not _ID.fullmatch(text):
+        raise ItemNotFoundError(f"no item with id {text!r}")
+    return int(text)
