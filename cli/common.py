@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 from clipdex.retrieval.errors import ClipdexError
 
@@ -239,3 +241,23 @@ RayAddressOpt = Annotated[
         show_default=False,
     ),
 ]
+
+
+def print_ann(manifest: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"ann": manifest.to_json()["ann"], "counts": manifest.counts}))
+        return
+    table = Table(title="ANN indexes", show_header=True)
+    for col in ("kind", "vectors", "index", "params", "recall@10", "why"):
+        table.add_column(col)
+    for kind, record in manifest.ann.items():
+        recall = record.recall_at_10
+        table.add_row(
+            kind,
+            str(record.n),
+            record.factory,
+            record.params or "-",
+            "-" if recall is None else f"{recall:.3f}",
+            record.reason,
+        )
+    out.print(table)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -39,6 +39,7 @@ from clipdex.cli.common import (
     friendly,
     human_bytes,
     out,
+    print_ann,
     progress_bar,
 )
 
@@ -200,26 +201,6 @@ def import_(
     else:
         out.print(f"imported {summary.images} images and {summary.texts} texts from {summary.partitions} partitions")
         print_ann(manifest, False)
-
-
-def print_ann(manifest: Any, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps({"ann": manifest.to_json()["ann"], "counts": manifest.counts}))
-        return
-    table = Table(title="ANN indexes", show_header=True)
-    for col in ("kind", "vectors", "index", "params", "recall@10", "why"):
-        table.add_column(col)
-    for kind, record in manifest.ann.items():
-        recall = record.recall_at_10
-        table.add_row(
-            kind,
-            str(record.n),
-            record.factory,
-            record.params or "-",
-            "-" if recall is None else f"{recall:.3f}",
-            record.reason,
-        )
-    out.print(table)
 
 
 @app.command(rich_help_panel="Index")

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import torch
 
 from clipdex.retrieval.errors import InputError
 from clipdex.retrieval.imaging.loader import Decoded, ImageFiles, default_workers, iter_decoded
@@ -87,8 +86,5 @@ def encode_decoded(encoder: Encoder, batch: list[Decoded]) -> None:
     todo = [d for d in batch if d.pixels is not None and d.vector is None]
     if not todo:
         return
-    pixels = torch.stack([d.pixels for d in todo])  # type: ignore[misc]
-    if encoder.device.type == "cuda":
-        pixels = pixels.pin_memory()
-    for d, vector in zip(todo, encoder.encode_images(pixels), strict=True):
+    for d, vector in zip(todo, encoder.encode_pixels([d.pixels for d in todo]), strict=True):  # type: ignore[misc]
         d.vector, d.pixels = vector, None

@@ -26,7 +26,7 @@ from clipdex.retrieval.model.encoder import load_encoder
 from clipdex.retrieval.paths import canonical
 from clipdex.retrieval.store.items import Record
 from clipdex.retrieval.store.manifest import AnnSettings, Manifest, check_index_dir, read_manifest
-from clipdex.retrieval.store.writer import FreshIndexDir, IndexWriter
+from clipdex.retrieval.store.writer import FreshIndexDir, IndexWriter, writing
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def import_clip_retrieval(src: Path, index_dir: Path, encoder: EncoderConfig, se
     writer = index_writer(index_dir, model.spec, model.dim)
     # Progress is committed with each chunk's rows, so a killed import resumes where it stopped: never twice.
     key = f"import:{canonical(src)}"
-    try:
+    with writing(writer, fresh):
         state = json.loads(writer.catalog.state(key) or "null")
         if (state is None and writer.catalog.next_id() > 0) or (state or {}).get("published"):
             raise InputError(f"{index_dir} already holds an index; import into a new directory")
@@ -101,13 +101,6 @@ def import_clip_retrieval(src: Path, index_dir: Path, encoder: EncoderConfig, se
                 writer.commit(records, state={key: json.dumps({"done": sorted(done), "chunk": chunk})})
         writer.publish()
         writer.commit([], state={key: json.dumps({"done": sorted(done), "published": True})})
-    except BaseException:
-        committed = writer.committed
-        writer.close()
-        if not committed:
-            fresh.undo()
-        raise
-    writer.close()
     return ImportSummary(images, texts, len(parts), resumed=state is not None)
 
 

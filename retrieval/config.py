@@ -51,6 +51,11 @@ class EncoderConfig:
     pretrained: str | None = DEFAULT_PRETRAINED
     device: str = "auto"
 
+    @property
+    def model_name(self) -> str:
+        """The architecture's name: a config JSON registers under its file name."""
+        return Path(self.model).stem if self.model.endswith(".json") else self.model
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -88,6 +93,13 @@ class ModelSpec:
         path = folder / f"{self.name}.json"
         path.write_text(json.dumps(self.config))
         return str(path)
+
+    def may_be(self, asked: EncoderConfig) -> bool:
+        """Whether options naming a model may name this one, before it loads: the same architecture, and the same
+        weights tag, or a local checkpoint (compared by content when it loads, `load_model(expect=)`)."""
+        given = Path(asked.pretrained).expanduser() if asked.pretrained else None
+        checkpoint = self.checkpoint_sha256 is not None and given is not None and given.is_file()
+        return asked.model_name == self.name and (checkpoint or asked.pretrained == self.pretrained)
 
     def same_model(self, other: ModelSpec) -> bool:
         """Same architecture and the same weights: by content for a local checkpoint, by name otherwise."""

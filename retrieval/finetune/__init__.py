@@ -3,7 +3,8 @@
 Layer: above `evaluation/` and `model/` (it validates with recall@k and trains open_clip models); below `serve/`.
 """
 
+from clipdex.retrieval.finetune.config import FinetuneConfig, FinetuneResult
 from clipdex.retrieval.finetune.methods import Method
-from clipdex.retrieval.finetune.run import FinetuneConfig, FinetuneResult, finetune
+from clipdex.retrieval.finetune.run import finetune
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "Method", "finetune"]

@@ -21,79 +21,18 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from clipdex.retrieval.config import EncoderConfig
 from clipdex.retrieval.errors import InputError
-from clipdex.retrieval.evaluation.datasets import DatasetName, RetrievalDataset, Skipped, load_dataset, read_pairs
-from clipdex.retrieval.evaluation.evaluate import BENCHMARK_DECODE, dataset_recall, keep_decodable
+from clipdex.retrieval.evaluation.datasets import RetrievalDataset
+from clipdex.retrieval.evaluation.evaluate import dataset_recall
+from clipdex.retrieval.finetune.config import ADAPTER, CHECKPOINT, DEFAULT_LR, STATE, FinetuneConfig, FinetuneResult
+from clipdex.retrieval.finetune.data import Data, epoch_pairs, read_data
 from clipdex.retrieval.finetune.loop import Step, Trainer, make_optimizer, make_schedule
-from clipdex.retrieval.finetune.methods import Method, prepare
-from clipdex.retrieval.finetune.pairs import epoch_batches, split_by_image
+from clipdex.retrieval.finetune.methods import Prepared, prepare
 from clipdex.retrieval.finetune.report import TrainLog, plot, write_report
-from clipdex.retrieval.imaging.decode import DecodeOptions
 from clipdex.retrieval.model.encoder import Encoder, LoadedModel, load_model
 from clipdex.retrieval.store.atomic import replace_with
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT = "checkpoint.safetensors"
-ADAPTER = "adapter"
-STATE = "state"
-DEFAULT_LR = {Method.FULL: 1e-5, Method.LAST_N: 1e-5, Method.LORA: 1e-4, Method.LIT: 1e-5}
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    out: Path
-    encoder: EncoderConfig
-    pairs: Path | None = None  # a caption file with an image column, or:
-    dataset: DatasetName | None = None  # Flickr30k / COCO, Karpathy train split (val split for validation)
-    root: Path | None = None
-    text_column: str | None = None
-    image_column: str | None = None
-    val: Path | None = None  # validation pairs; default: a held-out share of the images
-    val_fraction: float = 0.1
-    keep: Path | None = None  # a general set measured before and after, to show forgetting
-    method: Method = Method.FULL
-    layers: int | None = None  # last-n
-    rank: int = 8  # lora
-    epochs: int = 5
-    batch_size: int = 64
-    lr: float | None = None  # default per method (DEFAULT_LR)
-    weight_decay: float = 0.1
-    warmup: float = 0.1  # share of all steps
-    accum_freq: int = 1
-    grad_checkpointing: bool = False
-    patience: int | None = None
-    wise: float | None = None  # 1.0: the tuned weights; 0.0: the starting ones
-    seed: int = 0
-    workers: int = 0
-    resume: bool = False
-
-
-@dataclass
-class FinetuneResult:
-    checkpoint: Path
-    method: Method
-    epochs: int  # epochs trained (fewer than asked when stopped early)
-    train_pairs: int
-    val_pairs: int
-    before: dict[str, dict[str, float]]
-    after: dict[str, dict[str, float]]
-    best_epoch: int
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "checkpoint": str(self.checkpoint),
-            "method": self.method.value,
-            "epochs": self.epochs,
-            "train_pairs": self.train_pairs,
-            "val_pairs": self.val_pairs,
-            "before": self.before,
-            "after": self.after,
-            "best_epoch": self.best_epoch,
-            **self.details,
-        }
 
 
 class TrainProgress(Protocol):
@@ -113,145 +52,203 @@ class _Quiet:
         log.info(message)
 
 
-@dataclass
-class _Data:
-    train: RetrievalDataset
-    val: RetrievalDataset
-    keep: RetrievalDataset | None
-    options: DecodeOptions
-    skipped: Skipped
-
-
 def finetune(config: FinetuneConfig, *, progress: TrainProgress | None = None) -> FinetuneResult:
-    progress = progress or _Quiet()
     _check(config)
-    out = config.out
-    state_path = out / STATE / "resume.pt"
+    state_path = config.out / STATE / "resume.pt"
     if config.resume and not state_path.is_file():
-        raise InputError(f"nothing to resume in {out}: no unfinished run there (start one without --resume)")
+        raise InputError(f"nothing to resume in {config.out}: no unfinished run there (start one without --resume)")
     if not config.resume and state_path.is_file():
-        raise InputError(f"{out} holds an unfinished run: continue it with --resume, or give a new --out")
+        raise InputError(f"{config.out} holds an unfinished run: continue it with --resume, or give a new --out")
     torch.manual_seed(config.seed)
-    loaded = load_model(config.encoder)
-    if config.grad_checkpointing:
-        loaded.model.set_grad_checkpointing(True)  # type: ignore[operator]
-    start_weights = (
-        {k: v.detach().cpu().clone() for k, v in loaded.model.state_dict().items()} if config.wise is not None else {}
-    )
-    prepared = prepare(config.method, loaded.model, layers=config.layers, rank=config.rank)  # checks its options
-    data = _read_data(config, loaded, progress)
-    trainable = prepared.trainable()
-    batch_size = min(config.batch_size, len(data.train.images))
-    if batch_size < config.batch_size:
-        progress.note(f"{len(data.train.images)} training images: the batch shrinks to {batch_size}")
-    steps_per_epoch = math.ceil(math.ceil(len(data.train.images) / batch_size) / config.accum_freq)
-    total = steps_per_epoch * config.epochs
-    optimizer = make_optimizer(trainable, lr=config.lr or DEFAULT_LR[config.method], weight_decay=config.weight_decay)
-    scheduler = make_schedule(optimizer, warmup=max(1, int(config.warmup * total)), total=total)
-    trainer = Trainer(prepared.model, optimizer, scheduler, device=loaded.device, accum_freq=config.accum_freq)
-    out.mkdir(parents=True, exist_ok=True)
+    session = _Session.open(config, progress or _Quiet(), state_path)
+    history = session.resume() if config.resume else session.begin()
+    seconds = session.train(history)
+    return session.finish(history, seconds)
 
-    def recall(ds: RetrievalDataset) -> dict[str, dict[str, float]]:
-        prepared.model.eval()
-        encoder = Encoder(prepared.model, loaded.preprocess, loaded.tokenizer, loaded.device, loaded.spec)
-        return dataset_recall(encoder, ds, batch_size=batch_size, workers=config.workers, options=data.options).recalls
 
-    if config.resume:
-        state = torch.load(state_path, weights_only=True)
-        prepared.restore(state["current"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        trainer.step_count = int(state["step"])
-        history, best_epoch, best = state["history"], int(state["best_epoch"]), state["best"]
-        first = int(state["epoch"]) + 1
-        before, keep_before = history[0]["val"], state.get("keep_before")
-        progress.note(f"resuming after epoch {first - 1} of {config.epochs}")
-    else:
-        before = recall(data.val)
-        keep_before = recall(data.keep) if data.keep is not None else None
-        history = [{"epoch": 0, "val": before}]
-        best_epoch, best, first = 0, prepared.snapshot(), 1
-    train_log = TrainLog(out, keep_epochs_below=first if config.resume else None)
-    if not config.resume:
-        train_log.write(history[0])
-    speeds: list[float] = []
+@dataclass
+class _History:
+    """Validation recall epoch by epoch, and the best epoch's weights (what early stopping and resuming keep)."""
 
-    def on_step(step: Step) -> None:
-        speeds.append(step.pairs_per_s)
-        train_log.write({"epoch": step.epoch, "step": step.step, "loss": step.loss, "lr": step.lr})
-        progress.step(step)
+    epochs: list[dict[str, Any]]
+    best_epoch: int
+    best: Any
+    first: int  # the next epoch to train
+    keep_before: dict[str, dict[str, float]] | None
 
-    trained = first - 1
-    started = time.perf_counter()
-    for epoch in range(first, config.epochs + 1):
-        progress.start(epoch, config.epochs, steps_per_epoch)
-        prepared.train_mode()
-        trainer.epoch(epoch, _batches(config, data, loaded, batch_size, epoch), on_step)
-        scores = recall(data.val)
-        history.append({"epoch": epoch, "val": scores})
-        train_log.write(history[-1])
-        trained = epoch
-        if _score(scores) > _score(history[best_epoch]["val"]):
-            best_epoch, best = epoch, prepared.snapshot()
-        stop = config.patience is not None and epoch - best_epoch >= config.patience
-        _save_state(
-            state_path,
-            {
-                "current": prepared.snapshot(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "step": trainer.step_count,
-                "epoch": epoch,
-                "history": history,
-                "best_epoch": best_epoch,
-                "best": best,
-                "keep_before": keep_before,
-            },
+    @property
+    def before(self) -> dict[str, dict[str, float]]:
+        return self.epochs[0]["val"]
+
+
+@dataclass
+class _Session:
+    """One fine-tuning run's model, data and optimiser; `finetune` calls its steps in order."""
+
+    config: FinetuneConfig
+    progress: TrainProgress
+    state_path: Path
+    loaded: LoadedModel
+    prepared: Prepared
+    data: Data
+    batch_size: int
+    steps_per_epoch: int
+    trainer: Trainer
+    start_weights: dict[str, torch.Tensor]
+    speeds: list[float] = field(default_factory=list)
+    log: TrainLog | None = None
+
+    @classmethod
+    def open(cls, config: FinetuneConfig, progress: TrainProgress, state_path: Path) -> _Session:
+        loaded = load_model(config.encoder)
+        if config.grad_checkpointing:
+            loaded.model.set_grad_checkpointing(True)  # type: ignore[operator]
+        start_weights = (
+            {k: v.detach().cpu().clone() for k, v in loaded.model.state_dict().items()}
+            if config.wise is not None
+            else {}
         )
-        if stop:
-            progress.note(f"no better validation recall for {config.patience} epochs: stopping after epoch {epoch}")
-            break
-    seconds = time.perf_counter() - started
+        prepared = prepare(config.method, loaded.model, layers=config.layers, rank=config.rank)  # checks its options
+        data = read_data(config, loaded, progress.note)
+        batch_size = min(config.batch_size, len(data.train.images))
+        if batch_size < config.batch_size:
+            progress.note(f"{len(data.train.images)} training images: the batch shrinks to {batch_size}")
+        steps_per_epoch = math.ceil(math.ceil(len(data.train.images) / batch_size) / config.accum_freq)
+        total = steps_per_epoch * config.epochs
+        lr = config.lr or DEFAULT_LR[config.method]
+        optimizer = make_optimizer(prepared.trainable(), lr=lr, weight_decay=config.weight_decay)
+        scheduler = make_schedule(optimizer, warmup=max(1, int(config.warmup * total)), total=total)
+        trainer = Trainer(prepared.model, optimizer, scheduler, device=loaded.device, accum_freq=config.accum_freq)
+        config.out.mkdir(parents=True, exist_ok=True)
+        return cls(
+            config, progress, state_path, loaded, prepared, data, batch_size, steps_per_epoch, trainer, start_weights
+        )
 
-    prepared.restore(best)
-    adapter = None
-    if prepared.save_adapter is not None:
-        adapter = out / ADAPTER
-        prepared.save_adapter(adapter)
-    weights = prepared.export()
-    if config.wise is not None:
-        weights = _wise(start_weights, weights, config.wise)
-    loaded.model.load_state_dict(weights)
-    after = recall(data.val)
-    keep_after = recall(data.keep) if data.keep is not None else None
-    checkpoint = out / CHECKPOINT
-    _save_checkpoint(checkpoint, weights)
-    history.append({"epoch": "kept", "val": after})
-    details = {
-        "best_epoch_by": "mean of R@1/5/10 in both directions on the validation set",
-        "wise": config.wise,
-        "adapter": str(adapter) if adapter else None,
-        "trainable_params": sum(p.numel() for _, p in trainable),
-        "total_params": sum(p.numel() for p in loaded.model.parameters()),
-        "pairs_per_s": float(np.median(speeds)) if speeds else None,
-        "train_seconds": seconds,
-        "peak_memory_mib": _peak_memory_mib(loaded.device),
-        "checkpoint_bytes": checkpoint.stat().st_size,
-        "adapter_bytes": sum(p.stat().st_size for p in adapter.rglob("*") if p.is_file()) if adapter else None,
-        "skipped": [{"what": w, "why": y} for w, y in data.skipped.items],
-        "history": history,
-        "model": config.encoder.model,
-        "pretrained": config.encoder.pretrained,
-        "keep": {"before": keep_before, "after": keep_after} if data.keep is not None else None,
-    }
-    result = FinetuneResult(
-        checkpoint, config.method, trained, data.train.n_texts, data.val.n_texts, before, after, best_epoch, details
-    )
-    details["report"] = str(write_report(out, result.to_json()))
-    details["plot"] = str(plot(out, train_log.records(), title=f"clipdex finetune: {config.method.value}"))
-    write_report(out, result.to_json())
-    shutil.rmtree(out / STATE, ignore_errors=True)
-    return result
+    def recall(self, ds: RetrievalDataset) -> dict[str, dict[str, float]]:
+        """Recall@k of the model as it is now, measured as `clipdex eval` measures it."""
+        self.prepared.model.eval()
+        loaded = self.loaded
+        encoder = Encoder(self.prepared.model, loaded.preprocess, loaded.tokenizer, loaded.device, loaded.spec)
+        workers, options = self.config.workers, self.data.options
+        return dataset_recall(encoder, ds, batch_size=self.batch_size, workers=workers, options=options).recalls
+
+    def begin(self) -> _History:
+        before = self.recall(self.data.val)
+        keep_before = self.recall(self.data.keep) if self.data.keep is not None else None
+        history = _History([{"epoch": 0, "val": before}], 0, self.prepared.snapshot(), 1, keep_before)
+        self.log = TrainLog(self.config.out, keep_epochs_below=None)
+        self.log.write(history.epochs[0])
+        return history
+
+    def resume(self) -> _History:
+        state = torch.load(self.state_path, weights_only=True)
+        self.prepared.restore(state["current"])
+        self.trainer.optimizer.load_state_dict(state["optimizer"])
+        self.trainer.scheduler.load_state_dict(state["scheduler"])
+        self.trainer.step_count = int(state["step"])
+        first = int(state["epoch"]) + 1
+        history = _History(state["history"], int(state["best_epoch"]), state["best"], first, state.get("keep_before"))
+        self.log = TrainLog(self.config.out, keep_epochs_below=first)
+        self.progress.note(f"resuming after epoch {first - 1} of {self.config.epochs}")
+        return history
+
+    def train(self, history: _History) -> float:
+        """Epochs from `history.first` on, each validated and saved for resuming; the seconds it took."""
+        config, started = self.config, time.perf_counter()
+        for epoch in range(history.first, config.epochs + 1):
+            self.progress.start(epoch, config.epochs, self.steps_per_epoch)
+            self.prepared.train_mode()
+            batches = epoch_pairs(config, self.data, self.loaded, self.batch_size, epoch)
+            self.trainer.epoch(epoch, batches, self._on_step)
+            scores = self.recall(self.data.val)
+            history.epochs.append({"epoch": epoch, "val": scores})
+            assert self.log is not None
+            self.log.write(history.epochs[-1])
+            history.first = epoch + 1
+            if _score(scores) > _score(history.epochs[history.best_epoch]["val"]):
+                history.best_epoch, history.best = epoch, self.prepared.snapshot()
+            self._save_state(history, epoch)
+            if config.patience is not None and epoch - history.best_epoch >= config.patience:
+                self.progress.note(
+                    f"no better validation recall for {config.patience} epochs: stopping after epoch {epoch}"
+                )
+                break
+        return time.perf_counter() - started
+
+    def _on_step(self, step: Step) -> None:
+        self.speeds.append(step.pairs_per_s)
+        assert self.log is not None
+        self.log.write({"epoch": step.epoch, "step": step.step, "loss": step.loss, "lr": step.lr})
+        self.progress.step(step)
+
+    def _save_state(self, history: _History, epoch: int) -> None:
+        """Resume state, written atomically at the end of each epoch (loaded with weights_only=True)."""
+        state = {
+            "current": self.prepared.snapshot(),
+            "optimizer": self.trainer.optimizer.state_dict(),
+            "scheduler": self.trainer.scheduler.state_dict(),
+            "step": self.trainer.step_count,
+            "epoch": epoch,
+            "history": history.epochs,
+            "best_epoch": history.best_epoch,
+            "best": history.best,
+            "keep_before": history.keep_before,
+        }
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        replace_with(self.state_path, lambda tmp: torch.save(state, tmp))
+
+    def finish(self, history: _History, seconds: float) -> FinetuneResult:
+        """The best epoch's weights (interpolated with the start for WiSE-FT) saved, measured and reported."""
+        config, out, prepared, data = self.config, self.config.out, self.prepared, self.data
+        prepared.restore(history.best)
+        adapter = None
+        if prepared.save_adapter is not None:
+            adapter = out / ADAPTER
+            prepared.save_adapter(adapter)
+        weights = prepared.export()
+        if config.wise is not None:
+            weights = _wise(self.start_weights, weights, config.wise)
+        self.loaded.model.load_state_dict(weights)
+        after = self.recall(data.val)
+        keep_after = self.recall(data.keep) if data.keep is not None else None
+        checkpoint = out / CHECKPOINT
+        tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+        replace_with(checkpoint, lambda tmp: save_file(tensors, str(tmp)))
+        history.epochs.append({"epoch": "kept", "val": after})
+        details = self._details(history, seconds, checkpoint, adapter, keep_after)
+        trained = history.first - 1
+        result = FinetuneResult(
+            checkpoint, config.method, trained, data.train.n_texts, data.val.n_texts, history.before, after,
+            history.best_epoch, details,
+        )  # fmt: skip
+        assert self.log is not None
+        details["report"] = str(write_report(out, result.to_json()))
+        details["plot"] = str(plot(out, self.log.records(), title=f"clipdex finetune: {config.method.value}"))
+        write_report(out, result.to_json())
+        shutil.rmtree(out / STATE, ignore_errors=True)
+        return result
+
+    def _details(
+        self, history: _History, seconds: float, checkpoint: Path, adapter: Path | None, keep_after: Any
+    ) -> dict[str, Any]:
+        config, loaded, data = self.config, self.loaded, self.data
+        return {
+            "best_epoch_by": "mean of R@1/5/10 in both directions on the validation set",
+            "wise": config.wise,
+            "adapter": str(adapter) if adapter else None,
+            "trainable_params": sum(p.numel() for _, p in self.prepared.trainable()),
+            "total_params": sum(p.numel() for p in loaded.model.parameters()),
+            "pairs_per_s": float(np.median(self.speeds)) if self.speeds else None,
+            "train_seconds": seconds,
+            "peak_memory_mib": _peak_memory_mib(loaded.device),
+            "checkpoint_bytes": checkpoint.stat().st_size,
+            "adapter_bytes": sum(p.stat().st_size for p in adapter.rglob("*") if p.is_file()) if adapter else None,
+            "skipped": [{"what": w, "why": y} for w, y in data.skipped.items],
+            "history": history.epochs,
+            "model": config.encoder.model,
+            "pretrained": config.encoder.pretrained,
+            "keep": {"before": history.keep_before, "after": keep_after} if data.keep is not None else None,
+        }
 
 
 def _check(config: FinetuneConfig) -> None:
@@ -272,68 +269,6 @@ def _check(config: FinetuneConfig) -> None:
         raise InputError(f"--lr must be positive (got {config.lr})")
 
 
-def _read_data(config: FinetuneConfig, loaded: LoadedModel, progress: TrainProgress) -> _Data:
-    skipped = Skipped()
-    if config.dataset is not None:
-        assert config.root is not None
-        options = BENCHMARK_DECODE  # as `clipdex eval` decodes these datasets
-        train = load_dataset(config.dataset, config.root, split="train")
-        val = None if config.val else load_dataset(config.dataset, config.root, split="val")
-    else:
-        assert config.pairs is not None
-        options = loaded.encoder().decode_options()  # as indexing decodes the user's images
-        train = read_pairs(
-            config.pairs, text_column=config.text_column, image_column=config.image_column, skipped=skipped
-        )
-        val = None
-    if config.val is not None:
-        val = read_pairs(config.val, text_column=config.text_column, image_column=config.image_column, skipped=skipped)
-    keep = None
-    if config.keep is not None:
-        keep = read_pairs(
-            config.keep, text_column=config.text_column, image_column=config.image_column, skipped=skipped
-        )
-    train = keep_decodable(train, options, config.workers, skipped)
-    if val is None:
-        train, val = split_by_image(train, config.val_fraction, config.seed)
-    else:
-        val = keep_decodable(val, options, config.workers, skipped)
-        shared = set(val.images)
-        if shared & set(train.images):
-            progress.note(
-                f"{len(shared & set(train.images))} validation images are also in the training pairs: left out of training"
-            )
-            train = train.subset(i for i, p in enumerate(train.images) if p not in shared)
-    if keep is not None:
-        keep = keep_decodable(keep, options, config.workers, skipped)
-    if len(train.images) < 2 or not val.images:
-        raise InputError(
-            f"{len(train.images)} training and {len(val.images)} validation images are usable: too few to train "
-            "and measure (a contrastive batch needs two pairs)"
-        )
-    if skipped.items:
-        what, why = skipped.items[0]
-        progress.note(f"left out {len(skipped.items)} pairs or images that cannot be used (e.g. {what}: {why})")
-    return _Data(train, val, keep, options, skipped)
-
-
-def _batches(config: FinetuneConfig, data: _Data, loaded: LoadedModel, batch_size: int, epoch: int) -> Any:
-    """(pixels, tokens) batches of one epoch, decoded with the training augmentation in the indexer's workers."""
-    from clipdex.retrieval.imaging.loader import ImageFiles, iter_decoded
-
-    seed = config.seed * 100_003 + epoch  # each epoch's order and augmentation, the same when resumed
-    pairs = epoch_batches(data.train, batch_size, np.random.default_rng(seed))
-    torch.manual_seed(seed)
-    files = ImageFiles(data.train.images, loaded.preprocess_train, options=data.options)
-    decoded = iter_decoded(files, workers=config.workers, batches=[[i for i, _ in b] for b in pairs], seed=seed)
-    for batch, images in zip(pairs, decoded, strict=True):
-        usable = [k for k, d in enumerate(images) if d.pixels is not None]  # a file gone since the check
-        if len(usable) < 2:
-            continue
-        pixels = torch.stack([images[k].pixels for k in usable])  # type: ignore[misc]
-        yield pixels, loaded.tokenizer([batch[k][1] for k in usable])
-
-
 def _score(recalls: dict[str, dict[str, float]]) -> float:
     values = [v for direction in recalls.values() for v in direction.values()]
     return float(sum(values) / len(values))
@@ -345,17 +280,6 @@ def _wise(start: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha:
         k: ((1 - alpha) * start[k].to(v.dtype) + alpha * v.detach().cpu()) if v.is_floating_point() else v
         for k, v in tuned.items()
     }
-
-
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    """Resume state, written atomically at the end of each epoch (loaded with weights_only=True)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    replace_with(path, lambda tmp: torch.save(state, tmp))
-
-
-def _save_checkpoint(path: Path, weights: dict[str, torch.Tensor]) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-    replace_with(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def _peak_memory_mib(device: torch.device) -> dict[str, float]:

@@ -150,6 +150,13 @@ class Encoder:
             feats = self.model.encode_image(x)  # type: ignore[operator]
             return F.normalize(feats.float(), dim=-1).cpu().numpy()
 
+    def encode_pixels(self, pixels: Sequence[torch.Tensor]) -> np.ndarray:
+        """Encode preprocessed images (each 3, H, W) as one batch: stacked, and pinned for a CUDA copy."""
+        batch = torch.stack(list(pixels))
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        return self.encode_images(batch)
+
     def encode_pil(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self.encode_images(torch.stack([self.preprocess(im) for im in images]))
 

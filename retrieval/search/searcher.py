@@ -1,7 +1,7 @@
 """`Searcher`: answer text→image, image→text and image→image queries against a published index.
 
 The CLI, the Python API and the HTTP server all query through this one class. It is safe to share between
-threads: a published snapshot is opened into one immutable `_Snapshot` and swapped in whole, so a query runs
+threads: a published snapshot is opened into one immutable `OpenSnapshot` and swapped in whole, so a query runs
 against one generation from start to end while `refresh` picks up a newer one.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,12 +23,13 @@ from clipdex.retrieval.errors import ImageDecodeError, IndexFormatError, InputEr
 from clipdex.retrieval.imaging.decode import read_query_image
 from clipdex.retrieval.model.weights import index_encoder_config
 from clipdex.retrieval.paths import canonical
-from clipdex.retrieval.search import compose
+from clipdex.retrieval.search import compose, opened
 from clipdex.retrieval.search.batching import Batcher, LRUCache
-from clipdex.retrieval.search.hits import Hit, Item, hits_from_rows, results_json
+from clipdex.retrieval.search.hits import Hit, Item, results_json
+from clipdex.retrieval.search.opened import OpenSnapshot
 from clipdex.retrieval.search.query import Query, Term
 from clipdex.retrieval.store.manifest import Manifest, read_manifest
-from clipdex.retrieval.store.reader import PublishedItems, manifest_stamp, read_file, verify
+from clipdex.retrieval.store.reader import manifest_stamp, read_file
 
 if TYPE_CHECKING:  # the encoder pulls in torch and open_clip: imported when a query first needs it
     from clipdex.retrieval.model.encoder import Encoder
@@ -39,19 +40,6 @@ log = logging.getLogger(__name__)
 
 Target = Kind  # a search's target is a kind of item: `Target.IMAGES is Kind.IMAGE`
 __all__ = ["Hit", "Item", "Searcher", "Target", "results_json"]
-
-
-@dataclass
-class _Snapshot:
-    """One published generation, opened: FAISS indexes per target and the item table (an arrow table, looked up
-    per hit: no Python object per item)."""
-
-    manifest: Manifest
-    stamp: tuple[int, int, int]
-    indexes: dict[Kind, Any]
-    items: PublishedItems
-    rows: Any = None  # every column of the item table, read when a filter first needs it
-    filtered: dict[Any, np.ndarray] = field(default_factory=dict)  # recent filters' matching ids
 
 
 class Searcher:
@@ -67,7 +55,7 @@ class Searcher:
         self._encoder = encoder
         self._own_encoder = encoder is None
         self._lock = threading.RLock()  # reloads and loading the encoder
-        self._snap: _Snapshot
+        self._snap: OpenSnapshot
         self._batching: tuple[Any, Batcher[str], Batcher[Any], LRUCache] | None = None
         self.reload()
 
@@ -86,7 +74,7 @@ class Searcher:
                     raise
                 manifest = read_manifest(self.dir)
                 try:
-                    snap = _open_snapshot(self.dir, manifest, stamp, self.device)
+                    snap = opened.open_snapshot(self.dir, manifest, stamp, self.device)
                     break
                 except FileNotFoundError:
                     if attempt == 2:  # a writer replaced the snapshot between our reads, three times over
@@ -237,10 +225,10 @@ class Searcher:
         if k < 1:
             raise InputError(f"k must be at least 1 (got {k})")
         try:
-            return _search(self._snap, queries, k, target)
+            return opened.search(self._snap, queries, k, target)
         except FileNotFoundError:  # a writer published since we opened and cleaned up what we were reading
             self.reload()
-            return _search(self._snap, queries, k, target)
+            return opened.search(self._snap, queries, k, target)
 
     def search(
         self,
@@ -343,7 +331,7 @@ class Searcher:
         return index is None or matched <= ann.EXACT_MAX or ann.is_exact(index)
 
     def _candidates(
-        self, snap: _Snapshot, vector: np.ndarray, want: int, target: Kind, allowed: np.ndarray | None
+        self, snap: OpenSnapshot, vector: np.ndarray, want: int, target: Kind, allowed: np.ndarray | None
     ) -> tuple[list[Hit], bool]:
         """The best `want` hits (among `allowed` ids, if given) and whether there are no more to be had."""
         if allowed is None:
@@ -355,7 +343,7 @@ class Searcher:
             chunks = range(0, len(allowed), 65536)
             scores = np.concatenate([snap.items.vectors(allowed[i : i + 65536]) @ vector[0] for i in chunks])
             order = np.argsort(-scores, kind="stable")[:want]
-            return _hits(snap, scores[order], allowed[order]), len(order) < want
+            return opened.hits(snap, scores[order], allowed[order]), len(order) < want
         total = self.count(target)
         depth = min(total, int(np.ceil(2 * want * total / len(allowed))))  # deep enough to hold `want` of them
         while True:
@@ -373,44 +361,3 @@ def _stack(pixels: list[Any]) -> Any:
     import torch
 
     return torch.stack(pixels)
-
-
-def _open_snapshot(index_dir: Path, manifest: Manifest, stamp: tuple[int, int, int], device: str) -> _Snapshot:
-    from clipdex.retrieval import ann
-
-    files = manifest.snapshot.files
-    verify(index_dir, files, manifest.snapshot.sha256)
-    indexes: dict[Kind, Any] = {}
-    for target in Kind:
-        name = files.get(target.plural)
-        if name:
-            record = manifest.ann.get(target.plural)
-            params = record.params if record is not None else ""
-            index = read_file(index_dir / name, lambda p, params=params: ann.read_index(p, params=params))
-            indexes[target] = ann.place(index, _device_name(device))
-    return _Snapshot(manifest, stamp, indexes, PublishedItems.open(index_dir, manifest))
-
-
-def _device_name(device: str) -> str:
-    if device == "cpu":
-        return "cpu"  # no torch import for the common case
-    from clipdex.retrieval.model.encoder import resolve_device
-
-    return str(resolve_device(device))
-
-
-def _search(snap: _Snapshot, queries: np.ndarray, k: int, target: Kind) -> list[list[Hit]]:
-    from clipdex.retrieval import ann
-
-    index = snap.indexes.get(target)
-    if index is None or index.ntotal == 0:
-        return [[] for _ in range(len(queries))]
-    k = min(k, int(index.ntotal))
-    scores, ids = ann.search_reranked(index, queries, k, snap.items.vectors)
-    return [_hits(snap, s, i) for s, i in zip(scores, ids, strict=True)]
-
-
-def _hits(snap: _Snapshot, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
-    keep = ids >= 0
-    scores, ids = scores[keep], ids[keep]
-    return hits_from_rows(scores, ids, snap.items.rows(ids))

@@ -10,6 +10,8 @@ import json
 import logging
 import shutil
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -233,6 +235,7 @@ class IndexWriter:
         self.manifest.counts, self.manifest.index_types, self.manifest.ann = counts, index_types, ann
         self.manifest.format_version = FORMAT_VERSION
         write_manifest(self.dir, self.manifest)
+        self.committed = True  # the folder is an index now: a failure after this keeps it
         self._remove_orphans()
         return self.manifest
 
@@ -294,6 +297,21 @@ class IndexWriter:
             log.warning(
                 "%s: %d images were indexed twice under different spellings; kept one of each", self.dir, dropped
             )
+
+
+@contextmanager
+def writing(writer: IndexWriter, fresh: FreshIndexDir) -> Iterator[IndexWriter]:
+    """Close the writer however the block ends; when it fails before committing or publishing anything, a new index
+    folder is taken away again (a first run that failed leaves nothing behind)."""
+    try:
+        yield writer
+    except BaseException:
+        committed = writer.committed
+        writer.close()
+        if not committed:
+            fresh.undo()
+        raise
+    writer.close()
 
 
 class FreshIndexDir:

@@ -1,0 +1,341 @@
+"""The work of one indexing run: which image files and captions are new, changed or gone; the records for them
+(vectors reused by content hash, shared between identical files, or encoded); commits every few batches and
+publishes every so often, so a run killed at any moment loses at most the batches in hand."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+from clipdex.indexer.config import IndexConfig, Progress, Summary
+from clipdex.indexer.engines import Engine
+from clipdex.indexer.sources import FileEntry, no_images_error, scan_root
+from clipdex.retrieval.config import Kind
+from clipdex.retrieval.imaging.captions import TextSource
+from clipdex.retrieval.imaging.decode import PhotoMeta
+from clipdex.retrieval.imaging.loader import Decoded
+from clipdex.retrieval.model.encoder import Encoder
+from clipdex.retrieval.paths import content_hash, is_at_or_under
+from clipdex.retrieval.store.items import Record, Status
+from clipdex.retrieval.store.writer import IndexWriter
+
+
+class IndexRun:
+    """One indexing run's work: which files and captions changed, their records, and commits as it goes."""
+
+    def __init__(
+        self,
+        config: IndexConfig,
+        writer: IndexWriter,
+        encoder: Encoder,
+        engine: Engine,
+        progress: Progress,
+        stop_requested: Callable[[], bool] = lambda: False,
+    ):
+        self.stop_requested = stop_requested
+        self.config = config
+        self.writer = writer
+        self.encoder = encoder
+        self.engine = engine
+        self.progress = progress
+        self.summary = Summary()
+        self.pending: list[Record] = []
+        self.pending_batches = 0
+        self.last_publish = time.monotonic()
+        self.to_delete: list[int] = []
+        self.encoded_in_run: dict[str, Record] = {}  # content hash → the record that carries its vector
+
+    # -- images ---------------------------------------------------------------------------------
+
+    def images(self, roots: list[Path], texts: list[TextSource]) -> None:
+        t0 = time.perf_counter()
+        entries, scanned, sources = self._scan(roots, texts)
+        existing = {r["path"]: r for r in self.writer.rows("kind = 'image'")}
+        work = self._changed(entries, existing)
+        self._drop_missing(entries, existing, scanned, sources)
+        known = _by_hash(existing.values())
+        self.summary.add_time("scan", time.perf_counter() - t0)
+        self.progress.start("images", len(work))
+        touched: list[tuple[int, int, float]] = []
+        batches = self.engine.images(
+            [e.path for e in work],
+            known_hashes=frozenset(known),
+            max_pixels=self.config.max_pixels,
+            batch_size=self.config.batch_size,
+        )
+        while (batch := self._next(batches)) is not None:
+            encode: list[tuple[Record, Any]] = []
+            for d in batch:
+                entry = work[d.index]
+                self._take(d, entry, existing.get(str(entry.path)), known, touched, encode)
+            self._encode(encode)
+            self.progress.advance(len(batch))
+            self._maybe_commit()
+        self.writer.touch(touched)
+
+    def _scan(self, roots: list[Path], texts: list[TextSource]) -> tuple[dict[str, FileEntry], list[str], set[str]]:
+        """Image files under the roots and those the caption files name; the roots that held any; every source."""
+        entries: dict[str, FileEntry] = {}
+        scanned: list[str] = []
+        for root in roots:
+            found = 0
+            for entry in scan_root(root, self.config.exclude):
+                found += 1
+                entries.setdefault(str(entry.path), entry)
+            if found:
+                scanned.append(str(root))
+            else:
+                self._remove_gone_root(root)
+        sources = set(scanned)
+        for source in texts:
+            if not source.image_column:
+                continue
+            sources.add(str(source.path))
+            for row in source:
+                if row.image is not None and row.image.is_file():  # a bad caption does not make its image bad
+                    e = _scan_one(row.image, str(source.path))
+                    if e is not None:
+                        entries.setdefault(str(e.path), e)
+        return entries, scanned, sources
+
+    def _changed(self, entries: dict[str, FileEntry], existing: dict[str, dict[str, Any]]) -> list[FileEntry]:
+        """The files to read: new ones, and those whose size or mtime changed (or that failed before)."""
+        work: list[FileEntry] = []
+        for key, entry in entries.items():
+            old = existing.get(key)
+            if old and old["status"] == Status.OK.value and old["size"] == entry.size and old["mtime"] == entry.mtime:
+                self.summary.unchanged += 1
+            else:
+                work.append(entry)
+        return work
+
+    def _drop_missing(
+        self, entries: dict[str, FileEntry], existing: dict[str, dict[str, Any]], scanned: list[str], sources: set[str]
+    ) -> None:
+        """Items whose file is gone from a root or caption file that was read this time."""
+        gone = [
+            r
+            for p, r in existing.items()
+            if p not in entries and (r["source"] in sources or any(is_at_or_under(p, s) for s in scanned))
+        ]
+        self.to_delete.extend(r["id"] for r in gone)
+        self.summary.removed += len(gone)
+
+    def _next(self, batches: Iterator[list[Decoded]]) -> list[Decoded] | None:
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        self.summary.add_time("decode wait", time.perf_counter() - t0)
+        return batch
+
+    def _take(
+        self,
+        d: Decoded,
+        entry: FileEntry,
+        old: dict[str, Any] | None,
+        known: dict[str, dict[str, Any]],
+        touched: list[tuple[int, int, float]],
+        encode: list[tuple[Record, Any]],
+    ) -> None:
+        """One decoded file: gone, failed, unchanged (only touched), or a record whose vector is reused, shared
+        with an identical file of this run, already made by the engine, or still to encode (added to `encode`)."""
+        rec = self._image_record(d, entry, old)
+        if d.vanished:  # deleted since the scan: gone, not broken
+            if old:
+                self.to_delete.append(old["id"])
+                self.summary.removed += 1
+            return
+        if d.error is not None:
+            self._fail(rec, d.error)
+            return
+        if old and old["status"] == Status.OK.value and old["hash"] == d.hash:
+            touched.append((rec.id, d.size or 0, d.mtime or 0.0))
+            self.summary.unchanged += 1
+            return
+        self._count_new(old)
+        assert d.hash is not None
+        if d.hash in known:
+            same = known[d.hash]
+            rec.shard, rec.row, rec.width, rec.height = same["shard"], same["row"], same["width"], same["height"]
+            for meta in fields(PhotoMeta):  # the same content, the same EXIF
+                setattr(rec, meta.name, same.get(meta.name))
+        elif d.hash in self.encoded_in_run:  # an identical file earlier in this run: one vector for both
+            rec.same_as = self.encoded_in_run[d.hash]
+        elif d.vector is not None:  # encoded by the engine
+            self.encoded_in_run[d.hash] = rec
+            rec.vector = d.vector
+        else:
+            assert d.pixels is not None
+            self.encoded_in_run[d.hash] = rec
+            encode.append((rec, d.pixels))
+            return
+        self.pending.append(rec)
+
+    def _image_record(self, d: Decoded, entry: FileEntry, old: dict[str, Any] | None) -> Record:
+        return Record(
+            id=old["id"] if old else self.writer.new_id(),
+            kind=Kind.IMAGE,
+            source=entry.source,
+            path=str(entry.path),
+            text=None,
+            size=d.size,
+            mtime=d.mtime,
+            hash=d.hash,
+            width=d.width,
+            height=d.height,
+            **(asdict(d.meta) if d.meta is not None else {}),
+        )
+
+    def _encode(self, encode: list[tuple[Record, Any]]) -> None:
+        if not encode:
+            return
+        t0 = time.perf_counter()
+        vectors = self.encoder.encode_pixels([p for _, p in encode])
+        self.summary.add_time("encode", time.perf_counter() - t0)
+        for (rec, _), vec in zip(encode, vectors, strict=True):
+            rec.vector = vec
+            self.pending.append(rec)
+
+    def _remove_gone_root(self, root: Path) -> None:
+        """A folder given again that is now gone or holds no images: its items go, with a note. A root the index
+        never held is a mistake (a typo), and an error."""
+        ids = self.writer.catalog.ids_at_or_under([str(root)])
+        if not ids and str(root) not in self.writer.manifest.roots:
+            raise no_images_error(root)
+        self.to_delete.extend(ids)
+        self.summary.removed += len(ids)
+        state = "is gone" if not root.exists() else "holds no images now"
+        self.summary.notes.append(f"{root} {state}: removed the {len(ids)} items indexed from it")
+
+    # -- texts ----------------------------------------------------------------------------------
+
+    def texts(self, source: TextSource) -> None:
+        src = str(source.path)
+        existing_rows = self.writer.rows("kind = 'text' AND source = ?", [src])
+        existing = {(r["text"], r["link"]): r for r in existing_rows if r["status"] == Status.OK.value}
+        stale_failures = [r["id"] for r in existing_rows if r["status"] != Status.OK.value]
+        self.to_delete.extend(stale_failures)
+        known = _by_hash(self.writer.rows("kind = 'text'"))
+        seen: set[tuple[str, str | None]] = set()
+        queue: list[Record] = []
+        missing: list[str] = []
+        self.progress.start("texts", None)
+        chunk = max(self.config.batch_size, self.engine.text_chunk)
+        for row in source:
+            link = str(row.image) if row.image is not None else None
+            if row.error is not None:
+                rec = Record(id=self.writer.new_id(), kind=Kind.TEXT, source=src, path=None, text=row.text or None)
+                rec.link = link
+                self._fail(rec, f"line {row.line}: {row.error}")
+                continue
+            key = (row.text, link)
+            if key in seen:
+                continue
+            seen.add(key)
+            if row.image is not None and not row.image.is_file():
+                missing.append(str(row.image))
+            if key in existing:
+                self.summary.unchanged += 1
+                continue
+            self.summary.added += 1
+            rec = Record(
+                id=self.writer.new_id(),
+                kind=Kind.TEXT,
+                source=src,
+                path=link,  # publishing unlinks it if that image is not indexed
+                text=row.text,
+                hash=content_hash(row.text.encode("utf-8")),
+                link=link,
+            )
+            assert rec.hash is not None
+            if rec.hash in known:
+                rec.shard, rec.row = known[rec.hash]["shard"], known[rec.hash]["row"]
+                self.pending.append(rec)
+            elif rec.hash in self.encoded_in_run:
+                rec.same_as = self.encoded_in_run[rec.hash]
+                self.pending.append(rec)
+            else:
+                self.encoded_in_run[rec.hash] = rec
+                queue.append(rec)
+            if len(queue) >= chunk:
+                self._encode_texts(queue)
+                queue = []
+        self._encode_texts(queue)
+        gone = [r["id"] for k, r in existing.items() if k not in seen]
+        self.to_delete.extend(gone)
+        self.summary.removed += len(gone)
+        if missing:
+            self.summary.notes.append(
+                f"{len(missing)} captions in {source.path.name} name an image that does not exist (e.g. {missing[0]}); "
+                "they are indexed as texts without an image"
+            )
+
+    def _encode_texts(self, queue: list[Record]) -> None:
+        if not queue:
+            return
+        t0 = time.perf_counter()
+        vectors = self.engine.encode_texts([r.text or "" for r in queue], batch_size=self.config.batch_size)
+        self.summary.add_time("encode", time.perf_counter() - t0)
+        for rec, vec in zip(queue, vectors, strict=True):
+            rec.vector = vec
+        self.pending.extend(queue)
+        self.progress.advance(len(queue))
+        self._maybe_commit(force=True)
+
+    # -- commits --------------------------------------------------------------------------------
+
+    def _count_new(self, old: dict[str, Any] | None) -> None:
+        if old is not None and old["status"] == Status.OK.value:
+            self.summary.updated += 1
+        else:
+            self.summary.added += 1
+
+    def _fail(self, rec: Record, error: str) -> None:
+        rec.status, rec.error = Status.FAILED, error
+        self.summary.failed += 1
+        self.summary.failures.append((rec.path or rec.link or rec.text or "", error))
+        self.pending.append(rec)
+
+    def _maybe_commit(self, force: bool = False) -> None:
+        if self.stop_requested():
+            raise KeyboardInterrupt
+        self.pending_batches += 1
+        if force or self.pending_batches >= self.config.commit_every:
+            self.flush()
+            if time.monotonic() - self.last_publish > self.config.publish_every_s:
+                t0 = time.perf_counter()
+                self.writer.publish()
+                self.summary.add_time("publish", time.perf_counter() - t0)
+                self.last_publish = time.monotonic()
+
+    def flush(self) -> None:
+        t0 = time.perf_counter()
+        if self.pending:
+            self.writer.commit(self.pending)
+        self.summary.add_time("write", time.perf_counter() - t0)
+        self.pending = []
+        self.pending_batches = 0
+
+    def finish(self, roots: list[Path]) -> None:
+        self.flush()
+        t0 = time.perf_counter()
+        known = self.writer.manifest.roots
+        self.writer.set_roots(known + [str(r) for r in roots if str(r) not in known])
+        self.writer.commit([], delete_ids=self.to_delete)
+        self.writer.publish()
+        self.summary.add_time("publish", time.perf_counter() - t0)
+
+
+def _by_hash(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Stored rows by content hash, so renamed and duplicate content reuses its vector."""
+    return {r["hash"]: r for r in rows if r["status"] == Status.OK.value and r["hash"] is not None}
+
+
+def _scan_one(path: Path, source: str) -> FileEntry | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return FileEntry(path=path, size=st.st_size, mtime=st.st_mtime, source=source)

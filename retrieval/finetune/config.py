@@ -1,0 +1,71 @@
+"""What a fine-tuning run is asked to do (`FinetuneConfig`) and what it reports (`FinetuneResult`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clipdex.retrieval.config import EncoderConfig
+from clipdex.retrieval.evaluation.datasets import DatasetName
+from clipdex.retrieval.finetune.methods import Method
+
+CHECKPOINT = "checkpoint.safetensors"
+ADAPTER = "adapter"
+STATE = "state"
+DEFAULT_LR = {Method.FULL: 1e-5, Method.LAST_N: 1e-5, Method.LORA: 1e-4, Method.LIT: 1e-5}
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    out: Path
+    encoder: EncoderConfig
+    pairs: Path | None = None  # a caption file with an image column, or:
+    dataset: DatasetName | None = None  # Flickr30k / COCO, Karpathy train split (val split for validation)
+    root: Path | None = None
+    text_column: str | None = None
+    image_column: str | None = None
+    val: Path | None = None  # validation pairs; default: a held-out share of the images
+    val_fraction: float = 0.1
+    keep: Path | None = None  # a general set measured before and after, to show forgetting
+    method: Method = Method.FULL
+    layers: int | None = None  # last-n
+    rank: int = 8  # lora
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float | None = None  # default per method (DEFAULT_LR)
+    weight_decay: float = 0.1
+    warmup: float = 0.1  # share of all steps
+    accum_freq: int = 1
+    grad_checkpointing: bool = False
+    patience: int | None = None
+    wise: float | None = None  # 1.0: the tuned weights; 0.0: the starting ones
+    seed: int = 0
+    workers: int = 0
+    resume: bool = False
+
+
+@dataclass
+class FinetuneResult:
+    checkpoint: Path
+    method: Method
+    epochs: int  # epochs trained (fewer than asked when stopped early)
+    train_pairs: int
+    val_pairs: int
+    before: dict[str, dict[str, float]]
+    after: dict[str, dict[str, float]]
+    best_epoch: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "checkpoint": str(self.checkpoint),
+            "method": self.method.value,
+            "epochs": self.epochs,
+            "train_pairs": self.train_pairs,
+            "val_pairs": self.val_pairs,
+            "before": self.before,
+            "after": self.after,
+            "best_epoch": self.best_epoch,
+            **self.details,
+        }

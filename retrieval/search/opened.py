@@ -1,0 +1,69 @@
+"""A published snapshot opened for searching: its FAISS indexes placed where they search fastest, its item table,
+and vector search with the approximate candidates re-ranked exactly on the stored vectors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipdex.retrieval.config import Kind
+from clipdex.retrieval.search.hits import Hit, hits_from_rows
+from clipdex.retrieval.store.manifest import Manifest
+from clipdex.retrieval.store.reader import PublishedItems, read_file, verify
+
+
+@dataclass
+class OpenSnapshot:
+    """One published generation, opened: FAISS indexes per target and the item table (an arrow table, looked up
+    per hit: no Python object per item)."""
+
+    manifest: Manifest
+    stamp: tuple[int, int, int]
+    indexes: dict[Kind, Any]
+    items: PublishedItems
+    rows: Any = None  # every column of the item table, read when a filter first needs it
+    filtered: dict[Any, np.ndarray] = field(default_factory=dict)  # recent filters' matching ids
+
+
+def open_snapshot(index_dir: Path, manifest: Manifest, stamp: tuple[int, int, int], device: str) -> OpenSnapshot:
+    from clipdex.retrieval import ann
+
+    files = manifest.snapshot.files
+    verify(index_dir, files, manifest.snapshot.sha256)
+    indexes: dict[Kind, Any] = {}
+    for target in Kind:
+        name = files.get(target.plural)
+        if name:
+            record = manifest.ann.get(target.plural)
+            params = record.params if record is not None else ""
+            index = read_file(index_dir / name, lambda p, params=params: ann.read_index(p, params=params))
+            indexes[target] = ann.place(index, _device_name(device))
+    return OpenSnapshot(manifest, stamp, indexes, PublishedItems.open(index_dir, manifest))
+
+
+def _device_name(device: str) -> str:
+    if device == "cpu":
+        return "cpu"  # no torch import for the common case
+    from clipdex.retrieval.model.encoder import resolve_device
+
+    return str(resolve_device(device))
+
+
+def search(snap: OpenSnapshot, queries: np.ndarray, k: int, target: Kind) -> list[list[Hit]]:
+    from clipdex.retrieval import ann
+
+    index = snap.indexes.get(target)
+    if index is None or index.ntotal == 0:
+        return [[] for _ in range(len(queries))]
+    k = min(k, int(index.ntotal))
+    scores, ids = ann.search_reranked(index, queries, k, snap.items.vectors)
+    return [hits(snap, s, i) for s, i in zip(scores, ids, strict=True)]
+
+
+def hits(snap: OpenSnapshot, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
+    keep = ids >= 0
+    scores, ids = scores[keep], ids[keep]
+    return hits_from_rows(scores, ids, snap.items.rows(ids))
