@@ -180,19 +180,19 @@ def test_caption_file_bad_rows_are_reported_not_fatal(cli, tmp_path, tiny_model:
 
 
 def test_files_vanishing_mid_run(cli, tmp_path, tiny_model: TinyModel, monkeypatch):
-    import clipdex.indexer.pipeline as pipeline
+    import clipdex.indexer.run as indexing_run
     from clipdex.indexer.sources import FileEntry
 
     items = make_images(tmp_path / "p", 4, seed=4)
     index = tmp_path / "idx"
     assert cli.invoke(app, ["index", str(tmp_path / "p"), "--index", str(index), *tiny_model.cli_args()]).exit_code == 0
-    real_scan = pipeline.scan_root
+    real_scan = indexing_run.scan_root
     doomed = items[0][0]
     listing = list(real_scan(tmp_path / "p"))
     ghost = FileEntry(tmp_path / "p" / "ghost.png", 10, 1.0, str(tmp_path / "p"))
     doomed.unlink()  # listed by the scan, gone by the time a worker reads it
     listing = [FileEntry(e.path, e.size, e.mtime + 1, e.source) if e.path == doomed else e for e in listing]
-    monkeypatch.setattr(pipeline, "scan_root", lambda root, exclude=(): iter([*listing, ghost]))
+    monkeypatch.setattr(indexing_run, "scan_root", lambda root, exclude=(): iter([*listing, ghost]))
     result = cli.invoke(app, ["index", str(tmp_path / "p"), "--index", str(index), "--json"])
     assert counts(json.loads(result.stdout)) == {"added": 0, "updated": 0, "removed": 1, "unchanged": 3, "failed": 0}
 

@@ -95,6 +95,7 @@ class _Session:
     steps_per_epoch: int
     trainer: Trainer
     start_weights: dict[str, torch.Tensor]
+    trainable_params: int  # counted before training (merging a LoRA adapter on export changes the model)
     speeds: list[float] = field(default_factory=list)
     log: TrainLog | None = None
 
@@ -116,13 +117,16 @@ class _Session:
         steps_per_epoch = math.ceil(math.ceil(len(data.train.images) / batch_size) / config.accum_freq)
         total = steps_per_epoch * config.epochs
         lr = config.lr or DEFAULT_LR[config.method]
-        optimizer = make_optimizer(prepared.trainable(), lr=lr, weight_decay=config.weight_decay)
+        trainable = prepared.trainable()
+        optimizer = make_optimizer(trainable, lr=lr, weight_decay=config.weight_decay)
         scheduler = make_schedule(optimizer, warmup=max(1, int(config.warmup * total)), total=total)
         trainer = Trainer(prepared.model, optimizer, scheduler, device=loaded.device, accum_freq=config.accum_freq)
         config.out.mkdir(parents=True, exist_ok=True)
+        count = sum(p.numel() for _, p in trainable)
         return cls(
-            config, progress, state_path, loaded, prepared, data, batch_size, steps_per_epoch, trainer, start_weights
-        )
+            config, progress, state_path, loaded, prepared, data, batch_size, steps_per_epoch, trainer, start_weights,
+            count,
+        )  # fmt: skip
 
     def recall(self, ds: RetrievalDataset) -> dict[str, dict[str, float]]:
         """Recall@k of the model as it is now, measured as `clipdex eval` measures it."""
@@ -236,7 +240,7 @@ class _Session:
             "best_epoch_by": "mean of R@1/5/10 in both directions on the validation set",
             "wise": config.wise,
             "adapter": str(adapter) if adapter else None,
-            "trainable_params": sum(p.numel() for _, p in self.prepared.trainable()),
+            "trainable_params": self.trainable_params,
             "total_params": sum(p.numel() for p in loaded.model.parameters()),
             "pairs_per_s": float(np.median(self.speeds)) if self.speeds else None,
             "train_seconds": seconds,
