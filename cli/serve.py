@@ -26,6 +26,13 @@ def serve(
         ),
     ] = None,
     max_upload: Annotated[str, typer.Option(help="Largest query image accepted, e.g. 20M.")] = "20M",
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Also answer requests for this host name (repeatable), e.g. when a reverse proxy or another name "
+            "reaches the server; others are refused, so no web page can read the index by DNS rebinding.",
+        ),
+    ] = None,
     device: DeviceOpt = Device.auto,
 ) -> None:
     """Serve the index: an HTTP API (OpenAPI at /api/openapi.json) and a web page at /, the model loaded once."""
@@ -42,7 +49,13 @@ def serve(
     from clipdex.retrieval.serve.app import serve as run_server
 
     config = ServeConfig(
-        index_dir, host=host, port=port, token=token or None, device=device.value, max_upload_bytes=upload
+        index_dir,
+        host=host,
+        port=port,
+        token=token or None,
+        device=device.value,
+        max_upload_bytes=upload,
+        allowed_hosts=tuple(allowed_host or ()),
     )
     if not config.is_loopback and not config.token:
         err.print(

@@ -123,6 +123,9 @@ def assert_same_ranking(
             assert g in [want_keys[j] for j in tied], f"rank {i + 1}: got {g}, want {w}"
 
 
+LOCAL = "http://localhost"  # the base URL of a TestClient: a Host the server answers to (not "testserver")
+
+
 @contextlib.contextmanager
 def serving(app: object) -> Iterator[str]:
     """Run an ASGI app on uvicorn on a free loopback port in a thread; yield its base URL; stop it after."""

@@ -85,7 +85,8 @@ def _wait_for(page, ids: list[int]) -> None:
 
 def test_search_drop_similar_texts_keyboard_and_errors(browser, served, tmp_path):
     base, searcher, made = served
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    # the test's own waits evaluate strings, which the page's CSP forbids: test_the_page_runs_under_its_csp checks it
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, bypass_csp=True)
     requests: list[str] = []
     page.on("request", lambda r: requests.append(r.url))
     page.goto(base + "/")
@@ -193,4 +194,25 @@ def test_search_drop_similar_texts_keyboard_and_errors(browser, served, tmp_path
     assert outside == []
     for name in ("results", "refined", "dropped", "similar", "texts", "error"):
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+    page.close()
+
+
+def test_the_page_runs_under_its_csp(browser, served, tmp_path):
+    """Searching by words and by a picked image, with the page's Content-Security-Policy in force: results and
+    thumbnails load, and the console reports nothing the policy blocked."""
+    base, _, made = served
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    console: list[str] = []
+    page.on("console", lambda m: console.append(m.text) if m.type in ("error", "warning") else None)
+    page.on("pageerror", lambda e: console.append(str(e)))
+    response = page.goto(base + "/")
+    assert response is not None and "default-src 'self'" in response.headers["content-security-policy"]
+    page.fill("#q", "a red circle")
+    page.locator("#results .card img").first.wait_for()
+    page.set_input_files("#file", str(made[0][0]))  # a picked image: its preview is a blob: URL
+    page.locator("#query-chip img").first.wait_for()
+    page.locator("#results .card img").first.wait_for()
+    page.wait_for_timeout(500)  # let the thumbnails load
+    blocked = [m for m in console if "Content Security Policy" in m or "Refused to" in m]
+    assert blocked == [], blocked
     page.close()

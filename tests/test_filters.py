@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pytest
-from conftest import assert_same_ranking, run, search_json
+from conftest import LOCAL, assert_same_ranking, run, search_json
 from corpus import make_images
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -107,7 +107,7 @@ def test_min_score_and_the_api(cli, library):
     cut = full[12]["score"]
     got = search_json(cli, index, "a red circle", "-k", 40, "--min-score", cut)["results"]
     assert got == full[: len(got)] and all(r["score"] >= cut for r in got) and len(got) >= 13
-    client = TestClient(create_app(Searcher(index), ServeConfig(index)))
+    client = TestClient(create_app(Searcher(index), ServeConfig(index)), base_url=LOCAL)
     api = client.get(
         "/api/search", params={"q": "a red circle", "in": str(root / "photos" / "b"), "after": "2021-01-01", "k": 5}
     ).json()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from conftest import run, search_json
+from conftest import LOCAL, run, search_json
 from corpus import make_images
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -35,7 +35,7 @@ def test_heic_and_avif_are_indexed_searched_and_thumbnailed(cli, tmp_path, tiny_
         assert hit["path"] == str(path) and hit["score"] > 0.9999
         got = searcher.search_vectors(vector[None, :].astype(np.float32), k=1)[0][0]
         assert got.path == str(path) and abs(got.score - 1.0) < 1e-4
-    client = TestClient(create_app(searcher, ServeConfig(tmp_path / "idx")))
+    client = TestClient(create_app(searcher, ServeConfig(tmp_path / "idx")), base_url=LOCAL)
     for path in converted:
         hit = searcher.search_image(path, k=1)[0]
         r = client.get(f"/api/items/{hit.id}/thumbnail")

@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import assert_same_ranking, run, search_json
+from conftest import LOCAL, assert_same_ranking, run, search_json
 from corpus import make_captioned_library
 from fastapi.testclient import TestClient
 
@@ -153,7 +153,7 @@ def test_paths_and_piped_output(cli, library):
 
 def test_api_takes_the_same_arithmetic(cli, library):
     _, index, made, _ = library
-    client = TestClient(create_app(Searcher(index), ServeConfig(index)))
+    client = TestClient(create_app(Searcher(index), ServeConfig(index)), base_url=LOCAL)
     params = {"q": "a red circle", "add": ["on a blue background", "2:large"], "subtract": ["square"], "k": 7}
     api = client.get("/api/search", params=params).json()
     want = search_json(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from conftest import LOCAL
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -61,7 +62,7 @@ def test_the_openapi_schema_is_the_request(tmp_path):
     class _Stub:  # the schema needs no index
         pass
 
-    schema = TestClient(create_app(_Stub(), ServeConfig(tmp_path))).get("/api/openapi.json").json()  # type: ignore[arg-type]
+    schema = TestClient(create_app(_Stub(), ServeConfig(tmp_path)), base_url=LOCAL).get("/api/openapi.json").json()  # type: ignore[arg-type]
     search = schema["paths"]["/api/search"]
     assert {p["name"] for p in search["get"]["parameters"]} == PARAM_NAMES
     content = search["post"]["requestBody"]["content"]

@@ -10,7 +10,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import brute_force, run, search_json, serving
+from conftest import LOCAL, brute_force, run, search_json, serving
 from corpus import make_captioned_library, make_images
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -41,7 +41,7 @@ def searcher(library):
 
 @pytest.fixture(scope="module")
 def client(library, searcher):
-    return TestClient(create_app(searcher, ServeConfig(library[1], max_upload_bytes=200_000)))
+    return TestClient(create_app(searcher, ServeConfig(library[1], max_upload_bytes=200_000)), base_url=LOCAL)
 
 
 def _png(img: Image.Image) -> bytes:
@@ -157,7 +157,7 @@ def test_a_symlink_put_in_place_of_an_indexed_file_is_refused(tmp_path, tiny_mod
     (tmp_path / "secret.png").write_bytes(_png(Image.new("RGB", (8, 8), (1, 2, 3))))
     run(cli, "index", photos, "--index", tmp_path / "idx", *tiny_model.cli_args())
     searcher = Searcher(tmp_path / "idx")
-    client = TestClient(create_app(searcher, ServeConfig(tmp_path / "idx")))
+    client = TestClient(create_app(searcher, ServeConfig(tmp_path / "idx")), base_url=LOCAL)
     ids = {h.path: h.id for h in searcher.search_text("a shape", k=3)}
     victim, other = made[0][0], made[1][0]
     victim.unlink()
@@ -210,7 +210,7 @@ def test_bad_requests_get_json_4xx_never_a_traceback(client, library):
 
 def test_token_guards_every_api_route(library, searcher):
     _, index, _ = library
-    client = TestClient(create_app(searcher, ServeConfig(index, token="s3cret")))
+    client = TestClient(create_app(searcher, ServeConfig(index, token="s3cret")), base_url=LOCAL)
     for url in ("/api/search?q=dog", "/api/info", "/api/items/1", "/api/items/1/thumbnail", "/api/openapi.json"):
         r = client.get(url)
         assert r.status_code == 401 and "token" in r.json()["error"], url
@@ -218,14 +218,17 @@ def test_token_guards_every_api_route(library, searcher):
     assert client.get("/api/search?q=dog", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     client.cookies.set("clipdex_token", "s3cret")
     assert client.get("/api/search?q=dog").status_code == 200
-    assert TestClient(create_app(searcher, ServeConfig(index, token="s3cret"))).get("/healthz").status_code == 200
+    assert (
+        TestClient(create_app(searcher, ServeConfig(index, token="s3cret")), base_url=LOCAL).get("/healthz").status_code
+        == 200
+    )
 
 
 def test_a_publish_by_a_running_indexer_is_picked_up(tmp_path, tiny_model, cli):
     photos = tmp_path / "photos"
     make_images(photos, 4, seed=73)
     run(cli, "index", photos, "--index", tmp_path / "idx", *tiny_model.cli_args())
-    client = TestClient(create_app(Searcher(tmp_path / "idx"), ServeConfig(tmp_path / "idx")))
+    client = TestClient(create_app(Searcher(tmp_path / "idx"), ServeConfig(tmp_path / "idx")), base_url=LOCAL)
     before = client.get("/api/search", params={"q": "a shape", "k": 50}).json()["results"]
     generation = client.get("/healthz").json()["generation"]
     make_images(photos, 3, seed=74, start=100)

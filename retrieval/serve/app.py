@@ -22,6 +22,7 @@ from clipdex.retrieval.errors import ClipdexError
 from clipdex.retrieval.search.searcher import Searcher
 from clipdex.retrieval.serve import routes_info, routes_items, routes_search
 from clipdex.retrieval.serve.deps import LOOPBACK, ServeConfig
+from clipdex.retrieval.serve.guard import HostGuard
 from clipdex.retrieval.serve.schemas import ErrorModel, error_response
 from clipdex.retrieval.serve.thumbnails import thumbnail_dir
 
@@ -46,6 +47,7 @@ def create_app(searcher: Searcher, config: ServeConfig) -> FastAPI:
     app.state.thumbnails = thumbnail_dir(config.index_dir)
     _add_error_handlers(app)
     _add_token_check(app, config.token)
+    app.add_middleware(HostGuard, bind=config.host, port=config.port, allowed=config.allowed_hosts)  # outermost
     for router in (routes_info.router, routes_search.router, routes_items.router, routes_info.page):
         app.include_router(router)
     return app

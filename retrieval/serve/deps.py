@@ -28,6 +28,7 @@ class ServeConfig:
     max_query_chars: int = 1000
     max_k: int = 1000
     thumbnail_size: int = THUMBNAIL_SIZE
+    allowed_hosts: tuple[str, ...] = ()  # names besides loopback ones (or the bound address) that requests may use
 
     @property
     def is_loopback(self) -> bool:

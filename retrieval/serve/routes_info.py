@@ -14,7 +14,7 @@ from clipdex.retrieval.serve.deps import ServeConfig, searcher, settings
 
 router = APIRouter(tags=["server"])
 
-_PAGE_FILES = {
+PAGE_FILES = {
     "/": ("index.html", "text/html"),
     "/app.js": ("app.js", "text/javascript"),
     "/style.css": ("style.css", "text/css"),
@@ -50,5 +50,5 @@ def _page_file(name: str, media_type: str) -> Any:
 
 
 page = APIRouter(include_in_schema=False)
-for _route, (_name, _media_type) in _PAGE_FILES.items():
+for _route, (_name, _media_type) in PAGE_FILES.items():
     page.add_api_route(_route, _page_file(_name, _media_type), methods=["GET"])
