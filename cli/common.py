@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from clipdex.retrieval.errors import ClipdexError
+from clipdex.retrieval.errors import ClipdexError, disk_error
 
 app = typer.Typer(
     name="clipdex",
@@ -39,6 +39,15 @@ def friendly(fn: F) -> F:
         except ClipdexError as e:
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
+        except Exception as e:  # a full, read-only or failing disk, whichever library met it
+            where = kwargs.get("index_dir") or kwargs.get(
+                "out"
+            )  # the folder a command writes, when the error names none
+            said = disk_error(e, Path(where) if isinstance(where, str | Path) else None)
+            if said is None:
+                raise
+            err.print(f"[bold red]error:[/] {said}", highlight=False, soft_wrap=True)
+            raise typer.Exit(said.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None

@@ -243,7 +243,12 @@ def classify(
         return
     found = label_images(searcher, read_labels(labels, labels_file), prompts)
     if store:
-        store_labels(index_dir, found)
+        from clipdex.retrieval.errors import DiskFullError, DiskIOError, ReadOnlyError
+
+        try:
+            store_labels(index_dir, found)
+        except (ReadOnlyError, DiskFullError, DiskIOError) as e:  # the labels are still printed
+            err.print(f"[yellow]note:[/] could not store the labels in the index: {e}", highlight=False, soft_wrap=True)
     if as_json:
         print(json.dumps(found.to_json(), ensure_ascii=False))
         return

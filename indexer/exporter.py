@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 from clipdex.retrieval.config import Kind
 from clipdex.retrieval.errors import InputError
 from clipdex.retrieval.search.searcher import Searcher
-from clipdex.retrieval.store.atomic import atomic_file
+from clipdex.retrieval.store.atomic import atomic_file, replace_with
+from clipdex.retrieval.store.writer import FreshIndexDir
 
 PARTITION_ROWS = 100_000
 
@@ -41,6 +42,16 @@ def export_clip_retrieval(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out} exists and is not an empty folder; export into a new one")
     searcher = Searcher(index_dir, device="cpu")
+    fresh = FreshIndexDir(out)
+    try:
+        counts, part = _export(searcher, out, float16=float16, partition_rows=partition_rows)
+    except BaseException:
+        fresh.undo()  # a failed export (a full disk) leaves no partial folder that a re-run would refuse
+        raise
+    return ExportSummary(counts[Kind.IMAGE], counts[Kind.TEXT], part, str(out))
+
+
+def _export(searcher: Searcher, out: Path, *, float16: bool, partition_rows: int) -> tuple[dict[Kind, int], int]:
     for sub in ("img_emb", "text_emb", "metadata"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     part = 0
@@ -58,9 +69,9 @@ def export_clip_retrieval(
                 meta = {"image_path": [r.get("link") or r["path"] for r in rows], "caption": [r["text"] for r in rows]}
             _save(out / prefix / f"{prefix}_{part}.npy", vectors.astype(np.float16 if float16 else np.float32))
             table = pa.table({k: pa.array(v, type=pa.string()) for k, v in meta.items()})
-            pq.write_table(table, out / "metadata" / f"metadata_{part}.parquet")
+            replace_with(out / "metadata" / f"metadata_{part}.parquet", lambda tmp, t=table: pq.write_table(t, tmp))
             part += 1
-    return ExportSummary(counts[Kind.IMAGE], counts[Kind.TEXT], part, str(out))
+    return counts, part
 
 
 def _save(path: Path, array: np.ndarray) -> None:

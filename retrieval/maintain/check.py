@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from clipdex.retrieval import ann
 from clipdex.retrieval.config import Kind, sha256_file
-from clipdex.retrieval.errors import IndexFormatError, IndexLockedError
+from clipdex.retrieval.errors import IndexFormatError, IndexLockedError, ReadOnlyError
 from clipdex.retrieval.store.catalog import CATALOG, Catalog
 from clipdex.retrieval.store.lock import acquire_lock
 from clipdex.retrieval.store.manifest import Manifest, read_manifest
@@ -54,6 +54,7 @@ def check_index(index_dir: Path) -> CheckReport:
     except IndexFormatError as e:  # damage is a finding; a path that is no index at all is a usage error
         report.problems.append(str(e))
         return report
+    read_only = False
     try:
         lock = acquire_lock(index_dir, holder="clipdex check")
     except IndexLockedError:
@@ -61,14 +62,16 @@ def check_index(index_dir: Path) -> CheckReport:
         report.notes.append(
             "an indexing run holds the index: catalog and vector checks skipped; run check when it ends"
         )
+    except ReadOnlyError:
+        lock, read_only = None, True  # a folder nobody can write has no writer to wait for: check it all
     try:
         published = _check_snapshot(index_dir, manifest, report)
-        if lock is not None:
+        if lock is not None or read_only:
             _check_catalog(index_dir, manifest.dim, published, report)
     finally:
         if lock is not None:
             lock.close()
-    if lock is None and read_manifest(index_dir).snapshot.generation != manifest.snapshot.generation:
+    if lock is None and not read_only and read_manifest(index_dir).snapshot.generation != manifest.snapshot.generation:
         report.notes.append("the indexing run published during the check: run it again once the run ends")
     return report
 

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from clipdex.retrieval.errors import ClipdexError
+from clipdex.retrieval.errors import ClipdexError, disk_error
 from clipdex.retrieval.search.searcher import Searcher
 from clipdex.retrieval.serve import routes_info, routes_items, routes_search
 from clipdex.retrieval.serve.deps import LOOPBACK, ServeConfig
@@ -70,6 +70,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception) -> JSONResponse:
+        said = disk_error(e)  # a full or failing disk under a route: said, not a 500
+        if said is not None:
+            return error_response(said.http_status, str(said))
         log.exception("unexpected error on %s", request.url.path)
         return error_response(500, f"internal error ({type(e).__name__}); the server log has details")
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import TextIO
 
-from clipdex.retrieval.errors import IndexLockedError
+from clipdex.retrieval.errors import IndexLockedError, disk_error
 
 LOCK = "write.lock"
 
@@ -25,7 +25,10 @@ class WriteLock:
 def acquire_lock(index_dir: Path, *, holder: str = "") -> WriteLock:
     """Take the lock at once or raise IndexLockedError naming who holds it. The lock file says who we are."""
     path = index_dir / LOCK
-    f = path.open("a+")
+    try:
+        f = path.open("a+")
+    except OSError as e:  # a read-only folder, a full disk: one line that says so
+        raise (disk_error(e, path) or e) from e
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as e:

@@ -1,0 +1,150 @@
+"""Disks that are full or read-only, for real: small tmpfs mounts made by the test (as root; skipped cleanly where
+`mount` is refused). A full disk stops a run with one line and loses nothing published; after space is freed the
+same command finishes with every file exactly once. A read-only index still answers everything that only reads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import LOCAL, run
+from corpus import make_images
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from clipdex.cli.main import app
+from clipdex.retrieval.config import Kind
+from clipdex.retrieval.maintain.check import check_index
+from clipdex.retrieval.search.searcher import Searcher
+from clipdex.retrieval.serve.app import ServeConfig, create_app
+
+
+def _mount(where: Path, size: str) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()})")
+
+
+def _remount(where: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(where)], check=True, capture_output=True)
+
+
+@pytest.fixture
+def disk(tmp_path) -> Iterator[Path]:
+    """A 24 MiB tmpfs of the test's own."""
+    where = tmp_path / "disk"
+    _mount(where, "24m")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def _invoke(*args: object) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _one_line(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def test_a_read_only_index_answers_what_only_reads(disk, tmp_path, tiny_model, monkeypatch):
+    made = make_images(tmp_path / "photos", 6, seed=91)
+    index = disk / "idx"
+    cache = disk / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("CLIPDEX_CACHE", str(cache))
+    run(CliRunner(), "index", tmp_path / "photos", "--index", index, *tiny_model.cli_args())
+    want = json.loads(run(CliRunner(), "search", "a red circle", "--index", index, "--json", "--no-server"))
+    _remount(disk, "ro")
+
+    assert json.loads(run(CliRunner(), "search", "a red circle", "--index", index, "--json", "--no-server")) == want
+    assert json.loads(run(CliRunner(), "info", "--index", index, "--json"))["counts"]["images"] == 6
+    assert json.loads(run(CliRunner(), "check", "--index", index, "--json"))["ok"] is True
+    assert "groups" in json.loads(run(CliRunner(), "duplicates", "--index", index, "--json"))
+    run(CliRunner(), "export", "--index", index, "--out", tmp_path / "exported")
+    assert (tmp_path / "exported" / "img_emb" / "img_emb_0.npy").is_file()
+    code, out, err = _invoke("classify", "--index", index, "--labels", "circle,square", "--json")
+    assert code == 0 and len(json.loads(out)["items"]) == 6 and "could not store" in _one_line(err)
+
+    searcher = Searcher(index)
+    client = TestClient(create_app(searcher, ServeConfig(index)), base_url=LOCAL)
+    image = int(searcher.ids(Kind.IMAGE)[0])
+    assert client.get("/api/search", params={"q": "a red circle"}).status_code == 200
+    thumb = client.get(f"/api/items/{image}/thumbnail")  # the cache cannot be written: made in memory
+    assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
+
+    for args in (
+        ("index", tmp_path / "photos", "--index", index),
+        ("remove", made[0][0], "--index", index),
+        ("build", "--index", index),
+    ):
+        code, _, err = _invoke(*args)
+        assert code != 0 and "read-only" in _one_line(err), (args, err)
+    _remount(disk, "rw")
+    assert check_index(index).ok
+
+
+def _fill(disk: Path, leave: int) -> None:
+    """Fill the disk to within `leave` bytes of full."""
+    free = shutil.disk_usage(disk).free
+    with (disk / "filler").open("wb") as f:
+        f.truncate(0)
+        remaining = max(0, free - leave)
+        block = b"\0" * (1 << 20)
+        while remaining > 0:
+            n = min(len(block), remaining)
+            try:
+                f.write(block[:n])
+                f.flush()
+            except OSError:
+                break
+            remaining -= n
+
+
+@pytest.mark.parametrize("leave", [0, 16_000, 64_000, 160_000, 320_000])
+def test_a_full_disk_stops_a_run_cleanly_and_the_same_command_finishes_after(disk, tmp_path, tiny_model, leave):
+    """Filled to within `leave` bytes while more photos wait: the run fails in one line (or fits), the published
+    index still answers and checks, and once space is freed the same command indexes every photo exactly once."""
+    make_images(tmp_path / "photos", 8, seed=92)
+    index = disk / "idx"
+    run(CliRunner(), "index", tmp_path / "photos", "--index", index, *tiny_model.cli_args())
+    before = json.loads(run(CliRunner(), "search", "a shape", "--index", index, "--json", "--no-server", "-k", 50))
+    make_images(tmp_path / "photos" / "more", 40, seed=93)
+    _fill(disk, leave)
+    code, _, err = _invoke("index", tmp_path / "photos", "--index", index, "--commit-every", 1, "--batch-size", 4)
+    assert code != 0 or leave > 0  # a disk with no room at all cannot take a new photo
+    if code != 0:
+        line = _one_line(err)
+        assert "no space left" in line and str(disk) in line, line
+        now = json.loads(run(CliRunner(), "search", "a shape", "--index", index, "--json", "--no-server", "-k", 50))
+        assert {h["path"] for h in before["results"]} <= {h["path"] for h in now["results"]}
+    assert check_index(index).ok, check_index(index).problems
+    (disk / "filler").unlink()
+    run(CliRunner(), "index", tmp_path / "photos", "--index", index)
+    assert check_index(index).ok
+    hits = json.loads(run(CliRunner(), "search", "a shape", "--index", index, "--json", "--no-server", "-k", 100))
+    paths = [h["path"] for h in hits["results"]]
+    assert len(paths) == len(set(paths)) == 48
+    assert set(paths) == {str(p.resolve()) for p in (tmp_path / "photos").rglob("*.png")}
+
+
+def test_an_export_to_a_full_disk_leaves_nothing_and_succeeds_after(disk, tmp_path, tiny_model):
+    make_images(tmp_path / "photos", 30, seed=94)
+    index = tmp_path / "idx"
+    run(CliRunner(), "index", tmp_path / "photos", "--index", index, *tiny_model.cli_args())
+    _fill(disk, 2_000)
+    code, _, err = _invoke("export", "--index", index, "--out", disk / "exported", "--json")
+    assert code != 0 and "no space left" in _one_line(err)
+    assert not (disk / "exported").exists()
+    (disk / "filler").unlink()
+    out = json.loads(run(CliRunner(), "export", "--index", index, "--out", disk / "exported", "--json"))
+    assert out["images"] == 30 and not list(disk.rglob("*.tmp"))
