@@ -8,6 +8,7 @@ Vectors are written as stored (float32, or float16 with `float16`), from the pub
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ def _export(searcher: Searcher, out: Path, *, float16: bool, partition_rows: int
                 meta = {"image_path": [r.get("link") or r["path"] for r in rows], "caption": [r["text"] for r in rows]}
             _save(out / prefix / f"{prefix}_{part}.npy", vectors.astype(np.float16 if float16 else np.float32))
             table = pa.table({k: pa.array(v, type=pa.string()) for k, v in meta.items()})
-            replace_with(out / "metadata" / f"metadata_{part}.parquet", lambda tmp, t=table: pq.write_table(t, tmp))
+            replace_with(out / "metadata" / f"metadata_{part}.parquet", functools.partial(pq.write_table, table))
             part += 1
     return counts, part
 
