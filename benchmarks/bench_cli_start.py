@@ -1,7 +1,8 @@
 """`clipdex search` end to end, as a user runs it: before and after the start-up work, side by side.
 
-Rounds interleave four commands on one small index (ViT-B-32, random weights: speed does not depend on them):
-  * before: the code at `--before REV` (a git revision), run from a tree of links on PYTHONPATH;
+Rounds interleave five commands on one small index (ViT-B-32, random weights: speed does not depend on them):
+  * before: the code at `--before REV` (a git revision), run from a tree of links on PYTHONPATH, in-process
+    (`--no-server`) and with `clipdex serve` running;
   * after, in-process: `clipdex search --no-server` (checks first, no transformers/timm, no checkpoint hashing);
   * after, with `clipdex serve` running for the index (the search is answered by it);
   * `clipdex --version`.
@@ -106,8 +107,9 @@ def main() -> None:
         query = ["search", "a dog on a beach", "--index", str(index), "--json"]
         before_env = {**env, "PYTHONPATH": str(links_tree(args.before, tmp))}
         commands = {
-            f"before ({args.before})": ([*clipdex, *query], before_env),
+            f"before ({args.before}), in-process": ([*clipdex, *query, "--no-server"], before_env),
             "after, in-process": ([*clipdex, *query, "--no-server"], env),
+            f"before ({args.before}), clipdex serve running": ([*clipdex, *query], before_env),
             "after, clipdex serve running": ([*clipdex, *query], env),
             "clipdex --version": ([*clipdex, "--version"], env),
         }
@@ -131,13 +133,17 @@ def main() -> None:
                 ["git", "-C", str(REPO), "worktree", "remove", "--force", str(tmp / "worktree")], check=False
             )
 
-    base = statistics.median(times[f"before ({args.before})"])
+    # each "after" against the same path "before": >1 is faster
+    against = {
+        "after, in-process": f"before ({args.before}), in-process",
+        "after, clipdex serve running": f"before ({args.before}), clipdex serve running",
+    }
     rows = [
         {
             "command": name,
             "median_s": statistics.median(t),
             "min_s": min(t),
-            "vs_before": base / statistics.median(t),
+            "vs_before": statistics.median(times[against[name]]) / statistics.median(t) if name in against else "",
             "runs": ", ".join(f"{x:.2f}" for x in t),
             **counted[name],
         }

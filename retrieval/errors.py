@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import ClassVar
 
@@ -118,7 +117,7 @@ def disk_error(e: BaseException, where: Path | None = None) -> ClipdexError | No
     shown = str(target) if target is not None else "a file"
     if code in _FULL:
         mount = _mount_point(target) if target is not None else None
-        free = shutil.disk_usage(mount).free if mount is not None else None
+        free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize if mount is not None else None
         space = f", {_size(free)} free" if free is not None else ""
         return DiskFullError(
             f"no space left on the disk holding {mount or shown}{space}, while writing {shown}; free some space and run "

@@ -126,6 +126,8 @@ class SearchRequest:
 
     def files(self) -> list[tuple[str, bytes]]:
         """The `FILE` fields as (name, bytes) pairs; image paths are read (once each)."""
+        if self.image is None and not self.add_image and not self.subtract_image:
+            return []  # a text search sent to a server imports no imaging code (Pillow)
         from clipdex.retrieval.imaging.decode import read_query_image
         from clipdex.retrieval.paths import canonical
 
