@@ -152,3 +152,29 @@ def serving(app: object) -> Iterator[str]:
 def counts(summary: dict) -> dict:
     """The counts of an `index --json` summary (it also lists failures and notes)."""
     return {k: summary[k] for k in ("added", "updated", "removed", "unchanged", "failed")}
+
+
+@contextlib.contextmanager
+def clipdex_serve(index: Path) -> Iterator[tuple[object, int]]:
+    """A real `clipdex serve` process for `index` on a free loopback port, ready (it has said "serving"); yields
+    (process, port) and stops it with Ctrl-C after."""
+    import signal
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clipdex", "serve", "--index", str(index), "--port", str(port)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()  # "clipdex: serving ... at http://127.0.0.1:PORT/"
+        assert f":{port}/" in line, line
+        yield proc, port
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import run, serving
+from conftest import clipdex_serve, run, serving
 from corpus import make_images
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
@@ -214,18 +211,5 @@ def test_an_app_on_uvicorn_is_guarded_on_the_wire(index):
 
 
 def test_a_real_clipdex_serve_process_probed_with_raw_sockets(index):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clipdex", "serve", "--index", str(index), "--port", str(port)],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = proc.stderr.readline()  # "clipdex: serving ... at http://127.0.0.1:PORT/"
-        assert f":{port}/" in line, line
+    with clipdex_serve(index) as (_, port):
         _probe(port)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)

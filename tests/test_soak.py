@@ -8,8 +8,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +16,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from conftest import run
+from conftest import clipdex_serve, run
 from corpus import make_images
 from typer.testing import CliRunner
 
@@ -71,21 +69,12 @@ def test_serving_under_load_while_an_index_run_publishes(tmp_path, tiny_model):
     photos, index = tmp_path / "photos", tmp_path / "idx"
     made = make_images(photos, 24, seed=95)
     run(CliRunner(), "index", photos, "--index", index, *tiny_model.cli_args())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "clipdex", "serve", "--index", str(index), "--port", str(port)],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
     failures: list[str] = []
     served = [0]
     samples: list[tuple[float, int, int]] = []
     stop = threading.Event()
-    try:
-        assert f":{port}/" in server.stderr.readline()
+    with clipdex_serve(index) as (server, port):
+        base = f"http://127.0.0.1:{port}"
         query_image = made[0][0].read_bytes()
 
         def client(n: int) -> None:
@@ -130,9 +119,6 @@ def test_serving_under_load_while_an_index_run_publishes(tmp_path, tiny_model):
             t.join(timeout=120)
         indexing.join(timeout=300)
         final = json.loads(_get(f"{base}/api/info"))
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=30)
     assert failures == [], failures[:5]
     assert served[0] > 50
     assert final["counts"]["images"] == 24 + 6 * 4  # the writer's runs all published
