@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 from clipdex.retrieval.ann.build import index_writer, validate_settings
 from clipdex.retrieval.config import EncoderConfig, Kind
 from clipdex.retrieval.errors import InputError
-from clipdex.retrieval.model.encoder import load_encoder
 from clipdex.retrieval.paths import canonical
 from clipdex.retrieval.store.items import Record
 from clipdex.retrieval.store.manifest import AnnSettings, Manifest, check_index_dir, read_manifest
@@ -75,6 +74,8 @@ def import_clip_retrieval(src: Path, index_dir: Path, encoder: EncoderConfig, se
             f"{src} holds no clip-retrieval output (img_emb/img_emb_N.npy, text_emb/text_emb_N.npy, metadata/metadata_N.parquet)"
         )
     check_index_dir(index_dir)
+    from clipdex.retrieval.model.encoder import load_encoder  # torch: not for `clipdex build`, which needs no model
+
     model = load_encoder(encoder)
     validate_settings(settings, model.dim)
     fresh = FreshIndexDir(index_dir)

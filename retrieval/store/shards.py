@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from clipdex.retrieval.errors import IndexFormatError
+from clipdex.retrieval.errors import IndexFormatError, disk_error
 from clipdex.retrieval.store.atomic import TMP_SUFFIX, atomic_file
 
 VECTORS = "vectors"
@@ -58,6 +58,9 @@ def load_shard(path: Path) -> np.ndarray:
             f"{path.parent.parent}` to drop the items it held (then `clipdex index` re-encodes them)"
         ) from None
     except (OSError, ValueError) as e:
+        said = disk_error(e, path) if isinstance(e, OSError) else None
+        if said is not None:  # a failing or unreadable disk is not a damaged index: no repair for it
+            raise said from e
         raise IndexFormatError(
             f"vector shard {path} is damaged ({e}); run `clipdex check --repair --index {path.parent.parent}`"
         ) from e
