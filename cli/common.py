@@ -223,15 +223,6 @@ def version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
-def human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1024
-    return f"{n} B"
-
-
 class EngineOpt(str, Enum):
     local = "local"
     ray = "ray"

@@ -37,11 +37,11 @@ from clipdex.cli.common import (
     encoder_config,
     err,
     friendly,
-    human_bytes,
     out,
     print_ann,
     progress_bar,
 )
+from clipdex.retrieval.config import human_bytes
 
 
 @app.command(rich_help_panel="Index")

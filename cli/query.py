@@ -177,7 +177,7 @@ def duplicates(
             for m in group:
                 print(f"{n}\t{m['score']:.4f}\t{m['bytes'] or ''}\t{m['path']}")
     else:
-        from clipdex.cli.common import human_bytes
+        from clipdex.retrieval.config import human_bytes
 
         table = Table(title=f"near-duplicates at cosine ≥ {threshold} ({found.method} range search)")
         table.add_column("group", justify="right")

@@ -28,14 +28,6 @@ class Kind(str, Enum):
     def plural(self) -> str:
         return self.value + "s"
 
-    @property
-    def other(self) -> Kind:
-        return Kind.TEXT if self is Kind.IMAGE else Kind.IMAGE
-
-    @classmethod
-    def from_plural(cls, text: str) -> Kind:
-        return cls(text)
-
     @classmethod
     def _missing_(cls, value: object) -> Kind | None:
         if value in ("images", "texts"):
@@ -116,6 +108,15 @@ def parse_memory(text: str) -> int:
     if not m:
         raise ValueError(f"cannot read memory size {text!r}: use e.g. 512M, 4G")
     return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{n} B"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 from typing import ClassVar
 
+from clipdex.retrieval.config import human_bytes
+
 
 class ClipdexError(Exception):
     """Base class: the message is meant for the user and says what to do."""
@@ -117,8 +119,8 @@ def disk_error(e: BaseException, where: Path | None = None) -> ClipdexError | No
     shown = str(target) if target is not None else "a file"
     if code in _FULL:
         mount = _mount_point(target) if target is not None else None
-        free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize if mount is not None else None
-        space = f", {_size(free)} free" if free is not None else ""
+        disk = os.statvfs(mount) if mount is not None else None
+        space = f", {human_bytes(disk.f_bavail * disk.f_frsize)} free" if disk is not None else ""
         return DiskFullError(
             f"no space left on the disk holding {mount or shown}{space}, while writing {shown}; free some space and run "
             "the same command again (what was published before is kept and still answers searches)"
@@ -160,11 +162,3 @@ def _mount_point(path: Path) -> Path:
     while not os.path.ismount(path) and path != path.parent:
         path = path.parent
     return path
-
-
-def _size(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)

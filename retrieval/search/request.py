@@ -255,7 +255,7 @@ def _from_json(f: Any, value: Any) -> Any:
 def _target(text: str) -> Kind:
     if text not in ("images", "texts"):
         raise InputError(f"target must be images or texts (got {text!r})")
-    return Kind.from_plural(text)
+    return Kind(text)
 
 
 def _split(image: Image | None) -> tuple[Path | None, bytes | None]:

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from clipdex.retrieval.errors import ClipdexError, disk_error
 from clipdex.retrieval.search.searcher import Searcher
 from clipdex.retrieval.serve import routes_info, routes_items, routes_search
-from clipdex.retrieval.serve.deps import LOOPBACK, ServeConfig
+from clipdex.retrieval.serve.deps import ServeConfig
 from clipdex.retrieval.serve.guard import HostGuard
 from clipdex.retrieval.serve.schemas import ErrorModel, error_response
 from clipdex.retrieval.serve.thumbnails import thumbnail_dir
@@ -29,7 +29,7 @@ from clipdex.retrieval.serve.thumbnails import thumbnail_dir
 log = logging.getLogger(__name__)
 
 TOKEN_COOKIE = "clipdex_token"
-__all__ = ["LOOPBACK", "TOKEN_COOKIE", "ServeConfig", "create_app", "serve"]
+__all__ = ["TOKEN_COOKIE", "ServeConfig", "create_app", "serve"]
 
 
 def create_app(searcher: Searcher, config: ServeConfig) -> FastAPI:

@@ -11,9 +11,9 @@ from fastapi import Request
 
 from clipdex.retrieval.errors import InputError, ItemNotFoundError
 from clipdex.retrieval.search.searcher import Searcher
+from clipdex.retrieval.serve.guard import is_loopback
 from clipdex.retrieval.serve.thumbnails import THUMBNAIL_SIZE
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _ID = re.compile(r"[0-9]{1,18}")
 
 
@@ -32,7 +32,7 @@ class ServeConfig:
 
     @property
     def is_loopback(self) -> bool:
-        return self.host in LOOPBACK or self.host.startswith("127.")
+        return is_loopback(self.host)
 
 
 def settings(request: Request) -> ServeConfig:

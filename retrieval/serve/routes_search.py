@@ -61,9 +61,6 @@ async def _from_form(request: Request, raw: bytes, config: ServeConfig) -> tuple
     uploads: dict[str, list[UploadFile]] = {
         name: [f for f in form.getlist(name) if isinstance(f, UploadFile)] for name in _FILE_FIELDS
     }
-    for name, files in uploads.items():
-        if name != "image" and len(files) > MAX_IMAGE_TERMS:
-            raise InputError(f"at most {MAX_IMAGE_TERMS} `{name}` files")
     data = {name: [await f.read() for f in files] for name, files in uploads.items() if files}
     if data.get("image") and len(data["image"][0]) > config.max_upload_bytes:
         raise UploadTooLargeError(config.max_upload_bytes)

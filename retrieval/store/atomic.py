@@ -64,17 +64,11 @@ def replace_with(path: Path, write: Callable[[Path], object], *, durable: bool =
     try:
         write(tmp)
         if durable:
-            finish_tmp(tmp, path)
-        else:
-            tmp.replace(path)
+            with tmp.open("rb") as f:
+                os.fsync(f.fileno())
+        tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def finish_tmp(tmp: Path, path: Path) -> None:
-    """Make a temp file that a library wrote by name durable, then rename it."""
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
