@@ -29,6 +29,7 @@ def serve(
     allowed_host: Annotated[
         list[str] | None,
         typer.Option(
+            metavar="NAME",
             help="Also answer requests for this host name (repeatable), e.g. when a reverse proxy or another name "
             "reaches the server; others are refused, so no web page can read the index by DNS rebinding.",
         ),
