@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from collections.abc import Callable
@@ -37,22 +38,35 @@ def friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except ClipdexError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            _say(e)
             raise typer.Exit(e.exit_code) from None
         except Exception as e:  # a full, read-only or failing disk, whichever library met it
-            where = kwargs.get("index_dir") or kwargs.get(
-                "out"
-            )  # the folder a command writes, when the error names none
-            said = disk_error(e, Path(where) if isinstance(where, str | Path) else None)
+            said = disk_error(e, _written_folder(kwargs))
             if said is None:
                 raise
-            err.print(f"[bold red]error:[/] {said}", highlight=False, soft_wrap=True)
+            _say(said)
             raise typer.Exit(said.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _written_folder(kwargs: dict[str, Any]) -> Path | None:
+    """The folder a command writes (its --out, else its --index): named when a disk error names no file."""
+    for name in ("out_dir", "out_url", "index_dir"):
+        where = kwargs.get(name)
+        if isinstance(where, Path) or (isinstance(where, str) and "://" not in where):
+            return Path(where)
+    return None
+
+
+def _say(e: ClipdexError) -> None:
+    """The error's one line on stderr; when stderr itself cannot be written (a failing disk under a redirect), the
+    exit code says it alone, rather than a traceback about the line."""
+    with contextlib.suppress(OSError):
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
 
 
 class Device(str, Enum):

@@ -13,6 +13,7 @@ since into new partitions. Files that fail are left out of the vectors and liste
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tempfile
@@ -106,9 +107,16 @@ class Output:
         final = self.path(*parts)
         self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
         tmp = f"{final}.{uuid.uuid4().hex[:8]}.tmp"
-        with self.fs.open(tmp, "wb") as f:
-            f.write(data)
-        self.fs.mv(tmp, final)
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+            self.fs.mv(tmp, final)
+        except BaseException as e:
+            with contextlib.suppress(OSError):  # a half-written part is never left behind
+                self.fs.rm(tmp)
+            if isinstance(e, OSError) and not e.filename and "://" not in final:
+                e.filename = final
+            raise
 
 
 def run_embed(config: EmbedConfig) -> EmbedSummary:

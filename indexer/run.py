@@ -46,6 +46,7 @@ class IndexRun:
         self.pending_batches = 0
         self.last_publish = time.monotonic()
         self.to_delete: list[int] = []
+        self.unreadable: list[Path] = []  # folders a scan could not list
         self.encoded_in_run: dict[str, Record] = {}  # content hash → the record that carries its vector
 
     # -- images ---------------------------------------------------------------------------------
@@ -82,12 +83,12 @@ class IndexRun:
         scanned: list[str] = []
         for root in roots:
             found = 0
-            for entry in scan_root(root, self.config.exclude):
+            for entry in scan_root(root, self.config.exclude, self.unreadable):
                 found += 1
                 entries.setdefault(str(entry.path), entry)
             if found:
                 scanned.append(str(root))
-            else:
+            elif root not in self.unreadable:  # a folder that could not be listed (EIO, permission) lost nothing
                 self._remove_gone_root(root)
         sources = set(scanned)
         for source in texts:
@@ -115,11 +116,15 @@ class IndexRun:
     def _drop_missing(
         self, entries: dict[str, FileEntry], existing: dict[str, dict[str, Any]], scanned: list[str], sources: set[str]
     ) -> None:
-        """Items whose file is gone from a root or caption file that was read this time."""
+        """Items whose file is gone from a root or caption file that was read this time (not those under a folder
+        that could not be listed: their files may well be there)."""
+        unread = [str(f) for f in self.unreadable]
         gone = [
             r
             for p, r in existing.items()
-            if p not in entries and (r["source"] in sources or any(is_at_or_under(p, s) for s in scanned))
+            if p not in entries
+            and (r["source"] in sources or any(is_at_or_under(p, s) for s in scanned))
+            and not any(is_at_or_under(p, f) for f in unread)
         ]
         self.to_delete.extend(r["id"] for r in gone)
         self.summary.removed += len(gone)

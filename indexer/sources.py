@@ -52,7 +52,7 @@ def _excluded(relative: str, name: str, patterns: list[tuple[str, str]]) -> bool
     return False
 
 
-def walk_images(root: Path, exclude: tuple[str, ...] = ()) -> Iterator[Path]:
+def walk_images(root: Path, exclude: tuple[str, ...] = (), unreadable: list[Path] | None = None) -> Iterator[Path]:
     """Canonical paths of the image files under the canonical folder `root`, in a stable (sorted) order.
 
     Symlinked folders are followed into their real folder, which is walked once however it is reached. Hidden and
@@ -69,6 +69,8 @@ def walk_images(root: Path, exclude: tuple[str, ...] = ()) -> Iterator[Path]:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as e:  # unreadable or vanished folder: skip it, keep walking
             log.warning("skipping folder %s: %s", folder, e.strerror or e)
+            if unreadable is not None:
+                unreadable.append(folder)
             return
         patterns = patterns + [(relative, p) for p in _ignore_patterns(folder)]
         subfolders = []
@@ -89,10 +91,11 @@ def walk_images(root: Path, exclude: tuple[str, ...] = ()) -> Iterator[Path]:
     yield from walk(root, "", [("", p) for p in exclude])
 
 
-def scan_root(root: Path, exclude: tuple[str, ...] = ()) -> Iterator[FileEntry]:
-    """Stat every image at or under the canonical path `root` (a folder or one image file)."""
+def scan_root(root: Path, exclude: tuple[str, ...] = (), unreadable: list[Path] | None = None) -> Iterator[FileEntry]:
+    """Stat every image at or under the canonical path `root` (a folder or one image file); folders that could not
+    be listed are added to `unreadable`."""
     source = str(root)
-    paths = walk_images(root, exclude) if root.is_dir() else iter([root])
+    paths = walk_images(root, exclude, unreadable) if root.is_dir() else iter([root])
     for path in paths:
         entry = _stat(path, source)
         if entry is not None:

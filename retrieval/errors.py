@@ -111,19 +111,24 @@ def disk_error(e: BaseException, where: Path | None = None) -> ClipdexError | No
     """The one-line error for a full, read-only or failing disk met while writing `where` (or the file the error
     names), or None when `e` is something else. OSErrors are read by errno; errors that libraries raise in their own
     types (DuckDB's, FAISS's, Arrow's) carry the system's message for it, which is what is read from them."""
+    cause = _os_cause(e)
+    if cause is not None:  # a library's own error raised while an OSError was handled (torch.save into a file)
+        e = cause
     code = e.errno if isinstance(e, OSError) and e.errno else _errno_in(str(e))
     if code not in (*_FULL, *_UNWRITABLE, errno.EIO):
         return None
-    named = e.filename if isinstance(e, OSError) and e.filename else _path_in(str(e))
+    # an OSError from the system names its file (or none: "Input/output error" is no path); a library's names it in words
+    named = e.filename if isinstance(e, OSError) and e.errno else _path_in(str(e))
     target = Path(str(named)) if named else where
     shown = str(target) if target is not None else "a file"
     if code in _FULL:
         mount = _mount_point(target) if target is not None else None
         disk = os.statvfs(mount) if mount is not None else None
         space = f", {human_bytes(disk.f_bavail * disk.f_frsize)} free" if disk is not None else ""
+        kept = " (what was published before is kept and still answers searches)" if _in_index(target) else ""
         return DiskFullError(
             f"no space left on the disk holding {mount or shown}{space}, while writing {shown}; free some space and run "
-            "the same command again (what was published before is kept and still answers searches)"
+            f"the same command again{kept}"
         )
     if code == errno.EROFS:
         return ReadOnlyError(
@@ -135,23 +140,44 @@ def disk_error(e: BaseException, where: Path | None = None) -> ClipdexError | No
             f"{shown}: {os.strerror(code)}; this command needs to write there (searches do not): give a folder you can "
             "write, or run it as a user who can"
         )
+    kept = "what was published before is kept: " if _in_index(target) else ""
     return DiskIOError(
-        f"the disk failed to read or write {shown} (I/O error); what was published before is kept: check the disk "
-        "and run the same command again"
+        f"the disk failed to read or write {shown} (I/O error); {kept}check the disk and run the same command again"
     )
+
+
+def _os_cause(e: BaseException) -> OSError | None:
+    """The OSError with an errno in `e`'s chain of causes, if any."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return None
+
+
+def _in_index(path: Path | None) -> bool:
+    """Whether `path` is an index folder or inside one (what holds a manifest.json beside a catalog)."""
+    if path is None:
+        return False
+    path = path.absolute()
+    return any((p / "manifest.json").is_file() and (p / "catalog.duckdb").is_file() for p in (path, *path.parents))
 
 
 def _errno_in(message: str) -> int | None:
     for code in (*_FULL, *_UNWRITABLE, errno.EIO):
         if os.strerror(code) in message:
             return code
+    if "fsync failed" in message:  # DuckDB's FatalException for a write its disk did not make durable
+        return errno.EIO
     return None
 
 
 def _path_in(message: str) -> str | None:
     """The file a library's message names: the first absolute path whose folder exists here (FAISS also names its
     own source file)."""
-    found = re.findall(r"(/[^\s\"':,]+)", message)
+    found = re.findall(r"(?:^|[\s\"'(])(/[^\s\"':,)]+)", message)  # a path starts a word: not "Input/output"
     return next((f for f in found if Path(f).parent.is_dir()), None)
 
 

@@ -4,6 +4,7 @@ same command finishes with every file exactly once. A read-only index still answ
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import subprocess
@@ -11,8 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import LOCAL, run
-from corpus import make_images
+from corpus import make_captioned_library, make_domain_pairs, make_images
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
@@ -36,9 +38,9 @@ def _remount(where: Path, options: str) -> None:
 
 @pytest.fixture
 def disk(tmp_path) -> Iterator[Path]:
-    """A 24 MiB tmpfs of the test's own."""
+    """A 160 MiB tmpfs of the test's own (a fine-tuning run of the tiny model keeps some 60 MB: weights, optimiser state, a temp copy)."""
     where = tmp_path / "disk"
-    _mount(where, "24m")
+    _mount(where, "160m")
     try:
         yield where
     finally:
@@ -148,3 +150,96 @@ def test_an_export_to_a_full_disk_leaves_nothing_and_succeeds_after(disk, tmp_pa
     (disk / "filler").unlink()
     out = json.loads(run(CliRunner(), "export", "--index", index, "--out", disk / "exported", "--json"))
     assert out["images"] == 30 and not list(disk.rglob("*.tmp"))
+
+
+@pytest.fixture
+def writers_setup(disk, tmp_path, tiny_model):
+    """Photos, captions and an exported index off the small disk; an index on it."""
+    make_captioned_library(tmp_path, 20, 10, seed=95)
+    make_domain_pairs(tmp_path / "pairs", 40, seed=96)
+    run(CliRunner(), "index", tmp_path / "photos", "--index", tmp_path / "src", *tiny_model.cli_args())
+    run(CliRunner(), "export", "--index", tmp_path / "src", "--out", tmp_path / "exported")
+    run(CliRunner(), "index", tmp_path / "photos", "--index", disk / "idx", *tiny_model.cli_args())
+    other = tmp_path / "other.pt"  # weights of the same architecture, for reindex
+    state = torch.load(tiny_model.weights, weights_only=True)
+    torch.save({k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}, other)
+    return tmp_path
+
+
+WRITERS = {
+    "import": lambda t, d, m: ["import", t / "exported", "--index", d / "imported", *m.cli_args()],
+    "build": lambda t, d, m: ["build", "--index", d / "idx", "--index-type", "HNSW16"],
+    "reindex": lambda t, d, m: ["reindex", "--index", d / "idx", "--pretrained", t / "other.pt"],
+    "embed": lambda t, d, m: ["embed", t / "photos", "--texts", t / "captions.csv", "--out", d / "emb", *m.cli_args()],
+    "finetune": lambda t, d, m: [
+        "finetune",
+        t / "pairs" / "pairs.csv",
+        "--out",
+        d / "ft",
+        *m.cli_args(),
+        "--epochs",
+        1,
+        "--workers",
+        0,
+        "--batch-size",
+        16,
+    ],
+}
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_each_writer_stops_in_one_line_on_a_full_disk_and_finishes_after(disk, writers_setup, tiny_model, writer):
+    """Import, build, reindex, embed and finetune on a disk with no room: one line naming the disk, the index on it
+    still checks and answers as before, nothing half-written is left to trust; with space freed the same command
+    succeeds."""
+    args = WRITERS[writer](writers_setup, disk, tiny_model)
+    before = json.loads(run(CliRunner(), "search", "a shape", "--index", disk / "idx", "--json", "--no-server"))
+    _fill(disk, 0)
+    code, _, err = _invoke(*args)
+    line = _one_line(err)
+    assert code != 0 and "no space left" in line and str(disk) in line, line
+    assert check_index(disk / "idx").ok
+    assert json.loads(run(CliRunner(), "search", "a shape", "--index", disk / "idx", "--json", "--no-server")) == before
+    assert not [p for p in disk.rglob("*") if p.name.endswith(".tmp")]
+    (disk / "filler").unlink()
+    run(CliRunner(), *args)
+    for index in (disk / "idx", disk / "imported"):
+        if index.exists():
+            assert check_index(index).ok
+    if writer == "import":
+        assert json.loads(run(CliRunner(), "info", "--index", disk / "imported", "--json"))["counts"]["images"] == 20
+
+
+def test_thumbnails_on_a_full_disk_are_made_in_memory(disk, tmp_path, tiny_model, monkeypatch):
+    make_images(tmp_path / "photos", 4, seed=97)
+    monkeypatch.setenv("CLIPDEX_CACHE", str(disk / "cache"))
+    run(CliRunner(), "index", tmp_path / "photos", "--index", tmp_path / "idx", *tiny_model.cli_args())
+    _fill(disk, 0)
+    searcher = Searcher(tmp_path / "idx")
+    client = TestClient(create_app(searcher, ServeConfig(tmp_path / "idx")), base_url=LOCAL)
+    for image in searcher.ids(Kind.IMAGE):
+        thumb = client.get(f"/api/items/{int(image)}/thumbnail")
+        assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
+    assert not [p for p in disk.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_disk_errors_are_read_from_what_each_library_raises(tmp_path):
+    """The one line names the file written, or the folder when nothing names one ("Input/output" is no path); a
+    library's own error raised while handling an OSError (torch.save into a file) is that OSError."""
+    from clipdex.retrieval.errors import DiskFullError, DiskIOError, disk_error
+
+    said = disk_error(OSError(errno.EIO, "Input/output error"), tmp_path / "idx")
+    assert isinstance(said, DiskIOError) and f"read or write {tmp_path / 'idx'} (I/O error)" in str(said)
+    named = disk_error(OSError(errno.EIO, "Input/output error", str(tmp_path / "a.npy")), tmp_path)
+    assert f"{tmp_path / 'a.npy'} (I/O error)" in str(named)
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+    except RuntimeError as e:
+        assert e.__context__ is not None
+        assert isinstance(disk_error(e, tmp_path), DiskFullError)
+    fatal = RuntimeError("FATAL Error: fsync failed!")  # DuckDB's, when its WAL could not be made durable
+    assert isinstance(disk_error(fatal, tmp_path), DiskIOError)
+    assert disk_error(ValueError("Input/output of the model"), tmp_path) is None

@@ -192,9 +192,38 @@ def test_files_vanishing_mid_run(cli, tmp_path, tiny_model: TinyModel, monkeypat
     ghost = FileEntry(tmp_path / "p" / "ghost.png", 10, 1.0, str(tmp_path / "p"))
     doomed.unlink()  # listed by the scan, gone by the time a worker reads it
     listing = [FileEntry(e.path, e.size, e.mtime + 1, e.source) if e.path == doomed else e for e in listing]
-    monkeypatch.setattr(indexing_run, "scan_root", lambda root, exclude=(): iter([*listing, ghost]))
+    monkeypatch.setattr(indexing_run, "scan_root", lambda root, exclude=(), unreadable=None: iter([*listing, ghost]))
     result = cli.invoke(app, ["index", str(tmp_path / "p"), "--index", str(index), "--json"])
     assert counts(json.loads(result.stdout)) == {"added": 0, "updated": 0, "removed": 1, "unchanged": 3, "failed": 0}
+
+
+@pytest.mark.parametrize("which", ["sub", "root"])
+def test_a_folder_that_cannot_be_listed_keeps_its_items(
+    cli, tmp_path, tiny_model: TinyModel, monkeypatch, caplog, which
+):
+    """A folder whose listing fails (EIO, permission: real for a failing disk; root ignores permissions, so the
+    failure is injected) is skipped with a warning; its items are kept, not removed as deleted."""
+    make_images(tmp_path / "p", 3, seed=7)
+    make_images(tmp_path / "p" / "sub", 4, seed=8)
+    index = tmp_path / "idx"
+    assert cli.invoke(app, ["index", str(tmp_path / "p"), "--index", str(index), *tiny_model.cli_args()]).exit_code == 0
+    broken = (tmp_path / "p" / "sub") if which == "sub" else (tmp_path / "p")
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if Path(path) == broken:
+            raise OSError(5, "Input/output error", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    result = cli.invoke(app, ["index", str(tmp_path / "p"), "--index", str(index), "--json"])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["removed"] == 0 and summary["unchanged"] == (3 if which == "sub" else 0), summary
+    assert f"skipping folder {broken}: Input/output error" in caplog.text
+    monkeypatch.setattr(os, "scandir", real_scandir)
+    again = json.loads(cli.invoke(app, ["index", str(tmp_path / "p"), "--index", str(index), "--json"]).stdout)
+    assert counts(again) == {"added": 0, "updated": 0, "removed": 0, "unchanged": 7, "failed": 0}
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")

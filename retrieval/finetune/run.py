@@ -30,7 +30,7 @@ from clipdex.retrieval.finetune.loop import Step, Trainer, make_optimizer, make_
 from clipdex.retrieval.finetune.methods import Prepared, prepare
 from clipdex.retrieval.finetune.report import TrainLog, plot, write_report
 from clipdex.retrieval.model.encoder import Encoder, LoadedModel, load_model
-from clipdex.retrieval.store.atomic import replace_with
+from clipdex.retrieval.store.atomic import atomic_file, replace_with
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,10 @@ class _Session:
             "keep_before": history.keep_before,
         }
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        replace_with(self.state_path, lambda tmp: torch.save(state, tmp))
+        with atomic_file(
+            self.state_path
+        ) as f:  # a file object: a full disk surfaces as ENOSPC, not torch's "unexpected pos"
+            torch.save(state, f)
 
     def finish(self, history: _History, seconds: float) -> FinetuneResult:
         """The best epoch's weights (interpolated with the start for WiSE-FT) saved, measured and reported."""

@@ -16,7 +16,6 @@ import duckdb
 import faiss
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from clipdex.retrieval import ann
 from clipdex.retrieval.config import Kind, sha256_file
@@ -25,6 +24,7 @@ from clipdex.retrieval.store.catalog import CATALOG, Catalog
 from clipdex.retrieval.store.lock import acquire_lock
 from clipdex.retrieval.store.manifest import Manifest, read_manifest
 from clipdex.retrieval.store.shards import shard_path
+from clipdex.retrieval.store.snapshot import read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def _read_items(index_dir: Path, name: str | None, report: CheckReport) -> Any:
     if not name or not (index_dir / name).is_file():
         return None
     try:
-        return pq.read_table(index_dir / name, columns=["id", "kind", "status", "shard", "row"])
+        return read_parquet(index_dir / name, columns=["id", "kind", "status", "shard", "row"])
     except Exception as e:
         report.problems.append(f"item table {name} cannot be read: {_first_line(e)}; run `clipdex build`")
         return None

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from clipdex.retrieval.errors import IndexFormatError
 from clipdex.retrieval.store.manifest import Manifest, read_manifest
+from clipdex.retrieval.store.snapshot import read_parquet
 
 
 def index_info(index_dir: Path, *, with_failures: bool = False) -> dict[str, Any]:
@@ -53,7 +53,7 @@ def _failures(index_dir: Path, manifest: Manifest) -> list[dict[str, Any]]:
     if not name:
         return []
     try:
-        table = pq.read_table(index_dir / name, columns=["id", "kind", "path", "text", "status", "error"])
+        table = read_parquet(index_dir / name, columns=["id", "kind", "path", "text", "status", "error"])
     except Exception as e:
         raise IndexFormatError(f"{index_dir / name} is damaged ({e}); rebuild the index") from e
     failed = table.filter(pc.equal(table["status"], "failed"))

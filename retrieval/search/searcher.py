@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image
 
 from clipdex.retrieval.config import Kind
@@ -30,6 +29,7 @@ from clipdex.retrieval.search.opened import OpenSnapshot
 from clipdex.retrieval.search.query import Query, Term
 from clipdex.retrieval.store.manifest import Manifest, read_manifest
 from clipdex.retrieval.store.reader import manifest_stamp, read_file
+from clipdex.retrieval.store.snapshot import read_parquet
 
 if TYPE_CHECKING:  # the encoder pulls in torch and open_clip: imported when a query first needs it
     from clipdex.retrieval.model.encoder import Encoder
@@ -306,7 +306,7 @@ class Searcher:
         found = snap.filtered.get(key)
         if found is None:  # the same filter again (paging, a new query text) costs nothing on the same snapshot
             if snap.rows is None:
-                snap.rows = read_file(self.dir / snap.manifest.snapshot.files["items"], pq.read_table)
+                snap.rows = read_file(self.dir / snap.manifest.snapshot.files["items"], read_parquet)
             found = matching_ids(snap.rows, where, target.value)
             if len(snap.filtered) >= 32:
                 with contextlib.suppress(KeyError, RuntimeError, StopIteration):  # another thread evicted first

@@ -43,11 +43,18 @@ def atomic_file(path: Path, *, durable: bool = True, unique: bool = False, mode:
             if durable:
                 os.fsync(f.fileno())
         tmp.replace(path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        _name(e, path)
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def _name(e: BaseException, path: Path) -> None:
+    """An OSError from a write, flush or fsync names no file; the one being replaced is the one to name."""
+    if isinstance(e, OSError) and not e.filename:
+        e.filename = str(path)
 
 
 def atomic_write_bytes(
@@ -67,8 +74,9 @@ def replace_with(path: Path, write: Callable[[Path], object], *, durable: bool =
             with tmp.open("rb") as f:
                 os.fsync(f.fileno())
         tmp.replace(path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        _name(e, path)
         raise
     if durable:
         fsync_dir(path.parent)

@@ -12,13 +12,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from clipdex.retrieval.config import Kind, sha256_file
 from clipdex.retrieval.errors import IndexFormatError, ItemNotFoundError
 from clipdex.retrieval.store.manifest import MANIFEST, Manifest
 from clipdex.retrieval.store.shards import LiveVectors, gather, shard_path
-from clipdex.retrieval.store.snapshot import ITEMS
+from clipdex.retrieval.store.snapshot import ITEMS, parquet_columns, read_parquet
 
 HIT_COLUMNS = ("id", "kind", "path", "text", "status", "shard", "row")
 _OPTIONAL_COLUMNS = ("hash", "size", "link")
@@ -57,10 +56,10 @@ def read_items(
 ) -> Any:
     """The snapshot's item table (every row, failed ones too) with these columns and whichever of the `optional`
     ones it has (older formats lack some); an image's `text` is its first linked caption."""
-    names = pq.read_schema(path).names
+    names = parquet_columns(path)
     wanted = list(columns) + [c for c in optional if c in names and c not in columns]
     caption = "text" in wanted and "caption" in names
-    table = pq.read_table(path, columns=wanted + (["caption"] if caption else []))
+    table = read_parquet(path, columns=wanted + (["caption"] if caption else []))
     if caption:  # format 1 stored the caption in `text` already
         text = pc.if_else(pc.equal(table["kind"], Kind.IMAGE.value), table["caption"], table["text"])
         table = table.set_column(wanted.index("text"), "text", text).drop_columns(["caption"])

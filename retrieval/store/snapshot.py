@@ -62,6 +62,18 @@ def snapshot_name(kind_or_items: str, generation: int) -> str:
     return f"{kind_or_items}-{generation:06d}.{suffix}"
 
 
+def read_parquet(path: Path, columns: list[str] | None = None) -> Any:
+    """A Parquet table read through a Python file: a read or close that fails is an OSError here, not a line
+    Arrow's C++ writes to stderr itself when its own file handle fails to close."""
+    with path.open("rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def parquet_columns(path: Path) -> list[str]:
+    with path.open("rb") as f:
+        return list(pq.read_schema(f).names)
+
+
 def snapshot_shards(index_dir: Path, manifest: Manifest) -> set[int] | None:
     """Shards the published snapshot reads: clean-up must keep them even when no committed row does.
 
@@ -70,7 +82,7 @@ def snapshot_shards(index_dir: Path, manifest: Manifest) -> set[int] | None:
     if not name or not (index_dir / name).is_file():
         return set()
     try:
-        shards = pq.read_table(index_dir / name, columns=["shard"])["shard"].drop_null()
+        shards = read_parquet(index_dir / name, columns=["shard"])["shard"].drop_null()
     except Exception:  # a damaged snapshot: `clipdex check` reports it
         return None
     return {int(s) for s in shards.unique().to_pylist()}
