@@ -142,6 +142,23 @@ def ann_settings(
 
 
 DeviceOpt = Annotated[Device, typer.Option(help="Where to run the model.")]
+
+
+class Runtime(str, Enum):
+    auto = "auto"
+    onnx = "onnx"
+    torch = "torch"
+
+
+RuntimeOpt = Annotated[
+    Runtime | None,
+    typer.Option(
+        envvar="CLIPDEX_RUNTIME",
+        help="What runs the model: onnx (its export on ONNX Runtime, no torch), torch, or auto (onnx where the "
+        "export agrees with torch, on the CPU).",
+        show_default="auto",
+    ),
+]
 PathsArg = Annotated[
     list[Path] | None, typer.Argument(help="Folders (walked recursively) and image files.", show_default=False)
 ]

@@ -28,6 +28,7 @@ from clipdex.cli.common import (
     PretrainedOpt,
     RayAddressOpt,
     RichProgress,
+    RuntimeOpt,
     TargetRecallOpt,
     TextColumnOpt,
     TextsOpt,
@@ -57,6 +58,7 @@ def index(
     batch_size: BatchSizeOpt = 64,
     workers: WorkersOpt = None,
     device: DeviceOpt = Device.auto,
+    runtime: RuntimeOpt = None,
     max_pixels: Annotated[
         int, typer.Option(min=1, help="Refuse images with more pixels than this, without decoding them.")
     ] = 178_956_970,
@@ -91,6 +93,7 @@ def index(
         image_column=image_column,
         encoder=encoder_config(model, pretrained, device, index_dir),
         device=device.value,
+        runtime=runtime.value if runtime else None,
         batch_size=batch_size,
         workers=workers,
         max_pixels=max_pixels,
@@ -260,6 +263,7 @@ def info(
     table.add_column("", no_wrap=True)
     model = data["model"]
     table.add_row("model", f"{model['name']} / {model['pretrained']}")
+    table.add_row("runtime", model["runtime"])
     table.add_row("dim", str(data["dim"]))
     for key, value in data["counts"].items():
         table.add_row(key, str(value))

@@ -14,6 +14,7 @@ from clipdex.cli.common import (
     DeviceOpt,
     IndexDir,
     JsonOpt,
+    RuntimeOpt,
     TargetOpt,
     app,
     err,
@@ -61,6 +62,7 @@ def search(
     min_score: Annotated[float | None, typer.Option(help="Only results scoring at least this cosine.")] = None,
     paths: Annotated[bool, typer.Option("--paths", help="Print only the paths, one per line (for xargs).")] = False,
     device: DeviceOpt = Device.auto,
+    runtime: RuntimeOpt = None,
     use_server: Annotated[
         bool, typer.Option("--server/--no-server", help="Let a running `clipdex serve` of this index answer.")
     ] = True,
@@ -112,7 +114,7 @@ def search(
         lean_model_imports(manifest.model)
         from clipdex.retrieval.search.searcher import Searcher
 
-        answer = Searcher(index_dir, device=device.value).answer(asked)
+        answer = Searcher(index_dir, device=device.value, runtime=runtime.value if runtime else None).answer(asked)
     answer["query"] = q.label()  # an image sent to a server is named there by its bytes only
     if q.describe() is not None:  # the terms as this command names them (a server saw the image as bytes)
         answer["terms"] = q.describe()

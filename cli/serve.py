@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from clipdex.cli.common import Device, DeviceOpt, IndexDir, app, err, friendly
+from clipdex.cli.common import Device, DeviceOpt, IndexDir, RuntimeOpt, app, err, friendly
 from clipdex.retrieval.errors import ClipdexError
 
 
@@ -35,6 +35,7 @@ def serve(
         ),
     ] = None,
     device: DeviceOpt = Device.auto,
+    runtime: RuntimeOpt = None,
 ) -> None:
     """Serve the index: an HTTP API (OpenAPI at /api/openapi.json) and a web page at /, the model loaded once."""
     from clipdex.retrieval.config import parse_memory
@@ -55,6 +56,7 @@ def serve(
         port=port,
         token=token or None,
         device=device.value,
+        runtime=runtime.value if runtime else None,
         max_upload_bytes=upload,
         allowed_hosts=tuple(allowed_host or ()),
     )

@@ -20,6 +20,7 @@ class IndexConfig:
     image_column: str | None = None
     encoder: EncoderConfig | None = None  # None: the index's own model, or the default for a new index
     device: str = "auto"
+    runtime: str | None = None  # auto, onnx or torch: what runs the forward (retrieval.model.runtime)
     batch_size: int = 64
     workers: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS

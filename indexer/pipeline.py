@@ -24,7 +24,9 @@ from clipdex.retrieval.config import EncoderConfig, ModelSpec
 from clipdex.retrieval.errors import IndexFormatError, InputError, Interrupted
 from clipdex.retrieval.imaging.captions import TextSource, open_texts
 from clipdex.retrieval.model import weights
+from clipdex.retrieval.model.choose import onnx_or_torch
 from clipdex.retrieval.model.encoder import Encoder, load_encoder
+from clipdex.retrieval.model.runtime import asked_runtime
 from clipdex.retrieval.model.weights import index_encoder_config
 from clipdex.retrieval.paths import canonical
 from clipdex.retrieval.store.lock import acquire_lock
@@ -90,7 +92,7 @@ def _open(config: IndexConfig, fresh: FreshIndexDir) -> tuple[Encoder, IndexWrit
     encoder_config, existing = _encoder_config(config)
     lock = acquire_lock(config.index_dir) if existing is not None else None
     try:
-        encoder = load_encoder(encoder_config, expect=existing)
+        encoder = _runtime(load_encoder(encoder_config, expect=existing), config)
         if config.ann is not None:
             validate_settings(config.ann, encoder.dim)
         writer = index_writer(config.index_dir, encoder.spec, encoder.dim, lock=lock)
@@ -104,6 +106,15 @@ def _open(config: IndexConfig, fresh: FreshIndexDir) -> tuple[Encoder, IndexWrit
     if config.ann is not None:
         writer.set_ann_settings(config.ann)
     return encoder, writer
+
+
+def _runtime(encoder: Encoder, config: IndexConfig) -> Any:
+    """The encoder that runs the forward: the model's ONNX export (made now, once) on ONNX Runtime unless torch was
+    asked for, the model is on a GPU, or Ray runs the encoding (its workers load torch themselves)."""
+    chosen = asked_runtime(config.runtime)
+    if chosen == "torch" or encoder.device.type != "cpu" or config.engine != "local":
+        return encoder
+    return onnx_or_torch(encoder, required=chosen == "onnx")
 
 
 @contextlib.contextmanager

@@ -73,10 +73,15 @@ class DecodeOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     exif_transpose: bool = True
     max_aspect: float | None = None
+    draft: tuple[int, int] | None = None  # a JPEG is DCT-scaled down to no less than this (width, height)
 
     def decode(self, data: bytes) -> DecodedImage:
         return decode_image(
-            data, max_pixels=self.max_pixels, exif_transpose=self.exif_transpose, max_aspect=self.max_aspect
+            data,
+            max_pixels=self.max_pixels,
+            exif_transpose=self.exif_transpose,
+            max_aspect=self.max_aspect,
+            draft=self.draft,
         )
 
 

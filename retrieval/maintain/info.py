@@ -9,6 +9,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from clipdex.retrieval.errors import IndexFormatError
+from clipdex.retrieval.model.runtime import runtime_of
 from clipdex.retrieval.store.manifest import Manifest, read_manifest
 from clipdex.retrieval.store.snapshot import read_parquet
 
@@ -23,6 +24,7 @@ def index_info(index_dir: Path, *, with_failures: bool = False) -> dict[str, Any
             "name": manifest.model.name,
             "pretrained": manifest.model.pretrained,
             "checkpoint_sha256": manifest.model.checkpoint_sha256,
+            "runtime": runtime_of(manifest.model),
         },
         "dim": manifest.dim,
         "counts": manifest.counts,

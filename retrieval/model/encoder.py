@@ -23,6 +23,7 @@ from PIL import Image
 from clipdex.retrieval.config import EncoderConfig, ModelSpec, optional_imports_needed
 from clipdex.retrieval.errors import ModelError
 from clipdex.retrieval.imaging.decode import DEFAULT_MAX_PIXELS, MAX_ASPECT, DecodeOptions
+from clipdex.retrieval.model.preprocess import Preprocess
 from clipdex.retrieval.model.weights import checkpoint_sha
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,13 @@ class Encoder:
 
     def decode_options(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodeOptions:
         """How indexed files and query images are decoded for this model: one rule for both."""
-        return DecodeOptions(max_pixels=max_pixels, max_aspect=MAX_ASPECT if self.crops_center else None)
+        cfg = getattr(getattr(self.model, "visual", None), "preprocess_cfg", None) or {}
+        same = Preprocess.from_config(cfg) if cfg else None
+        return DecodeOptions(
+            max_pixels=max_pixels,
+            max_aspect=MAX_ASPECT if self.crops_center else None,
+            draft=same.draft if same is not None else None,
+        )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.type != "cuda":
@@ -226,7 +233,12 @@ def _encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     """
     positions = torch.arange(tokens.shape[1], device=tokens.device)
     length = int(((tokens != 0) * (positions + 1)).max())
-    tokens = tokens[:, :length]
+    return _encode_text_at_length(model, tokens[:, :length])
+
+
+def _encode_text_at_length(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """CLIP.encode_text at the tokens' own length (L <= the context length): what the ONNX text tower runs."""
+    length = tokens.shape[1]
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast_dtype)
     x = x + model.positional_embedding[:length].to(cast_dtype)

@@ -45,8 +45,8 @@ def open_snapshot(index_dir: Path, manifest: Manifest, stamp: tuple[int, int, in
 
 
 def _device_name(device: str) -> str:
-    if device == "cpu":
-        return "cpu"  # no torch import for the common case
+    if device == "cpu" or (device == "auto" and not _nvidia_present()):
+        return "cpu"  # no torch import (seconds) to learn that a machine without a GPU has none
     from clipdex.retrieval.model.encoder import resolve_device
 
     return str(resolve_device(device))
@@ -67,3 +67,8 @@ def hits(snap: OpenSnapshot, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
     keep = ids >= 0
     scores, ids = scores[keep], ids[keep]
     return hits_from_rows(scores, ids, snap.items.rows(ids))
+
+
+def _nvidia_present() -> bool:
+    """Whether an NVIDIA driver is loaded here: without one CUDA cannot be, whatever torch would say."""
+    return Path("/proc/driver/nvidia").exists() or Path("/dev/nvidiactl").exists()

@@ -20,7 +20,6 @@ from PIL import Image
 from clipdex.retrieval.config import Kind
 from clipdex.retrieval.errors import ImageDecodeError, IndexFormatError, InputError
 from clipdex.retrieval.imaging.decode import read_query_image
-from clipdex.retrieval.model.weights import index_encoder_config
 from clipdex.retrieval.paths import canonical
 from clipdex.retrieval.search import compose, opened
 from clipdex.retrieval.search.batching import Batcher, LRUCache
@@ -49,9 +48,12 @@ class Searcher:
     >>> s.search_text("a dog on a beach", k=5)
     """
 
-    def __init__(self, index_dir: str | Path, *, device: str = "auto", encoder: Encoder | None = None):
+    def __init__(
+        self, index_dir: str | Path, *, device: str = "auto", encoder: Encoder | None = None, runtime: str | None = None
+    ):
         self.dir = Path(index_dir)
         self.device = device
+        self.runtime = runtime  # auto, onnx or torch (retrieval.model.runtime); None: $CLIPDEX_RUNTIME, else auto
         self._encoder = encoder
         self._own_encoder = encoder is None
         self._lock = threading.RLock()  # reloads and loading the encoder
@@ -101,10 +103,9 @@ class Searcher:
     def encoder(self) -> Encoder:
         with self._lock:
             if self._encoder is None:
-                from clipdex.retrieval.model.encoder import load_encoder
+                from clipdex.retrieval.model.choose import open_index_encoder
 
-                config, spec = index_encoder_config(self.dir, device=self.device)
-                self._encoder = load_encoder(config, expect=spec)
+                self._encoder = open_index_encoder(self.dir, device=self.device, runtime=self.runtime)
             return self._encoder
 
     # -- what the snapshot holds ----------------------------------------------------------------------------------
@@ -358,6 +359,8 @@ class Searcher:
 
 
 def _stack(pixels: list[Any]) -> Any:
+    if isinstance(pixels[0], np.ndarray):  # the numpy preprocessing of the ONNX runtime
+        return np.stack(pixels)
     import torch
 
     return torch.stack(pixels)

@@ -104,7 +104,7 @@ def serve(config: ServeConfig, *, on_ready: Any = None) -> None:
 
     from clipdex.retrieval.serve import remote
 
-    searcher = Searcher(config.index_dir, device=config.device)
+    searcher = Searcher(config.index_dir, device=config.device, runtime=config.runtime)
     _ = searcher.encoder  # load the model before the first request, not during it
     app = create_app(searcher, config)
     server = uvicorn.Server(

@@ -24,6 +24,7 @@ class ServeConfig:
     port: int = 8000
     token: str | None = None
     device: str = "auto"
+    runtime: str | None = None  # auto, onnx or torch (retrieval.model.runtime)
     max_upload_bytes: int = 20 << 20
     max_query_chars: int = 1000
     max_k: int = 1000

@@ -1,0 +1,184 @@
+"""Runtimes for one model: its towers exported once to ONNX and run on ONNX Runtime, or open_clip on torch.
+
+An export lives in the user cache, content-addressed (`exports/<key>/`): the key hashes what the model is (its
+weights' SHA-256 or tag, its architecture and config), the export code's version and the ONNX opset, so any index
+built with the same weights finds it, and a cleared cache or a copied index re-exports. `OnnxEncoder` imports no
+torch: Pillow/numpy preprocessing (`preprocess.py`) and CLIP's tokenizer (`tokenizer.py`) are the ones every
+runtime uses. `retrieval.model.choose` picks the runtime: `--runtime` / `$CLIPDEX_RUNTIME` (auto, onnx or torch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from clipdex.retrieval.config import ModelSpec
+from clipdex.retrieval.errors import ModelError
+from clipdex.retrieval.imaging.decode import DEFAULT_MAX_PIXELS, MAX_ASPECT, DecodeOptions
+from clipdex.retrieval.model.preprocess import Preprocess
+from clipdex.retrieval.model.tokenizer import ClipTokenizer
+from clipdex.retrieval.model.weights import cache_root
+
+log = logging.getLogger(__name__)
+
+EXPORT_VERSION = 1  # bump when what the export writes changes: old exports are then re-made, never misread
+OPSET = 18
+RUNTIMES = ("auto", "onnx", "torch")
+META = "export.json"
+
+
+def export_key(spec: ModelSpec) -> str:
+    """What identifies an export: the weights (by content when local), the architecture, the export's code."""
+    what = {
+        "name": spec.name,
+        "weights": spec.checkpoint_sha256 or spec.pretrained,
+        "config": spec.config,
+        "export": EXPORT_VERSION,
+        "opset": OPSET,
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def export_dir(spec: ModelSpec) -> Path:
+    return cache_root() / "exports" / export_key(spec)
+
+
+def find_export(spec: ModelSpec) -> Path | None:
+    """The export for this model, if it was made (and not refused)."""
+    folder = export_dir(spec)
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, ValueError):
+        return None
+    return folder if meta.get("ok") else None
+
+
+def refused_export(spec: ModelSpec) -> str | None:
+    """Why this model's export was refused (its towers did not agree with torch), if it was."""
+    try:
+        meta = json.loads((export_dir(spec) / META).read_text())
+    except (OSError, ValueError):
+        return None
+    return None if meta.get("ok") else str(meta.get("reason", "refused"))
+
+
+def asked_runtime(runtime: str | None) -> str:
+    value = (runtime or os.environ.get("CLIPDEX_RUNTIME") or "auto").lower()
+    if value not in RUNTIMES:
+        raise ModelError(f"unknown runtime {value!r}: use auto, onnx or torch")
+    return value
+
+
+def _providers(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = ["CPUExecutionProvider"]
+    if device in ("auto", "cuda") or device.startswith("cuda:"):
+        wanted = [p for p in ("CUDAExecutionProvider", "OpenVINOExecutionProvider") if p in available] + wanted
+    return wanted
+
+
+class OnnxEncoder:
+    """An exported model on ONNX Runtime, with the same interface as `Encoder` for what indexing and queries use:
+    L2-normalised float32 vectors from texts, PIL images or preprocessed pixels."""
+
+    runtime = "onnx"
+
+    def __init__(self, folder: Path, spec: ModelSpec, *, device: str = "auto", threads: int | None = None):
+        meta = json.loads((folder / META).read_text())
+        self.folder = folder
+        self.spec = spec
+        self.dim = int(meta["dim"])
+        self.preprocess = Preprocess.from_json(meta["preprocess"])
+        self.tokenizer = ClipTokenizer(int(meta["context_length"]))
+        self.trim_text = bool(meta["trim_text"])
+        self.device = device
+        self._threads = threads
+        self._sessions: dict[str, Any] = {}
+        self.providers = _providers(device)
+
+    @property
+    def crops_center(self) -> bool:
+        return self.preprocess.crops_center
+
+    def decode_options(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodeOptions:
+        return DecodeOptions(
+            max_pixels=max_pixels,
+            max_aspect=MAX_ASPECT if self.crops_center else None,
+            draft=self.preprocess.draft,
+        )
+
+    def _session(self, tower: str) -> Any:
+        """The tower's session, made on first use. The graph is optimised once and the optimised graph kept beside
+        the export, so later starts load it with optimisation off."""
+        session = self._sessions.get(tower)
+        if session is None:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            if self._threads:
+                options.intra_op_num_threads = self._threads
+            options.log_severity_level = 3
+            optimised = self.folder / f"{tower}.opt.onnx"
+            if optimised.is_file():
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                source = optimised
+            else:
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                tmp = optimised.with_name(f"{optimised.name}.{os.getpid()}.tmp")
+                options.optimized_model_filepath = str(tmp)
+                source = self.folder / f"{tower}.onnx"
+            session = ort.InferenceSession(str(source), sess_options=options, providers=self.providers)
+            if source != optimised and Path(options.optimized_model_filepath).is_file():
+                with contextlib.suppress(OSError):  # a read-only cache: optimised again next time
+                    os.replace(options.optimized_model_filepath, optimised)
+            self._sessions[tower] = session
+        return session
+
+    def encode_images(self, pixels: Any) -> np.ndarray:
+        """Encode a preprocessed batch (N, 3, H, W)."""
+        x = np.ascontiguousarray(np.asarray(pixels, dtype=np.float32))
+        return _normalised(self._session("image").run(None, {"pixels": x})[0])
+
+    def encode_pixels(self, pixels: Sequence[Any]) -> np.ndarray:
+        return self.encode_images(np.stack([np.asarray(p, dtype=np.float32) for p in pixels]))
+
+    def encode_pil(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.encode_images(np.stack([self.preprocess(im) for im in images]))
+
+    def encode_texts(self, texts: Sequence[str], *, batch_size: int = 256) -> np.ndarray:
+        """Each distinct text once, in batches of similar length, cut to the batch's longest when exact."""
+        unique = list(dict.fromkeys(texts))
+        order = sorted(range(len(unique)), key=lambda i: len(unique[i]))
+        encoded = np.empty((len(unique), self.dim), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            tokens = self.tokenizer([unique[i] for i in rows])
+            if self.trim_text:
+                tokens = tokens[:, : int(((tokens != 0) * np.arange(1, tokens.shape[1] + 1)).max())]
+            encoded[rows] = _normalised(self._session("text").run(None, {"tokens": tokens})[0])
+        position = {t: i for i, t in enumerate(unique)}
+        return encoded[[position[t] for t in texts]] if texts else encoded
+
+
+def _normalised(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32, copy=False)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(1e-12))
+
+
+def runtime_of(spec: ModelSpec) -> str:
+    """Which runtime answers this model's queries by default: what `clipdex info` says."""
+    if find_export(spec) is not None:
+        return "onnx (ONNX Runtime, CPU)"
+    reason = refused_export(spec)
+    return f"torch (export refused: {reason})" if reason else "torch (not exported yet: the next query exports it)"

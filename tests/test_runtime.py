@@ -1,0 +1,182 @@
+"""One model, two runtimes: the ONNX export on ONNX Runtime against open_clip on torch.
+
+The tokenizer and preprocessing the ONNX path uses equal open_clip's (ids identical, pixels within 1e-6); the
+export agrees with torch per vector; a search on the default runtime imports no torch and ranks as torch does;
+an export that disagrees is refused and torch answers; a cleared cache re-exports.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import open_clip
+import pytest
+from conftest import run
+from corpus import make_images
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+from typer.testing import CliRunner
+
+from clipdex.cli.main import app
+from clipdex.retrieval.config import EncoderConfig
+from clipdex.retrieval.model import export as export_module
+from clipdex.retrieval.model.choose import open_index_encoder
+from clipdex.retrieval.model.encoder import load_encoder
+from clipdex.retrieval.model.preprocess import Preprocess
+from clipdex.retrieval.model.runtime import OnnxEncoder, export_dir, find_export
+from clipdex.retrieval.model.tokenizer import ClipTokenizer
+from clipdex.retrieval.search.query import Query
+from clipdex.retrieval.search.searcher import Searcher
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+PIECES = [
+    "a", "photo", "of", "dog", "RED", "Circle", " ", "  ", "\t", "\n", "\u00a0", "\u200b", ",", ".", "!?", "'s", "'ll",
+    "don't", "&amp;", "&lt;b&gt;", "<start_of_text>", "<end_of_text>", "é", "ß", "ﬁ", "Ünïcödé", "日本語", "中文",
+    "한국어", "العربية", "😀", "🎉", "👍🏽", "🐱‍👤", "2024", "3.14", "#hashtag", "@user", "http://x.y/z?q=1", "Ⅻ",
+    "\u0301", "…", "—", "“quoted”", "x" * 40,
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return ClipTokenizer(), open_clip.get_tokenizer("ViT-B-32")
+
+
+def _corpus(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    texts = ["", " ", "a photo of a dog", "red " * 100, "<start_of_text> hi", "it's we'll they'd I'M"]
+    for _ in range(n):
+        texts.append("".join(rng.choice(PIECES) + rng.choice(["", " "]) for _ in range(rng.randint(0, 40))))
+    return texts
+
+
+def test_token_ids_equal_open_clip_on_a_generated_corpus(tokenizers):
+    ours, theirs = tokenizers
+    texts = _corpus(3000, seed=0)
+    np.testing.assert_array_equal(ours(texts), theirs(texts).numpy())
+    np.testing.assert_array_equal(ours(texts, context_length=16), theirs(texts, context_length=16).numpy())
+
+
+@given(st.lists(st.text(max_size=120), min_size=1, max_size=8))
+def test_token_ids_equal_open_clip_on_any_text(tokenizers, texts):
+    ours, theirs = tokenizers
+    np.testing.assert_array_equal(ours(texts), theirs(texts).numpy())
+
+
+@pytest.mark.parametrize(
+    "size,mode,interpolation",
+    [(224, "shortest", "bicubic"), (32, "shortest", "bicubic"), (256, "squash", "bilinear"), (64, "squash", "bicubic")],
+)
+def test_pixels_equal_open_clip_for_sizes_modes_and_aspects(size, mode, interpolation):
+    cfg = {
+        "size": (size, size),
+        "mode": "RGB",
+        "mean": OPENAI_MEAN,
+        "std": OPENAI_STD,
+        "interpolation": interpolation,
+        "resize_mode": mode,
+        "fill_color": 0,
+    }
+    reference = open_clip.transform.image_transform_v2(open_clip.transform.PreprocessCfg(**cfg), is_train=False)
+    ours = Preprocess.from_config(cfg)
+    assert ours is not None
+    rng = np.random.default_rng(size)
+    for w, h in [(640, 480), (480, 640), (size, size), (size + 1, size), (33, 900), (900, 33), (7, 5), (1000, 999)]:
+        for image_mode in ("RGB", "L", "RGBA", "P", "CMYK", "I;16"):
+            array = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            image = (
+                Image.fromarray(array).convert(image_mode) if image_mode != "I;16" else Image.fromarray(array[..., 0])
+            )
+            want = reference(image).numpy()
+            assert np.abs(ours(image) - want).max() <= 1e-6, (w, h, image_mode)
+
+
+def test_transforms_it_does_not_reproduce_are_left_to_torch():
+    base = {"size": (224, 224), "mean": OPENAI_MEAN, "std": OPENAI_STD, "interpolation": "bicubic"}
+    assert Preprocess.from_config({**base, "resize_mode": "longest"}) is None
+    assert Preprocess.from_config({**base, "resize_mode": "shortest", "size": (224, 160)}) is None
+    assert Preprocess.from_config({**base, "resize_mode": "shortest", "interpolation": "lanczos"}) is None
+
+
+@pytest.fixture(scope="module")
+def torch_encoder(tiny_model):
+    return load_encoder(EncoderConfig(str(tiny_model.config), str(tiny_model.weights), device="cpu"))
+
+
+def test_the_export_agrees_with_torch_per_vector(torch_encoder):
+    folder, reason = export_module.export_encoder(torch_encoder)
+    assert folder is not None and reason is None
+    meta = json.loads((folder / "export.json").read_text())
+    assert meta["ok"] and meta["trim_text"] and meta["agreement"]["min_cosine"] >= 0.99999
+    onnx = OnnxEncoder(folder, torch_encoder.spec)
+    texts = [*_corpus(60, seed=1), "a red circle", "a red circle and a blue square on a green background"]
+    a, b = torch_encoder.encode_texts(texts), onnx.encode_texts(texts)
+    assert np.min(np.sum(a * b, axis=1)) >= 0.99999 and np.abs(a - b).max() <= 1e-4
+    images = [
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40 + i, 70, 3), dtype=np.uint8)) for i in range(5)
+    ]
+    a, b = torch_encoder.encode_pil(images), onnx.encode_pil(images)
+    assert np.min(np.sum(a * b, axis=1)) >= 0.99999 and np.abs(a - b).max() <= 1e-4
+    assert export_module.export_encoder(torch_encoder)[0] == folder  # found again, not re-made
+
+
+@pytest.fixture
+def library(tmp_path, tiny_model):
+    make_images(tmp_path / "photos", 24, seed=410)
+    index = tmp_path / "idx"
+    run(CliRunner(), "index", tmp_path / "photos", "--index", index, *tiny_model.cli_args())
+    return index
+
+
+def test_a_search_on_the_default_runtime_imports_no_torch_and_ranks_as_torch(library, tmp_path):
+    code = (
+        "import json, sys\n"
+        "from clipdex.cli.main import main\n"
+        f"sys.argv = ['clipdex', 'search', 'a red circle', '--index', {str(library)!r}, '--json', '--no-server', '-k', '24']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'open_clip', 'timm')"
+        " and sys.modules[m] is not None)\n"
+        "print(json.dumps(heavy))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    *answer, heavy = done.stdout.strip().splitlines()
+    assert json.loads(heavy) == []
+    onnx_hits = json.loads("\n".join(answer))["results"]
+    torch_hits = Searcher(library, device="cpu", runtime="torch").search(Query.build(text="a red circle"), k=24)
+    assert [h["id"] for h in onnx_hits] == [h.id for h in torch_hits]
+    assert np.allclose([h["score"] for h in onnx_hits], [h.score for h in torch_hits], atol=1e-5)
+    info = json.loads(run(CliRunner(), "info", "--index", library, "--json"))
+    assert info["model"]["runtime"].startswith("onnx")
+
+
+def test_an_export_that_disagrees_is_refused_and_torch_answers(library, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPDEX_CACHE", str(tmp_path / "fresh-cache"))  # no export there yet
+    monkeypatch.setattr(export_module, "MIN_COSINE", 1.5)  # no export can pass this bar
+    encoder = open_index_encoder(library, device="cpu")
+    assert encoder.__class__.__name__ == "Encoder"  # torch
+    spec = encoder.spec
+    assert find_export(spec) is None and not list(export_dir(spec).glob("*.onnx"))
+    info = json.loads(run(CliRunner(), "info", "--index", library, "--json"))
+    assert info["model"]["runtime"].startswith("torch (export refused")
+    result = CliRunner().invoke(
+        app, ["search", "a red circle", "--index", str(library), "--no-server", "--runtime", "onnx"]
+    )
+    assert result.exit_code != 0 and "no usable ONNX export" in result.stderr
+
+
+def test_a_cleared_cache_or_a_copied_index_is_exported_again(library, tmp_path, monkeypatch):
+    want = Searcher(library, device="cpu").search(Query.build(text="a blue square"), k=5)
+    monkeypatch.setenv("CLIPDEX_CACHE", str(tmp_path / "empty-cache"))
+    copy = tmp_path / "copied"
+    subprocess.run(["cp", "-a", str(library), str(copy)], check=True)
+    searcher = Searcher(copy, device="cpu")
+    got = searcher.search(Query.build(text="a blue square"), k=5)
+    assert isinstance(searcher.encoder, OnnxEncoder)
+    assert [h.id for h in got] == [h.id for h in want]
+    assert find_export(searcher.encoder.spec) is not None
