@@ -60,7 +60,10 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
 
 
 class Reference:
-    """Brute-force cosine search with open_clip used directly: PIL open, preprocess, full-length text."""
+    """Brute-force cosine search with open_clip used directly: PIL open, preprocess, full-length text.
+
+    A JPEG is opened at the DCT scale clipdex decodes it at (Pillow's `draft` to the model's input size, part of
+    the decoding rule for indexes and queries); everything after is open_clip's own."""
 
     def __init__(self, model: TinyModel):
         open_clip.add_model_config(model.config)
@@ -72,7 +75,13 @@ class Reference:
 
     @torch.no_grad()
     def images(self, paths: list[Path]) -> np.ndarray:
-        batch = torch.stack([self.preprocess(Image.open(p).convert("RGB")) for p in paths])
+        side = max(self.model.visual.preprocess_cfg["size"])
+        images = []
+        for p in paths:
+            image = Image.open(p)
+            image.draft("RGB", (side, side))  # a no-op but for JPEGs
+            images.append(self.preprocess(image.convert("RGB")))
+        batch = torch.stack(images)
         return self.model.encode_image(batch, normalize=True).numpy()
 
     @torch.no_grad()

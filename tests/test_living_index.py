@@ -174,6 +174,9 @@ def test_moved_checkpoint_keeps_the_index_searchable(cli, tmp_path, tiny_model, 
     assert search_json(cli, index, "a red circle")["results"] == before  # found by content in the cache
     for copy in (weights_cache / "weights").glob("*"):
         copy.unlink()
+    # no weights anywhere: the model's ONNX export (in the cache) still answers without them
+    assert search_json(cli, index, "a red circle")["results"] == before
+    shutil.rmtree(weights_cache / "exports")
     result = cli.invoke(app, ["search", "a red circle", "--index", str(index)])
     assert_one_line_error(result, "is gone", "--pretrained FILE")
     run(cli, "index", tmp_path / "photos", "--index", index, "--pretrained", moved)  # same content, new place

@@ -141,6 +141,5 @@ def encode_image_files(
         for d in batch:
             if d.error is not None:
                 raise DatasetError(f"cannot use {paths[d.index]}: {d.error}")
-        pixels = torch.stack([d.pixels for d in batch if d.pixels is not None])
-        out[[d.index for d in batch]] = encoder.encode_images(pixels)
+        out[[d.index for d in batch]] = encoder.encode_pixels([d.pixels for d in batch if d.pixels is not None])
     return out
