@@ -136,6 +136,8 @@ def main() -> None:
     payload = {"machine": machine(), "args": vars(args) | {"out": str(args.out)}, "rows": rows, "draft": draft,
                "export_seconds": export_seconds, "times": {f"{k[0]}|{k[1]}": v for k, v in times.items()}}  # fmt: skip
     write_report(args.out, "runtime", payload, table)
+    if args.before:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(work / "before" / "worktree")])
 
 
 def draft_decoding(folder: Path, weights: Path, work: Path) -> dict[str, object]:

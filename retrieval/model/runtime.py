@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,7 @@ class OnnxEncoder:
         self.device = device
         self._threads = threads
         self._sessions: dict[str, Any] = {}
+        self._lock = threading.Lock()
         self.providers = _providers(device)
 
     @property
@@ -119,30 +121,36 @@ class OnnxEncoder:
         )
 
     def _session(self, tower: str) -> Any:
-        """The tower's session, made on first use. The graph is optimised once and the optimised graph kept beside
-        the export, so later starts load it with optimisation off."""
+        """The tower's session, made on first use. The graph is optimised once and kept beside the export."""
         session = self._sessions.get(tower)
-        if session is None:
-            import onnxruntime as ort
+        if session is not None:
+            return session
+        with self._lock:  # the server's threads: one session per tower, one writer of its optimised graph
+            return self._sessions.get(tower) or self._open_session(tower)
 
-            options = ort.SessionOptions()
-            if self._threads:
-                options.intra_op_num_threads = self._threads
-            options.log_severity_level = 3
-            optimised = self.folder / f"{tower}.opt.onnx"
-            if optimised.is_file():
-                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-                source = optimised
-            else:
-                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-                tmp = optimised.with_name(f"{optimised.name}.{os.getpid()}.tmp")
-                options.optimized_model_filepath = str(tmp)
-                source = self.folder / f"{tower}.onnx"
-            session = ort.InferenceSession(str(source), sess_options=options, providers=self.providers)
-            if source != optimised and Path(options.optimized_model_filepath).is_file():
-                with contextlib.suppress(OSError):  # a read-only cache: optimised again next time
-                    os.replace(options.optimized_model_filepath, optimised)
-            self._sessions[tower] = session
+    def _open_session(self, tower: str) -> Any:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if self._threads:
+            options.intra_op_num_threads = self._threads
+        options.log_severity_level = 3
+        optimised = self.folder / f"{tower}.opt.onnx"
+        # The saved graph has the portable fusions (attention, layer norm, GELU: "extended"); the layout ones
+        # ("all") depend on this CPU, so they are redone at each start, which is quick.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimised.is_file():
+            source = optimised
+        else:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            tmp = optimised.with_name(f"{optimised.name}.{os.getpid()}.tmp")
+            options.optimized_model_filepath = str(tmp)
+            source = self.folder / f"{tower}.onnx"
+        session = ort.InferenceSession(str(source), sess_options=options, providers=self.providers)
+        if source != optimised and Path(options.optimized_model_filepath).is_file():
+            with contextlib.suppress(OSError):  # a read-only cache: optimised again next time
+                os.replace(options.optimized_model_filepath, optimised)
+        self._sessions[tower] = session
         return session
 
     def encode_images(self, pixels: Any) -> np.ndarray:
