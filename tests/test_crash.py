@@ -176,3 +176,28 @@ def test_lock_is_released_when_the_holder_dies(tmp_path, tiny_model):
     code = "import sys, os; sys.path.insert(0, '.'); import fcntl; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write('pid 1\\n'); f.flush(); os._exit(0)"
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "idx" / "write.lock")], check=True)
     index_writer(tmp_path / "idx", encoder.spec, encoder.dim).close()
+
+
+def test_a_forked_child_does_not_keep_the_lock(tmp_path):
+    """Decode workers are forked while the writer holds the lock: a worker that outlives its killed parent must not
+    keep the index locked (the next run would be refused), and the lock still excludes other processes."""
+    from clipdex.retrieval.store.lock import acquire_lock
+
+    lock = acquire_lock(tmp_path)
+    ready, told = os.pipe()
+    child = os.fork()
+    if child == 0:  # a worker that lives on
+        os.write(told, b"x")
+        time.sleep(30)
+        os._exit(0)
+    try:
+        os.read(ready, 1)  # the child is running (its fork handlers have run)
+        lock.close()  # the writer is gone; its child is not
+        again = acquire_lock(tmp_path)
+        probe = "import pathlib; from clipdex.retrieval.store.lock import acquire_lock; acquire_lock(pathlib.Path(%r))"
+        other = subprocess.run([sys.executable, "-c", probe % str(tmp_path)], capture_output=True, text=True)
+        assert "IndexLockedError" in other.stderr
+        again.close()
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)

@@ -10,6 +10,23 @@ from typing import TextIO
 from clipdex.retrieval.errors import IndexLockedError, disk_error
 
 LOCK = "write.lock"
+_HELD: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _release_in_child() -> None:
+    """A forked child (a decode worker) inherits the lock's descriptor, and with it the lock: a worker that outlives
+    its killed parent by a few seconds would keep the index locked. The child points its copy at /dev/null (the
+    number stays valid for whatever closes it later); the parent's lock is untouched."""
+    if not _HELD:
+        return
+    null = os.open(os.devnull, os.O_RDONLY)
+    for fd in _HELD:
+        os.dup2(null, fd)
+    os.close(null)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_release_in_child)
 
 
 class WriteLock:
@@ -17,8 +34,11 @@ class WriteLock:
 
     def __init__(self, f: TextIO):
         self._f = f
+        _HELD.add(f.fileno())
 
     def close(self) -> None:
+        if not self._f.closed:
+            _HELD.discard(self._f.fileno())
         self._f.close()
 
 
