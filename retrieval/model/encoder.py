@@ -24,6 +24,7 @@ from clipdex.retrieval.config import EncoderConfig, ModelSpec, optional_imports_
 from clipdex.retrieval.errors import ModelError
 from clipdex.retrieval.imaging.decode import DEFAULT_MAX_PIXELS, MAX_ASPECT, DecodeOptions
 from clipdex.retrieval.model.preprocess import Preprocess
+from clipdex.retrieval.model.runtime import encode_distinct
 from clipdex.retrieval.model.weights import checkpoint_sha
 
 log = logging.getLogger(__name__)
@@ -168,15 +169,7 @@ class Encoder:
         return self.encode_images(torch.stack([self.preprocess(im) for im in images]))
 
     def encode_texts(self, texts: Sequence[str], *, batch_size: int = 256) -> np.ndarray:
-        """Encode each distinct text once, in batches of similar length so trimming cuts the most."""
-        unique = list(dict.fromkeys(texts))
-        order = sorted(range(len(unique)), key=lambda i: len(unique[i]))
-        encoded = np.empty((len(unique), self.dim), dtype=np.float32)
-        for start, stop in _batches(len(order), batch_size):
-            rows = order[start:stop]
-            encoded[rows] = self._encode_text_batch([unique[i] for i in rows])
-        position = {t: i for i, t in enumerate(unique)}
-        return encoded[[position[t] for t in texts]] if texts else encoded
+        return encode_distinct(texts, self.dim, batch_size, self._encode_text_batch)
 
     def _encode_text_batch(self, texts: list[str], *, trim: bool | None = None) -> np.ndarray:
         tokens = self.tokenizer(texts).to(self.device)
@@ -193,11 +186,6 @@ class Encoder:
         if not exact:
             log.warning("text trimming is not exact for %s; encoding at full context length", self.spec.name)
         return exact
-
-
-def _batches(n: int, size: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, n, size):
-        yield start, min(start + size, n)
 
 
 def _embed_dim(model: torch.nn.Module) -> int:

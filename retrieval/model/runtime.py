@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -165,18 +165,29 @@ class OnnxEncoder:
         return self.encode_images(np.stack([self.preprocess(im) for im in images]))
 
     def encode_texts(self, texts: Sequence[str], *, batch_size: int = 256) -> np.ndarray:
-        """Each distinct text once, in batches of similar length, cut to the batch's longest when exact."""
-        unique = list(dict.fromkeys(texts))
-        order = sorted(range(len(unique)), key=lambda i: len(unique[i]))
-        encoded = np.empty((len(unique), self.dim), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            tokens = self.tokenizer([unique[i] for i in rows])
-            if self.trim_text:
-                tokens = tokens[:, : int(((tokens != 0) * np.arange(1, tokens.shape[1] + 1)).max())]
-            encoded[rows] = _normalised(self._session("text").run(None, {"tokens": tokens})[0])
-        position = {t: i for i, t in enumerate(unique)}
-        return encoded[[position[t] for t in texts]] if texts else encoded
+        return encode_distinct(texts, self.dim, batch_size, self._encode_text_batch)
+
+    def _encode_text_batch(self, texts: list[str]) -> np.ndarray:
+        """Tokens cut to the batch's longest text when that is exact (a causal tower)."""
+        tokens = self.tokenizer(texts)
+        if self.trim_text:
+            tokens = tokens[:, : int(((tokens != 0) * np.arange(1, tokens.shape[1] + 1)).max())]
+        return _normalised(self._session("text").run(None, {"tokens": tokens})[0])
+
+
+def encode_distinct(
+    texts: Sequence[str], dim: int, batch_size: int, encode_batch: Callable[[list[str]], np.ndarray]
+) -> np.ndarray:
+    """Encode each distinct text once, in batches of similar length so trimming cuts the most; rows in `texts`'
+    order. What both runtimes' `encode_texts` do around their own batch encoder."""
+    unique = list(dict.fromkeys(texts))
+    order = sorted(range(len(unique)), key=lambda i: len(unique[i]))
+    encoded = np.empty((len(unique), dim), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        encoded[rows] = encode_batch([unique[i] for i in rows])
+    position = {t: i for i, t in enumerate(unique)}
+    return encoded[[position[t] for t in texts]] if texts else encoded
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:
