@@ -15,7 +15,6 @@ import importlib.util
 import itertools
 from pathlib import Path
 
-import ftfy
 import numpy as np
 import regex
 
@@ -45,8 +44,17 @@ def _byte_alphabet() -> dict[int, str]:
 
 
 def clean(text: str) -> str:
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return " ".join(text.split()).lower()
+    if not _plain(text):
+        import ftfy  # a tenth of a cold search's start (it loads wcwidth's tables): only for text that needs it
+
+        text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return " ".join(text.strip().split()).lower()
+
+
+def _plain(text: str) -> bool:
+    """Text that ftfy and HTML unescaping leave as it is: printable ASCII with no entity (mojibake, curly quotes,
+    ligatures, widths and BOMs are all non-ASCII; line breaks and control characters are not printable)."""
+    return text.isascii() and text.isprintable() and "&" not in text
 
 
 class ClipTokenizer:
