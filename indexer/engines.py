@@ -12,13 +12,15 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from clipdex.retrieval.errors import InputError
 from clipdex.retrieval.imaging.loader import Decoded, ImageFiles, default_workers, iter_decoded
-from clipdex.retrieval.model.encoder import Encoder
+
+if TYPE_CHECKING:
+    from clipdex.retrieval.model.encoder import Encoder
 
 ENGINES = ("local", "ray")
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clipdex.indexer.config import IndexConfig, Progress, Summary
 from clipdex.indexer.engines import Engine
@@ -17,10 +17,12 @@ from clipdex.retrieval.config import Kind
 from clipdex.retrieval.imaging.captions import TextSource
 from clipdex.retrieval.imaging.decode import PhotoMeta
 from clipdex.retrieval.imaging.loader import Decoded
-from clipdex.retrieval.model.encoder import Encoder
 from clipdex.retrieval.paths import content_hash, is_at_or_under
 from clipdex.retrieval.store.items import Record, Status
 from clipdex.retrieval.store.writer import IndexWriter
+
+if TYPE_CHECKING:
+    from clipdex.retrieval.model.encoder import Encoder
 
 
 class IndexRun:

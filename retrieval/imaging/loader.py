@@ -1,23 +1,30 @@
-"""Read, hash and decode image files in DataLoader worker processes.
+"""Read, hash and decode image files in worker processes.
 
 Each file is read once: the bytes are hashed (to spot unchanged, renamed and duplicate files)
 and, unless the hash is already known, decoded and preprocessed for the encoder.
+
+Indexing and evaluation decode in a process pool of their own, which imports no torch (with the ONNX runtime an
+indexing run then never loads it). Fine-tuning's seeded random augmentation keeps torch's DataLoader, which seeds
+each worker's generators from one seed.
 """
 
 from __future__ import annotations
 
+import collections
+import multiprocessing
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
-from clipdex.retrieval.errors import ImageDecodeError
+from clipdex.retrieval.errors import ClipdexError, ImageDecodeError
 from clipdex.retrieval.imaging.decode import MAX_FILE_BYTES, DecodeOptions, PhotoMeta
 from clipdex.retrieval.paths import content_hash
 
@@ -31,17 +38,19 @@ class Decoded:
     width: int | None = None
     height: int | None = None
     meta: PhotoMeta | None = None
-    pixels: torch.Tensor | None = None
+    pixels: Any = None  # the preprocessed image: a numpy array, or a torch tensor from torchvision's transforms
     error: str | None = None
     vanished: bool = False
     vector: np.ndarray | None = None  # set when the engine encoded it (Ray); else the caller encodes `pixels`
 
 
-class ImageFiles(Dataset[Decoded]):
+class ImageFiles:
+    """The files to decode, by position: what a worker reads (a torch Dataset in all but name)."""
+
     def __init__(
         self,
         paths: Sequence[Path],
-        transform: Callable[[Any], torch.Tensor],
+        transform: Callable[[Any], Any],
         *,
         known_hashes: frozenset[str] = frozenset(),
         options: DecodeOptions,
@@ -84,10 +93,11 @@ class ImageFiles(Dataset[Decoded]):
         return out
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(_: int = 0) -> None:
     # Ctrl-C is the main process's to handle: it commits what is done, then stops the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(1)
+    if "torch" in sys.modules:  # a torch transform: one thread per worker process
+        sys.modules["torch"].set_num_threads(1)
 
 
 def _as_list(batch: list[Decoded]) -> list[Decoded]:
@@ -108,8 +118,15 @@ def iter_decoded(
 ) -> Iterator[list[Decoded]]:
     """Decoded items in batches of `batch_size` in order, or exactly the index lists `batches`. With `seed`, the
     random transforms applied in the workers (training augmentation) are reproducible."""
+    if batches is None and seed is None:
+        order = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
+        yield from _pooled(dataset, order, workers)
+        return
+    import torch
+    from torch.utils.data import DataLoader
+
     loader = DataLoader(
-        dataset,
+        dataset,  # type: ignore[arg-type]
         batch_size=1 if batches is not None else batch_size,
         batch_sampler=batches,
         num_workers=workers,
@@ -119,3 +136,47 @@ def iter_decoded(
         generator=torch.Generator().manual_seed(seed) if seed is not None else None,
     )
     yield from loader
+
+
+_files: ImageFiles | None = None  # a pool worker's dataset, inherited at fork
+
+
+def _start_worker(files: ImageFiles) -> None:
+    global _files
+    _files = files
+    _worker_init()
+
+
+def _decode_batch(indices: list[int]) -> list[Decoded]:
+    assert _files is not None
+    return [_files[i] for i in indices]
+
+
+def _pooled(dataset: ImageFiles, order: list[list[int]], workers: int) -> Iterator[list[Decoded]]:
+    """The batches `order` names, decoded by `workers` forked processes (here when 0), in order, at most four
+    batches per worker ahead of the consumer. A worker that dies (a decoder crashing on a file) is an error."""
+    if workers <= 0:
+        for indices in order:
+            yield [dataset[i] for i in indices]
+        return
+    context = multiprocessing.get_context("fork")  # workers inherit the dataset and its preprocessing as they are
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(dataset,))
+    pending: collections.deque[Future[list[Decoded]]] = collections.deque()
+    todo = iter(order)
+    try:
+        for indices in todo:
+            pending.append(pool.submit(_decode_batch, indices))
+            if len(pending) >= 4 * workers:
+                break
+        while pending:
+            batch = pending.popleft().result()
+            for indices in todo:
+                pending.append(pool.submit(_decode_batch, indices))
+                break
+            yield batch
+    except BrokenProcessPool:
+        raise ClipdexError(
+            "an image decoding worker died (a decoder crashed on a file); run the command again"
+        ) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
