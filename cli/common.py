@@ -150,6 +150,22 @@ class Runtime(str, Enum):
     torch = "torch"
 
 
+class Precision(str, Enum):
+    fp32 = "fp32"
+    int8 = "int8"
+
+
+PrecisionOpt = Annotated[
+    Precision | None,
+    typer.Option(
+        help="What the model computes in, recorded in the index (queries use the same): fp32, or int8 (weights "
+        "quantised on ONNX Runtime: faster, smaller, vectors within cosine 0.99 of fp32's; see benchmarks/RESULTS.md). "
+        "An existing index keeps its own.",
+        show_default="fp32",
+    ),
+]
+
+
 RuntimeOpt = Annotated[
     Runtime | None,
     typer.Option(

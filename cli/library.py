@@ -25,6 +25,7 @@ from clipdex.cli.common import (
     ModelOpt,
     OnDiskOpt,
     PathsArg,
+    PrecisionOpt,
     PretrainedOpt,
     RayAddressOpt,
     RichProgress,
@@ -59,6 +60,7 @@ def index(
     workers: WorkersOpt = None,
     device: DeviceOpt = Device.auto,
     runtime: RuntimeOpt = None,
+    precision: PrecisionOpt = None,
     max_pixels: Annotated[
         int, typer.Option(min=1, help="Refuse images with more pixels than this, without decoding them.")
     ] = 178_956_970,
@@ -94,6 +96,7 @@ def index(
         encoder=encoder_config(model, pretrained, device, index_dir),
         device=device.value,
         runtime=runtime.value if runtime else None,
+        precision=precision.value if precision else None,
         batch_size=batch_size,
         workers=workers,
         max_pixels=max_pixels,

@@ -21,6 +21,7 @@ class IndexConfig:
     encoder: EncoderConfig | None = None  # None: the index's own model, or the default for a new index
     device: str = "auto"
     runtime: str | None = None  # auto, onnx or torch: what runs the forward (retrieval.model.runtime)
+    precision: str | None = None  # fp32 or int8 (retrieval.model.precision); None: the index's own, fp32 when new
     batch_size: int = 64
     workers: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS

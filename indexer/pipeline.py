@@ -13,7 +13,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clipdex.indexer.config import IndexConfig, NoProgress, Progress, Summary
 from clipdex.indexer.engines import Engine, EngineConfig, open_engine
@@ -24,14 +24,16 @@ from clipdex.retrieval.config import EncoderConfig, ModelSpec
 from clipdex.retrieval.errors import IndexFormatError, InputError, Interrupted
 from clipdex.retrieval.imaging.captions import TextSource, open_texts
 from clipdex.retrieval.model import weights
-from clipdex.retrieval.model.choose import onnx_or_torch
-from clipdex.retrieval.model.encoder import Encoder, load_encoder
-from clipdex.retrieval.model.runtime import asked_runtime
+from clipdex.retrieval.model.choose import exported_encoder, onnx_or_torch
+from clipdex.retrieval.model.runtime import asked_runtime, check_precision
 from clipdex.retrieval.model.weights import index_encoder_config
 from clipdex.retrieval.paths import canonical
 from clipdex.retrieval.store.lock import acquire_lock
 from clipdex.retrieval.store.manifest import MANIFEST, check_index_dir
-from clipdex.retrieval.store.writer import FreshIndexDir, IndexWriter, writing
+from clipdex.retrieval.store.writer import FreshIndexDir, IndexWriter, precision_mismatch, writing
+
+if TYPE_CHECKING:
+    from clipdex.retrieval.model.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +92,15 @@ def _open(config: IndexConfig, fresh: FreshIndexDir) -> tuple[Encoder, IndexWrit
     """The model and a writer for the index; an existing index is locked before the model loads, so a second
     indexer is refused at once."""
     encoder_config, existing = _encoder_config(config)
+    precision = _precision(config, existing is not None)
     lock = acquire_lock(config.index_dir) if existing is not None else None
     try:
-        encoder = _runtime(load_encoder(encoder_config, expect=existing), config)
+        encoder = _exported(encoder_config, existing, config, precision) or _runtime(
+            _load_encoder(encoder_config, existing), config, precision
+        )
         if config.ann is not None:
             validate_settings(config.ann, encoder.dim)
-        writer = index_writer(config.index_dir, encoder.spec, encoder.dim, lock=lock)
+        writer = index_writer(config.index_dir, encoder.spec, encoder.dim, lock=lock, precision=precision)
     except BaseException:
         if lock is not None:
             lock.close()
@@ -108,13 +113,45 @@ def _open(config: IndexConfig, fresh: FreshIndexDir) -> tuple[Encoder, IndexWrit
     return encoder, writer
 
 
-def _runtime(encoder: Encoder, config: IndexConfig) -> Any:
+def _precision(config: IndexConfig, existing: bool) -> str:
+    """The precision to encode at: the index's own (a different one asked for is refused), else what was asked."""
+    asked = check_precision(config.precision) if config.precision is not None else None
+    if not existing:
+        return asked or "fp32"
+    from clipdex.retrieval.store.manifest import read_manifest
+
+    held = read_manifest(config.index_dir).precision
+    if asked is not None and asked != held:
+        raise IndexFormatError(precision_mismatch(config.index_dir, held, asked))
+    return held
+
+
+def _load_encoder(encoder_config: EncoderConfig, existing: ModelSpec | None) -> Encoder:
+    from clipdex.retrieval.model.encoder import load_encoder  # torch and open_clip
+
+    return load_encoder(encoder_config, expect=existing)
+
+
+def _exported(encoder_config: EncoderConfig, existing: ModelSpec | None, config: IndexConfig, precision: str) -> Any:
+    """The model's export when it was made before: then this run never imports torch (the local engine only)."""
+    if config.engine != "local":
+        return None
+    return exported_encoder(encoder_config, expect=existing, runtime=config.runtime, precision=precision)
+
+
+def _runtime(encoder: Encoder, config: IndexConfig, precision: str) -> Any:
     """The encoder that runs the forward: the model's ONNX export (made now, once) on ONNX Runtime unless torch was
-    asked for, the model is on a GPU, or Ray runs the encoding (its workers load torch themselves)."""
+    asked for, the model is on a GPU, or Ray runs the encoding (its workers load torch themselves). A lower
+    precision runs only on ONNX Runtime, on the CPU."""
     chosen = asked_runtime(config.runtime)
+    if precision != "fp32" and (chosen == "torch" or encoder.device.type != "cpu" or config.engine != "local"):
+        raise InputError(
+            f"--precision {precision} runs on ONNX Runtime on the CPU with the local engine: leave out --runtime "
+            "torch, --device cuda and --engine ray, or use --precision fp32"
+        )
     if chosen == "torch" or encoder.device.type != "cpu" or config.engine != "local":
         return encoder
-    return onnx_or_torch(encoder, required=chosen == "onnx")
+    return onnx_or_torch(encoder, required=chosen == "onnx", precision=precision)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,8 @@
 
 The tokenizer and preprocessing the ONNX path uses equal open_clip's (ids identical, pixels within 1e-6); the
 export agrees with torch per vector; a search on the default runtime imports no torch and ranks as torch does;
-an export that disagrees is refused and torch answers; a cleared cache re-exports.
+an export that disagrees is refused and torch answers; a cleared cache re-exports; indexing with an export imports
+no torch either; an int8 index keeps its precision and stays near fp32.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -23,7 +25,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from clipdex.cli.main import app
-from clipdex.retrieval.config import EncoderConfig
+from clipdex.retrieval.config import EncoderConfig, Kind
 from clipdex.retrieval.model import export as export_module
 from clipdex.retrieval.model.choose import open_index_encoder
 from clipdex.retrieval.model.encoder import load_encoder
@@ -65,6 +67,13 @@ def test_token_ids_equal_open_clip_on_a_generated_corpus(tokenizers):
 
 @given(st.lists(st.text(max_size=120), min_size=1, max_size=8))
 def test_token_ids_equal_open_clip_on_any_text(tokenizers, texts):
+    ours, theirs = tokenizers
+    np.testing.assert_array_equal(ours(texts), theirs(texts).numpy())
+
+
+@given(st.lists(st.text(st.characters(max_codepoint=127), max_size=80), min_size=1, max_size=8))
+def test_token_ids_equal_open_clip_on_ascii_text(tokenizers, texts):
+    """ASCII text skips ftfy when nothing in it would change (`tokenizer._plain`): controls and entities included."""
     ours, theirs = tokenizers
     np.testing.assert_array_equal(ours(texts), theirs(texts).numpy())
 
@@ -180,3 +189,77 @@ def test_a_cleared_cache_or_a_copied_index_is_exported_again(library, tmp_path, 
     assert isinstance(searcher.encoder, OnnxEncoder)
     assert [h.id for h in got] == [h.id for h in want]
     assert find_export(searcher.encoder.spec) is not None
+
+
+HEAVY = (
+    "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'open_clip', 'timm')"
+    " and sys.modules[m] is not None)\n"
+    "print(json.dumps(heavy))\n"
+)
+
+
+def _stored(index) -> tuple[np.ndarray, list[str]]:
+    """Every image's stored vector, by path."""
+    from clipdex.retrieval.store.manifest import read_manifest
+    from clipdex.retrieval.store.reader import PublishedItems
+
+    items = PublishedItems.open(index, read_manifest(index))
+    ids = items.of_kind(Kind.IMAGE)
+    rows = items.rows(ids)
+    order = np.argsort([r["path"] for r in rows])
+    return items.vectors(ids[order]), [rows[i]["path"] for i in order]
+
+
+def test_indexing_with_an_export_imports_no_torch_and_stores_torchs_vectors(library, tmp_path, tiny_model):
+    """The export exists (the library fixture made it): a new index of the same model, and an update of it, run
+    without torch; the vectors they store are torch's (cosine 0.99999 each, same decoding)."""
+    make_images(tmp_path / "more", 6, seed=411)
+    index = tmp_path / "idx-onnx"
+    for args in ([tmp_path / "more", *tiny_model.cli_args()], [tmp_path / "more"]):  # new, then an update
+        argv = ["clipdex", "index", *map(str, args), "--index", str(index), "--workers", "1"]
+        code = (
+            "import json, sys\nfrom clipdex.cli.main import main\n"
+            f"sys.argv = {argv!r}\ntry:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n" + HEAVY
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+    vectors, paths = _stored(index)
+    assert len(paths) == 6
+    torch_encoder = load_encoder(EncoderConfig(str(tiny_model.config), str(tiny_model.weights), device="cpu"))
+    options = torch_encoder.decode_options()
+    want = torch_encoder.encode_pil([options.decode(Path(p).read_bytes()).image for p in paths])
+    assert np.min(np.sum(vectors * want, axis=1)) >= 0.99999
+
+
+def test_int8_precision_is_recorded_kept_and_close_to_fp32(library, tmp_path, tiny_model):
+    index = tmp_path / "idx-int8"
+    photos = tmp_path / "photos"
+    run(CliRunner(), "index", photos, "--index", index, "--precision", "int8", *tiny_model.cli_args())
+    info = json.loads(run(CliRunner(), "info", "--index", index, "--json"))
+    assert info["model"]["precision"] == "int8" and "int8" in info["model"]["runtime"]
+    # int8 vectors stay near fp32's (the bar the quantised export passed), photo by photo
+    low, low_paths = _stored(index)
+    full, full_paths = _stored(library)
+    assert low_paths == full_paths
+    cosines = np.sum(low * full, axis=1)
+    assert cosines.min() >= 0.99 and cosines.max() < 1 - 1e-7  # close, and really quantised
+    # queries are encoded at int8 too, each alone as every indexed photo was: a photo's query vector is its stored
+    # one, and a text search ranks as brute force over the stored int8 vectors
+    searcher = Searcher(index, device="cpu")
+    assert searcher.encoder.precision == "int8"
+    options = searcher.encoder.decode_options()
+    for i in range(3):
+        query = searcher.encoder.encode_pil([options.decode(Path(low_paths[i]).read_bytes()).image])[0]
+        assert float(query @ low[i]) >= 0.99999
+    hits = searcher.search(Query.build(text="a red circle"), k=5)
+    scores = low @ searcher.encoder.encode_texts(["a red circle"])[0]
+    assert [h.path for h in hits] == [low_paths[i] for i in np.argsort(-scores, kind="stable")[:5]]
+    # the index keeps its precision: another is refused, and so is torch, which cannot make int8 vectors
+    result = CliRunner().invoke(app, ["index", str(photos), "--index", str(index), "--precision", "fp32"])
+    assert result.exit_code != 0 and "holds int8 vectors" in result.stderr and "Traceback" not in result.stderr
+    result = CliRunner().invoke(
+        app, ["search", "a red circle", "--index", str(index), "--runtime", "torch", "--no-server"]
+    )
+    assert result.exit_code != 0 and "int8" in result.stderr
+    run(CliRunner(), "index", photos, "--index", index)  # without --precision: its own

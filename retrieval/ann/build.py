@@ -69,10 +69,19 @@ class FaissBuilder:
 
 
 def index_writer(
-    index_dir: Path, spec: ModelSpec, dim: int, *, lock: WriteLock | None = None, job: str | None = None
+    index_dir: Path,
+    spec: ModelSpec,
+    dim: int,
+    *,
+    lock: WriteLock | None = None,
+    job: str | None = None,
+    precision: str | None = None,
 ) -> IndexWriter:
     """A writer whose publishes build FAISS indexes, storing vectors as float16 once a kind outgrows exact search."""
-    return IndexWriter(index_dir, spec, dim, builder=FaissBuilder(), float16_above=ann.EXACT_MAX, lock=lock, job=job)
+    return IndexWriter(
+        index_dir, spec, dim, builder=FaissBuilder(), float16_above=ann.EXACT_MAX, lock=lock, job=job,
+        precision=precision,
+    )  # fmt: skip
 
 
 ON_DISK_MIN = 10_000  # fewer vectors than this are searched from memory even with --on-disk

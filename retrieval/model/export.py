@@ -26,7 +26,15 @@ import torch
 
 from clipdex.retrieval.model.encoder import Encoder, _can_trim_text, _encode_text_at_length
 from clipdex.retrieval.model.preprocess import Preprocess
-from clipdex.retrieval.model.runtime import EXPORT_VERSION, META, OPSET, OnnxEncoder, export_dir, find_export
+from clipdex.retrieval.model.runtime import (
+    EXPORT_VERSION,
+    META,
+    OPSET,
+    PROBE_TEXTS,
+    OnnxEncoder,
+    export_dir,
+    find_export,
+)
 from clipdex.retrieval.model.tokenizer import ClipTokenizer
 from clipdex.retrieval.store.atomic import atomic_write_bytes
 
@@ -34,13 +42,6 @@ log = logging.getLogger(__name__)
 
 MIN_COSINE = 0.99999
 MAX_ABS = 1e-4
-PROBE_TEXTS = [
-    "a photo of a dog",
-    "two red squares and a blue circle on a green background",
-    "",
-    "Ünïcödé, emoji 🎉 and punctuation!?",
-    "a very long caption " * 30,
-]
 
 
 class _ImageTower(torch.nn.Module):

@@ -34,7 +34,15 @@ log = logging.getLogger(__name__)
 EXPORT_VERSION = 1  # bump when what the export writes changes: old exports are then re-made, never misread
 OPSET = 18
 RUNTIMES = ("auto", "onnx", "torch")
+PRECISIONS = ("fp32", "int8")  # int8: the towers' weights quantised (ONNX Runtime's dynamic quantisation)
 META = "export.json"
+PROBE_TEXTS = [
+    "a photo of a dog",
+    "two red squares and a blue circle on a green background",
+    "",
+    "Ünïcödé, emoji 🎉 and punctuation!?",
+    "a very long caption " * 30,
+]
 
 
 def export_key(spec: ModelSpec) -> str:
@@ -53,14 +61,28 @@ def export_dir(spec: ModelSpec) -> Path:
     return cache_root() / "exports" / export_key(spec)
 
 
-def find_export(spec: ModelSpec) -> Path | None:
-    """The export for this model, if it was made (and not refused)."""
+def find_export(spec: ModelSpec, precision: str = "fp32") -> Path | None:
+    """The export for this model at this precision, if it was made (and not refused)."""
     folder = export_dir(spec)
     try:
         meta = json.loads((folder / META).read_text())
     except (OSError, ValueError):
         return None
+    if precision != "fp32":
+        meta = (meta.get("precisions") or {}).get(precision) or {}
     return folder if meta.get("ok") else None
+
+
+def graph_name(tower: str, precision: str, *, optimised: bool = False) -> str:
+    """`image.onnx`, `text.int8.onnx`, `image.opt.onnx`: the files of an export folder."""
+    parts = [tower] + ([precision] if precision != "fp32" else []) + (["opt"] if optimised else [])
+    return ".".join(parts) + ".onnx"
+
+
+def check_precision(value: str) -> str:
+    if value not in PRECISIONS:
+        raise ModelError(f"unknown precision {value!r}: use {' or '.join(PRECISIONS)}")
+    return value
 
 
 def refused_export(spec: ModelSpec) -> str | None:
@@ -95,10 +117,19 @@ class OnnxEncoder:
 
     runtime = "onnx"
 
-    def __init__(self, folder: Path, spec: ModelSpec, *, device: str = "auto", threads: int | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        spec: ModelSpec,
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        precision: str = "fp32",
+    ):
         meta = json.loads((folder / META).read_text())
         self.folder = folder
         self.spec = spec
+        self.precision = precision
         self.dim = int(meta["dim"])
         self.preprocess = Preprocess.from_json(meta["preprocess"])
         self.tokenizer = ClipTokenizer(int(meta["context_length"]))
@@ -135,7 +166,7 @@ class OnnxEncoder:
         if self._threads:
             options.intra_op_num_threads = self._threads
         options.log_severity_level = 3
-        optimised = self.folder / f"{tower}.opt.onnx"
+        optimised = self.folder / graph_name(tower, self.precision, optimised=True)
         # The saved graph has the portable fusions (attention, layer norm, GELU: "extended"); the layout ones
         # ("all") depend on this CPU, so they are redone at each start, which is quick.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -145,7 +176,7 @@ class OnnxEncoder:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
             tmp = optimised.with_name(f"{optimised.name}.{os.getpid()}.tmp")
             options.optimized_model_filepath = str(tmp)
-            source = self.folder / f"{tower}.onnx"
+            source = self.folder / graph_name(tower, self.precision)
         session = ort.InferenceSession(str(source), sess_options=options, providers=self.providers)
         if source != optimised and Path(options.optimized_model_filepath).is_file():
             with contextlib.suppress(OSError):  # a read-only cache: optimised again next time
@@ -156,7 +187,7 @@ class OnnxEncoder:
     def encode_images(self, pixels: Any) -> np.ndarray:
         """Encode a preprocessed batch (N, 3, H, W)."""
         x = np.ascontiguousarray(np.asarray(pixels, dtype=np.float32))
-        return _normalised(self._session("image").run(None, {"pixels": x})[0])
+        return _normalised(self._run("image", "pixels", x))
 
     def encode_pixels(self, pixels: Sequence[Any]) -> np.ndarray:
         return self.encode_images(np.stack([np.asarray(p, dtype=np.float32) for p in pixels]))
@@ -170,9 +201,22 @@ class OnnxEncoder:
     def _encode_text_batch(self, texts: list[str]) -> np.ndarray:
         """Tokens cut to the batch's longest text when that is exact (a causal tower)."""
         tokens = self.tokenizer(texts)
-        if self.trim_text:
-            tokens = tokens[:, : int(((tokens != 0) * np.arange(1, tokens.shape[1] + 1)).max())]
-        return _normalised(self._session("text").run(None, {"tokens": tokens})[0])
+        return _normalised(self._run("text", "tokens", self._trim(tokens)))
+
+    def _trim(self, tokens: np.ndarray) -> np.ndarray:
+        """Cut after the last text's end token, when the text tower takes any length."""
+        if not self.trim_text:
+            return tokens
+        return tokens[:, : int(((tokens != 0) * np.arange(1, tokens.shape[1] + 1)).max())]
+
+    def _run(self, tower: str, name: str, x: np.ndarray) -> np.ndarray:
+        """The tower on a batch. Below fp32 each row runs alone: dynamic quantisation scales activations by the
+        whole batch, so a vector would otherwise depend on its batch mates (a photo would not find itself)."""
+        session = self._session(tower)
+        if self.precision == "fp32":
+            return session.run(None, {name: x})[0]
+        rows = [x[i : i + 1] if name != "tokens" else self._trim(x[i : i + 1]) for i in range(len(x))]
+        return np.concatenate([session.run(None, {name: row})[0] for row in rows])
 
 
 def encode_distinct(
@@ -195,9 +239,11 @@ def _normalised(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(1e-12))
 
 
-def runtime_of(spec: ModelSpec) -> str:
+def runtime_of(spec: ModelSpec, precision: str = "fp32") -> str:
     """Which runtime answers this model's queries by default: what `clipdex info` says."""
-    if find_export(spec) is not None:
-        return "onnx (ONNX Runtime, CPU)"
+    if find_export(spec, precision) is not None:
+        return f"onnx (ONNX Runtime, CPU, {precision})"
+    if precision != "fp32":
+        return f"onnx at {precision} (not made yet: the next query makes it)"
     reason = refused_export(spec)
     return f"torch (export refused: {reason})" if reason else "torch (not exported yet: the next query exports it)"

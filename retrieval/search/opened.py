@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from clipdex.retrieval.config import Kind
+from clipdex.retrieval.model.choose import device_name
 from clipdex.retrieval.search.hits import Hit, hits_from_rows
 from clipdex.retrieval.store.manifest import Manifest
 from clipdex.retrieval.store.reader import PublishedItems, read_file, verify
@@ -40,16 +41,8 @@ def open_snapshot(index_dir: Path, manifest: Manifest, stamp: tuple[int, int, in
             record = manifest.ann.get(target.plural)
             params = record.params if record is not None else ""
             index = read_file(index_dir / name, lambda p, params=params: ann.read_index(p, params=params))
-            indexes[target] = ann.place(index, _device_name(device))
+            indexes[target] = ann.place(index, device_name(device))
     return OpenSnapshot(manifest, stamp, indexes, PublishedItems.open(index_dir, manifest))
-
-
-def _device_name(device: str) -> str:
-    if device == "cpu" or (device == "auto" and not _nvidia_present()):
-        return "cpu"  # no torch import (seconds) to learn that a machine without a GPU has none
-    from clipdex.retrieval.model.encoder import resolve_device
-
-    return str(resolve_device(device))
 
 
 def search(snap: OpenSnapshot, queries: np.ndarray, k: int, target: Kind) -> list[list[Hit]]:
@@ -67,8 +60,3 @@ def hits(snap: OpenSnapshot, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
     keep = ids >= 0
     scores, ids = scores[keep], ids[keep]
     return hits_from_rows(scores, ids, snap.items.rows(ids))
-
-
-def _nvidia_present() -> bool:
-    """Whether an NVIDIA driver is loaded here: without one CUDA cannot be, whatever torch would say."""
-    return Path("/proc/driver/nvidia").exists() or Path("/dev/nvidiactl").exists()

@@ -104,6 +104,7 @@ class Manifest:
     ann: dict[str, AnnRecord] = field(default_factory=dict)  # per kind (images, texts): how its index was made
     snapshot: Snapshot = field(default_factory=Snapshot)
     roots: list[str] = field(default_factory=list)  # folders and files given to `clipdex index`, canonical
+    precision: str = "fp32"  # what the model ran at to make the vectors: queries run at the same (model.precision)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -127,6 +128,7 @@ class Manifest:
             ann_settings=AnnSettings.from_json(data["ann_settings"]) if data.get("ann_settings") else None,
             ann={kind: AnnRecord.from_json(record) for kind, record in (data.get("ann") or {}).items()},
             roots=list(data.get("roots") or []),
+            precision=str(data.get("precision") or "fp32"),
             snapshot=Snapshot(
                 generation=int(snapshot.get("generation", 0)),
                 files=dict(snapshot.get("files") or {}),

@@ -65,11 +65,13 @@ class IndexWriter:
         float16_above: int | None = None,
         lock: WriteLock | None = None,
         job: str | None = None,
+        precision: str | None = None,
     ):
         check_index_dir(index_dir)
         self.dir = index_dir
         self.spec = spec
         self.dim = dim
+        self.precision = precision  # None: the index's own (fp32 for a new one)
         self.builder = builder
         self.float16_above = float16_above  # per kind: past this many live items, new shards are float16
         index_dir.mkdir(parents=True, exist_ok=True)
@@ -269,12 +271,14 @@ class IndexWriter:
                     f"{self.dir} was built with model {stored.name} / {stored.pretrained}; "
                     f"it cannot take embeddings from {self.spec.name} / {self.spec.pretrained}. Use a new --index directory"
                 )
+            if self.precision is not None and self.precision != manifest.precision:
+                raise IndexFormatError(precision_mismatch(self.dir, manifest.precision, self.precision))
             return manifest
         if self.spec.config is not None:
             path = model_config_path(self.dir, self.spec)
             path.parent.mkdir(exist_ok=True)
             atomic_write_bytes(path, json.dumps(self.spec.config, indent=2).encode())
-        manifest = Manifest(model=self.spec, dim=self.dim)
+        manifest = Manifest(model=self.spec, dim=self.dim, precision=self.precision or "fp32")
         write_manifest(self.dir, manifest)
         return manifest
 
@@ -312,6 +316,13 @@ def writing(writer: IndexWriter, fresh: FreshIndexDir) -> Iterator[IndexWriter]:
             fresh.undo()
         raise
     writer.close()
+
+
+def precision_mismatch(index_dir: Path, held: str, asked: str) -> str:
+    return (
+        f"{index_dir} holds {held} vectors; it cannot take {asked} ones. Leave out --precision, or index into a new "
+        "directory"
+    )
 
 
 class FreshIndexDir:
