@@ -135,6 +135,13 @@ def test_the_export_agrees_with_torch_per_vector(torch_encoder):
     assert export_module.export_encoder(torch_encoder)[0] == folder  # found again, not re-made
 
 
+HEAVY = (
+    "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'open_clip', 'timm')"
+    " and sys.modules[m] is not None)\n"
+    "print(json.dumps(heavy))\n"
+)
+
+
 @pytest.fixture
 def library(tmp_path, tiny_model):
     make_images(tmp_path / "photos", 24, seed=410)
@@ -143,24 +150,36 @@ def library(tmp_path, tiny_model):
     return index
 
 
-def test_a_search_on_the_default_runtime_imports_no_torch_and_ranks_as_torch(library, tmp_path):
+def test_search_serve_info_and_check_import_no_torch_and_rank_as_torch(library, tmp_path):
+    """One process runs `search`, `info`, `check` and the server's app on a query (its search and thumbnail
+    routes): none of them imports torch, torchvision, open_clip or timm; the search ranks as torch does."""
     code = (
         "import json, sys\n"
         "from clipdex.cli.main import main\n"
-        f"sys.argv = ['clipdex', 'search', 'a red circle', '--index', {str(library)!r}, '--json', '--no-server', '-k', '24']\n"
-        "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'open_clip', 'timm')"
-        " and sys.modules[m] is not None)\n"
-        "print(json.dumps(heavy))\n"
+        "def cli(*argv):\n"
+        "    sys.argv = ['clipdex', *argv]\n"
+        "    try:\n        main()\n    except SystemExit as e:\n        assert not e.code, e.code\n"
+        f"cli('search', 'a red circle', '--index', {str(library)!r}, '--json', '--no-server', '-k', '24')\n"
+        f"cli('info', '--index', {str(library)!r}, '--json')\n"
+        f"cli('check', '--index', {str(library)!r})\n"
+        "from fastapi.testclient import TestClient\n"
+        "from clipdex.retrieval.search.searcher import Searcher\n"
+        "from pathlib import Path\n"
+        "from clipdex.retrieval.serve.app import ServeConfig, create_app\n"
+        f"app = create_app(Searcher(Path({str(library)!r})), ServeConfig(Path({str(library)!r})))\n"
+        "with TestClient(app, base_url='http://localhost') as client:\n"
+        "    answer = client.get('/api/search', params={'q': 'a blue square', 'k': 3})\n"
+        "    assert answer.status_code == 200 and len(answer.json()['results']) == 3, answer.text\n" + HEAVY
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    *answer, heavy = done.stdout.strip().splitlines()
-    assert json.loads(heavy) == []
-    onnx_hits = json.loads("\n".join(answer))["results"]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert json.loads(lines[-1]) == []
+    onnx_hits = json.loads(lines[0])["results"]
     torch_hits = Searcher(library, device="cpu", runtime="torch").search(Query.build(text="a red circle"), k=24)
     assert [h["id"] for h in onnx_hits] == [h.id for h in torch_hits]
     assert np.allclose([h["score"] for h in onnx_hits], [h.score for h in torch_hits], atol=1e-5)
-    info = json.loads(run(CliRunner(), "info", "--index", library, "--json"))
+    info = json.loads(lines[1])
     assert info["model"]["runtime"].startswith("onnx")
 
 
@@ -189,13 +208,6 @@ def test_a_cleared_cache_or_a_copied_index_is_exported_again(library, tmp_path, 
     assert isinstance(searcher.encoder, OnnxEncoder)
     assert [h.id for h in got] == [h.id for h in want]
     assert find_export(searcher.encoder.spec) is not None
-
-
-HEAVY = (
-    "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'open_clip', 'timm')"
-    " and sys.modules[m] is not None)\n"
-    "print(json.dumps(heavy))\n"
-)
 
 
 def _stored(index) -> tuple[np.ndarray, list[str]]:
