@@ -170,6 +170,12 @@ def top_paths_rclip(output: str) -> list[str]:
 def main() -> None:
     if sys.argv[1:2] == ["--prepare"]:
         prepare(Path(sys.argv[2]), Path(sys.argv[3]))
+        work, (photos, camera) = Path(sys.argv[2]).parent, map(int, sys.argv[4].split(","))
+        rng = np.random.default_rng(0)
+        for name, n, size in (("photos", photos, (640, 480)), ("camera", camera, (4032, 3024))):
+            (work / name).mkdir()
+            for i in range(n):
+                photo(rng, size).save(work / name / f"{i:04d}.jpg", quality=90)
         return
     parser = argparse.ArgumentParser()
     parser.add_argument("--rclip", required=True, help="the rclip executable in its own virtualenv")
@@ -183,17 +189,13 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-rclip-"))
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("CLIPDEX_", "RCLIP_"))}
     env = dict(base_env, CLIPDEX_CACHE=str(work / "cache"), PYTHONDONTWRITEBYTECODE="1")
-    # the model is made in a child process: a child's peak RSS (wait4) starts from its parent's at fork, so this
-    # process stays small (numpy, Pillow) for the peaks measured below to be the tools' own
+    # the model and the photos are made in a child process: a child's peak RSS (wait4) starts from its parent's
+    # high-water mark at fork, so this process stays small for the peaks measured below to be the tools' own
     weights = work / "vit-b-32-256-random.pt"
     rclip_model = work / "rclip-model"
-    subprocess.run([sys.executable, __file__, "--prepare", str(weights), str(rclip_model)], check=True)
-    rng = np.random.default_rng(0)
     folders = {"640x480": work / "photos", "4032x3024": work / "camera"}
-    for name, (n, size) in {"640x480": (args.photos, (640, 480)), "4032x3024": (args.camera, (4032, 3024))}.items():
-        folders[name].mkdir()
-        for i in range(n):
-            photo(rng, size).save(folders[name] / f"{i:04d}.jpg", quality=90)
+    counts = f"{args.photos},{args.camera}"
+    subprocess.run([sys.executable, __file__, "--prepare", str(weights), str(rclip_model), counts], check=True)
     query_image = "0001.jpg"
     model_args = ["--model", MODEL, "--pretrained", str(weights)]
     clipdex = [sys.executable, "-m", "clipdex"]
