@@ -125,7 +125,7 @@ def iter_decoded(
     import torch
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(
+    loader: DataLoader[Decoded] = DataLoader(
         dataset,  # type: ignore[arg-type]
         batch_size=1 if batches is not None else batch_size,
         batch_sampler=batches,
