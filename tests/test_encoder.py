@@ -102,3 +102,29 @@ def test_skipping_random_init_before_a_checkpoint_load_changes_no_tensor(tiny_mo
     for key in want:
         assert torch.equal(got[key], want[key]), key
     assert torch.nn.init.normal_.__module__ == "torch.nn.init"  # put back after the load
+
+
+def test_a_checkpoints_hash_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    """A checkpoint is hashed once; the cache remembers it per file while inode, size, mtime and ctime hold. Content
+    rewritten in place, even at the same size with its old mtime put back, is hashed again."""
+    import hashlib
+    import os
+    import time
+
+    from clipdex.retrieval.model import weights
+
+    monkeypatch.setenv("CLIPDEX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(weights, "_RACY_NS", 0)  # the file was written just now: remember it all the same
+    path = tmp_path / "w.pt"
+    path.write_bytes(b"a" * 1000)
+    calls = []
+    real = weights.sha256_file
+    monkeypatch.setattr(weights, "sha256_file", lambda p: calls.append(p) or real(p))
+    first = weights.checkpoint_sha(path)
+    assert first == hashlib.sha256(b"a" * 1000).hexdigest() and len(calls) == 1
+    assert weights.checkpoint_sha(path) == first and len(calls) == 1  # remembered
+    st = path.stat()
+    time.sleep(0.05)  # past the clock's tick, so that the rewrite's ctime differs
+    path.write_bytes(b"b" * 1000)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: only ctime tells
+    assert weights.checkpoint_sha(path) == hashlib.sha256(b"b" * 1000).hexdigest() and len(calls) == 2

@@ -8,15 +8,18 @@ the cached copy; any file with the same SHA-256 can be given in its place.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from clipdex.retrieval.config import EncoderConfig, ModelSpec, sha256_file
 from clipdex.retrieval.errors import ModelError
-from clipdex.retrieval.store.atomic import replace_with
+from clipdex.retrieval.store.atomic import atomic_write_bytes, replace_with
 from clipdex.retrieval.store.manifest import index_model, read_manifest
 
 log = logging.getLogger(__name__)
@@ -70,7 +73,32 @@ def checkpoint_sha(path: Path, expect: ModelSpec | None = None) -> str:
                 return expect.checkpoint_sha256
             if path == stored_copy(expect.checkpoint_sha256, path.suffix):
                 return expect.checkpoint_sha256
-    return sha256_file(path)
+    return _remembered_sha(path)
+
+
+_RACY_NS = 2_000_000_000
+
+
+def _remembered_sha(path: Path) -> str:
+    """sha256_file, remembered in the cache per file while its inode, size, mtime and ctime stay the same (ctime
+    changes with any write, whatever mtime is set to): a new index of a 600 MB checkpoint no longer reads it whole
+    to learn what it is (a second on a laptop)."""
+    st = path.stat()
+    stamp = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    memo = cache_root() / "hashes" / f"{hashlib.blake2b(str(path.resolve()).encode(), digest_size=16).hexdigest()}.json"
+    try:
+        known = json.loads(memo.read_text())
+        if known.get("stamp") == stamp and isinstance(known.get("sha256"), str):
+            return str(known["sha256"])
+    except (OSError, ValueError, AttributeError):
+        pass
+    sha = sha256_file(path)
+    if time.time_ns() - st.st_ctime_ns < _RACY_NS:
+        return sha  # changed just now: a write within the clock's tick could leave the stamp as it is (racy git)
+    with contextlib.suppress(OSError):  # a read-only cache: hashed again next time
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(memo, json.dumps({"path": str(path), "stamp": stamp, "sha256": sha}).encode())
+    return sha
 
 
 def same_file(path: Path, spec: ModelSpec) -> bool:
