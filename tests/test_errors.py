@@ -30,6 +30,26 @@ def photos(tmp_path):
     return tmp_path / "photos"
 
 
+def test_a_folder_of_the_users_own_is_never_made_an_index(cli, photos, tmp_path, tiny_model):
+    """`index ~/photos --index ~/photos`: refused in one line, before anything is written among the photos (for any
+    command that writes an index). An empty folder, one with only hidden files, and one a killed first run left
+    holding clipdex's own files all may become an index."""
+    before = sorted(p.name for p in photos.iterdir())
+    for argv in (
+        ["index", str(photos), "--index", str(photos), *tiny_model.cli_args()],
+        ["search", "a red circle", "--index", str(photos), "--no-server"],
+    ):
+        assert_one_line_error(cli.invoke(app, argv), "is not a clipdex index and holds other files", ".clipdex")
+    assert sorted(p.name for p in photos.iterdir()) == before
+    for name, own in (("empty", []), ("hidden", [".DS_Store"]), ("killed", ["write.lock", "vectors/"])):
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in own:
+            (folder / f).mkdir() if f.endswith("/") else (folder / f).write_bytes(b"")
+        result = cli.invoke(app, ["index", str(photos), "--index", str(folder), *tiny_model.cli_args()])
+        assert result.exit_code == 0, (name, result.stderr)
+
+
 def test_missing_and_empty_folders(cli, tmp_path, tiny_model):
     idx = str(tmp_path / "idx")
     assert_one_line_error(

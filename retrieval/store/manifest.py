@@ -7,6 +7,7 @@ It is replaced atomically, so a reader sees one snapshot or the next, never a mi
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -138,10 +139,30 @@ class Manifest:
         )
 
 
+# What clipdex itself writes in an index folder: a folder holding only these (a run killed before its first
+# manifest, say) may become an index; one holding anything else is someone's folder.
+_OWN = re.compile(
+    r"(manifest\.json|catalog\.duckdb|write\.lock|vectors|model)(\..*)?|(images|texts|items)-\d+\..+|\..*"
+)
+
+
 def check_index_dir(index_dir: Path) -> None:
-    """Refuse an --index that names something other than a folder, before anything is created."""
+    """Refuse an --index that names something other than an index folder (new, empty or clipdex's), before anything
+    is created or written: a file, or a folder of the user's own (a photo folder given as its own index)."""
     if index_dir.exists() and not index_dir.is_dir():
         raise InputError(f"--index {index_dir} is a file, not an index folder; give a folder (new or existing)")
+    if not index_dir.is_dir() or (index_dir / MANIFEST).exists():
+        return
+    try:
+        foreign = sorted(p.name for p in index_dir.iterdir() if not _OWN.fullmatch(p.name))
+    except OSError:
+        return  # unreadable: what opens it next says so
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise InputError(
+            f"--index {index_dir} is not a clipdex index and holds other files ({shown}); an index folder must be "
+            f"new, empty or an index: give another, e.g. --index {index_dir.with_name(index_dir.name + '.clipdex')}"
+        )
 
 
 def read_manifest(index_dir: Path) -> Manifest:
