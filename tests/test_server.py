@@ -10,7 +10,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import LOCAL, brute_force, run, search_json, serving
+from conftest import LOCAL, brute_force, clipdex_serve, run, search_json, serving
 from corpus import make_captioned_library, make_images
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -407,4 +407,21 @@ def test_clipdex_serve_end_to_end(library, tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
+    assert not remote.registration_path(index).exists()
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_serve_stopped_by_a_signal_cleans_up(library, signum):
+    """Ctrl-C, and SIGTERM as systemd and `docker stop` send it: the server stops with the same exit code, and its
+    registration file (what `clipdex search` looks for) is removed."""
+    import signal
+
+    from clipdex.retrieval.serve import remote
+
+    _, index, _ = library
+    with clipdex_serve(index) as (proc, _port):
+        assert remote.registration_path(index).is_file()
+        proc.send_signal(getattr(signal, signum))
+        code = proc.wait(timeout=30)
+    assert code == 130, (code, proc.stderr.read())
     assert not remote.registration_path(index).exists()
