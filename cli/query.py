@@ -151,7 +151,15 @@ def _print_results(answer: dict[str, Any]) -> None:
             table.add_row(str(h["rank"]), f"{h['score']:.4f}", *cells)
         out.print(table)
     if not results:
-        err.print(f"no {answer['target']} found" if answer.get("terms") else f"the index holds no {answer['target']}")
+        err.print(_nothing_found(answer))
+
+
+def _nothing_found(answer: dict) -> str:
+    """Why a search found nothing, truthfully: a filter that matches nothing is not an empty index."""
+    target, plan = answer["target"], answer.get("filter")
+    if plan is not None and not plan.get("matched"):
+        return f"no {target.removesuffix('s')} matches the filter ({plan.get('indexed', 0)} {target} indexed)"
+    return f"no {target} found" if answer.get("terms") or plan is not None else f"the index holds no {target}"
 
 
 @app.command(rich_help_panel="Search")

@@ -15,6 +15,7 @@ from corpus import make_images
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from clipdex.cli.main import app
 from clipdex.retrieval.imaging.decode import photo_meta
 from clipdex.retrieval.search.filters import Filter
 from clipdex.retrieval.search.query import Query
@@ -130,6 +131,7 @@ def test_the_ann_path_keeps_recall_within_the_filter(library, reference, tmp_pat
     assert searcher.filter_plan(where, Target.IMAGES) == {
         "in": str(root / "photos" / "a"),
         "matched": 20,
+        "indexed": len(paths),
         "method": "ann",
     }
     recalls = []
@@ -140,6 +142,15 @@ def test_the_ann_path_keeps_recall_within_the_filter(library, reference, tmp_pat
         recalls.append(len({h.path for h in hits} & set(want)) / 10)
     target = json.loads((tmp_path / "idx" / "manifest.json").read_text())["ann"]["images"]["recall_at_10"]
     assert np.mean(recalls) >= min(target, 0.95) - 0.05, (recalls, target)
+
+
+def test_a_filter_that_matches_nothing_says_so(cli, library):
+    """Not "the index holds no images": it holds 40, and the filter kept none of them."""
+    root, index, paths = library
+    for args in (["a red circle", "--where", "width > 100000"], ["x", "--in", "/etc"]):
+        result = cli.invoke(app, ["search", *args, "--index", str(index), "--no-server"])
+        assert result.exit_code == 0, result.stderr
+        assert f"no image matches the filter ({len(paths)} images indexed)" in result.stderr, result.stderr
 
 
 def test_a_filter_cannot_read_files_or_run_statements(cli, library):

@@ -322,6 +322,7 @@ class Searcher:
         return {
             **where.to_json(),
             "matched": matched,
+            "indexed": self.count(target),
             "method": "exact" if self._filter_exact(target, matched) else "ann",
         }
 
