@@ -73,6 +73,22 @@ def big_corpus(tmp_path_factory) -> Path:
     return photos
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        return [int(c) for t in tasks for c in open(f"/proc/{pid}/task/{t}/children").read().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped is not)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def test_sigkill_at_random_moments_then_rerun(tmp_path, big_corpus, tiny_model):
     # how long one whole run takes here, so the kills land throughout it
     t0 = time.monotonic()
@@ -87,8 +103,13 @@ def test_sigkill_at_random_moments_then_rerun(tmp_path, big_corpus, tiny_model):
     for attempt in range(5):
         proc = start(index_cmd(big_corpus, index, tiny_model))
         time.sleep(rng.uniform(0.3, 1.0) * total if attempt else 0.85 * total)
+        workers = _children(proc.pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        deadline = time.monotonic() + 15  # its decode workers end with it, not linger as orphans
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_alive, workers)), [p for p in workers if _alive(p)]
         if (index / "manifest.json").exists():
             # whatever moment it died at, the index opens, searches, and is consistent
             Searcher(index).search_text("a blue square", k=5)

@@ -11,6 +11,8 @@ each worker's generators from one seed.
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
 import multiprocessing
 import os
 import signal
@@ -141,10 +143,21 @@ def iter_decoded(
 _files: ImageFiles | None = None  # a pool worker's dataset, inherited at fork
 
 
-def _start_worker(files: ImageFiles) -> None:
+def _start_worker(files: ImageFiles, parent: int) -> None:
     global _files
     _files = files
     _worker_init()
+    _die_with(parent)
+
+
+def _die_with(parent: int) -> None:
+    """End this worker when the process that started it dies, even by SIGKILL: every worker holds the task pipe's
+    write end too, so it would never see the pipe close, and would wait forever (what DataLoader's watchdog does)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
 
 
 def _decode_batch(indices: list[int]) -> list[Decoded]:
@@ -160,7 +173,7 @@ def _pooled(dataset: ImageFiles, order: list[list[int]], workers: int) -> Iterat
             yield [dataset[i] for i in indices]
         return
     context = multiprocessing.get_context("fork")  # workers inherit the dataset and its preprocessing as they are
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(dataset,))
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(dataset, os.getpid()))
     pending: collections.deque[Future[list[Decoded]]] = collections.deque()
     todo = iter(order)
     try:
