@@ -28,7 +28,14 @@ from clipdex.retrieval.errors import ClipdexError
 @app.command(rich_help_panel="Search")
 @friendly
 def search(
-    query: Annotated[str | None, typer.Argument(help="Text query (`2:text` weighs it 2).", show_default=False)] = None,
+    query: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="QUERY",
+            help='Text query, quoted when it has several words (`"2:red car"` weighs it 2).',
+            show_default=False,
+        ),
+    ] = None,
     index_dir: IndexDir = ...,  # type: ignore[assignment]
     image: Annotated[Path | None, typer.Option(help="Query with an image file (image→image by default).")] = None,
     like: Annotated[int | None, typer.Option(help="Query with an indexed item's vector, by id.")] = None,
@@ -73,7 +80,8 @@ def search(
     Each term is embedded and normalised, weighted (+1 for the query and each --add, -1 for each --subtract), summed
     and normalised again; results rank by cosine with that vector. When `clipdex serve` runs for this index on this
     machine, it answers (the same results, without loading the model here)."""
-    if sum(x is not None for x in (query, image, like)) > 1:
+    text = _one_query(query)
+    if sum(x is not None for x in (text, image, like)) > 1:
         raise ClipdexError(
             "give only one of a text query, --image FILE or --like ID; add more terms with --add/--subtract"
         )
@@ -85,7 +93,7 @@ def search(
 
     manifest = read_manifest(index_dir)  # a missing or damaged index is said before anything heavy loads
     asked = SearchRequest(
-        q=query,
+        q=text,
         like=like,
         add=tuple(add or ()),
         subtract=tuple(subtract or ()),
@@ -152,6 +160,18 @@ def _print_results(answer: dict[str, Any]) -> None:
         out.print(table)
     if not results:
         err.print(_nothing_found(answer))
+
+
+def _one_query(words: list[str] | None) -> str | None:
+    """The query text: one argument. Several are a multi-word query the shell split: say how to quote it."""
+    if not words:
+        return None
+    if len(words) > 1:
+        quoted = " ".join(words).replace('"', '\\"')
+        raise ClipdexError(
+            f'a query of several words needs quotes: clipdex search "{quoted}" (got {len(words)} arguments)'
+        )
+    return words[0]
 
 
 def _nothing_found(answer: dict) -> str:
