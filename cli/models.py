@@ -63,8 +63,22 @@ def eval_(
     as_json: JsonOpt = False,
 ) -> None:
     """Measure text→image and image→text recall@1/5/10 exactly as CLIP_benchmark does, on a benchmark or your pairs."""
-    from clipdex.retrieval.config import EncoderConfig
     from clipdex.retrieval.evaluation.datasets import DatasetName
+
+    names = [d.value for d in DatasetName]
+    benchmark = dataset if dataset in names else None
+    if benchmark is None and not Path(dataset).exists():
+        import difflib
+
+        close = difflib.get_close_matches(dataset.lower(), names, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ClipdexError(
+            f"{dataset} is neither a benchmark ({', '.join(names)}) nor a caption file of your pairs: {hint}"
+            "a pairs file is a CSV, TSV, JSON lines or Parquet file with an image and a caption column"
+        )
+    if benchmark is not None and root is None:
+        raise ClipdexError(f"{benchmark} needs --root DIR: the folder holding it (layouts: data/README.md)")
+    from clipdex.retrieval.config import EncoderConfig
     from clipdex.retrieval.evaluation.evaluate import EvalConfig, evaluate
     from clipdex.retrieval.imaging.loader import default_workers
     from clipdex.retrieval.model.weights import index_encoder_config
@@ -75,9 +89,6 @@ def eval_(
         encoder, _ = index_encoder_config(index_dir, device=device.value)
     else:
         encoder = encoder_config(model, pretrained, device) or EncoderConfig(device=device.value)
-    benchmark = dataset if dataset in {d.value for d in DatasetName} else None
-    if benchmark is not None and root is None:
-        raise ClipdexError(f"{benchmark} needs --root DIR: the folder holding it (layouts: data/README.md)")
     config = EvalConfig(
         dataset=DatasetName(benchmark) if benchmark else None,
         root=root,

@@ -83,9 +83,12 @@ class IndexRun:
         """Image files under the roots and those the caption files name; the roots that held any; every source."""
         entries: dict[str, FileEntry] = {}
         scanned: list[str] = []
+        forgotten = self._forgotten(roots)
         for root in roots:
             found = 0
             for entry in scan_root(root, self.config.exclude, self.unreadable):
+                if any(is_at_or_under(str(entry.path), f) for f in forgotten):
+                    continue
                 found += 1
                 entries.setdefault(str(entry.path), entry)
             if found:
@@ -103,6 +106,15 @@ class IndexRun:
                     if e is not None:
                         entries.setdefault(str(e.path), e)
         return entries, scanned, sources
+
+    def _forgotten(self, roots: list[Path]) -> list[str]:
+        """Paths `remove --forget` took out, less those this run names again (at or under them): asked for by name,
+        they come back, and are forgotten no more."""
+        forgotten = self.writer.manifest.forgotten
+        kept = [f for f in forgotten if not any(is_at_or_under(str(root), f) for root in roots)]
+        if kept != forgotten:
+            self.writer.set_forgotten(kept)
+        return kept
 
     def _changed(self, entries: dict[str, FileEntry], existing: dict[str, dict[str, Any]]) -> list[FileEntry]:
         """The files to read: new ones, and those whose size or mtime changed (or that failed before)."""
@@ -210,7 +222,7 @@ class IndexRun:
         never held is a mistake (a typo), and an error."""
         ids = self.writer.catalog.ids_at_or_under([str(root)])
         if not ids and str(root) not in self.writer.manifest.roots:
-            raise no_images_error(root)
+            raise no_images_error(root, self.config.exclude)
         self.to_delete.extend(ids)
         self.summary.removed += len(ids)
         state = "is gone" if not root.exists() else "holds no images now"

@@ -112,10 +112,18 @@ def check_roots(roots: list[Path]) -> None:
             )
 
 
-def no_images_error(root: Path) -> InputError:
+def no_images_error(root: Path, exclude: tuple[str, ...] = ()) -> InputError:
     if not root.exists():
         return InputError(f"no such file or folder: {root}")
+    if root.is_dir() and _any_image(root):
+        rules = " or ".join([f"--exclude {' '.join(repr(p) for p in exclude)}"] * bool(exclude) + [".clipdexignore"])
+        return InputError(f"every image file under {root} is excluded (by {rules}, or a hidden or system folder)")
     return InputError(f"no image files under {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+
+
+def _any_image(root: Path) -> bool:
+    """Whether any image file is under `root`, whatever is excluded: the first one found ends the walk."""
+    return any(is_image_file(Path(f)) for _, _, files in os.walk(root) for f in files)
 
 
 def _stat(path: Path, source: str) -> FileEntry | None:

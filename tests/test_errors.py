@@ -62,6 +62,12 @@ def test_missing_and_empty_folders(cli, tmp_path, tiny_model):
         cli.invoke(app, ["index", str(tmp_path / "empty"), "--index", idx, *tiny_model.cli_args()]), "no image files"
     )
     assert_one_line_error(cli.invoke(app, ["index", "--index", idx, *tiny_model.cli_args()]), "nothing to index")
+    make_images(tmp_path / "all-out", 2, seed=4)
+    assert_one_line_error(
+        cli.invoke(app, ["index", str(tmp_path / "all-out"), "--index", idx, "--exclude", "*", *tiny_model.cli_args()]),
+        "every image file under",
+        "--exclude '*'",
+    )
 
 
 def test_missing_or_broken_index(cli, tmp_path):
@@ -122,12 +128,21 @@ def test_caption_file_errors(cli, tmp_path, photos, tiny_model):
     assert_one_line_error(
         cli.invoke(app, ["index", *args, "--texts", str(tmp_path / "x.docx")]), "unsupported caption file"
     )
+    binary = tmp_path / "photo.csv"  # a JPEG renamed, or the wrong file picked
+    binary.write_bytes(next(photos.iterdir()).read_bytes())
+    assert_one_line_error(cli.invoke(app, ["index", *args, "--texts", str(binary)]), "is not a text file")
+    latin = tmp_path / "latin.txt"  # an 8-bit text file is still text
+    latin.write_bytes("un café\nune crème brûlée\n".encode("latin-1"))
+    assert cli.invoke(app, ["index", *args, "--texts", str(latin)]).exit_code == 0
 
 
 def test_search_usage_errors(cli, tmp_path, photos, tiny_model):
     idx = str(tmp_path / "idx")
     assert cli.invoke(app, ["index", str(photos), "--index", idx, *tiny_model.cli_args()]).exit_code == 0
     assert_one_line_error(cli.invoke(app, ["search", "--index", idx]), "give a text query, --image FILE or --like ID")
+    assert_one_line_error(
+        cli.invoke(app, ["search", "red", "circle", "--index", idx]), 'needs quotes: clipdex search "red circle"'
+    )
     assert_one_line_error(cli.invoke(app, ["search", "dog", "--image", str(photos), "--index", idx]), "only one of")
     assert_one_line_error(cli.invoke(app, ["search", "--image", str(tmp_path / "no.png"), "--index", idx]), "not found")
     assert_one_line_error(cli.invoke(app, ["search", "   ", "--index", idx]), "empty")
@@ -160,3 +175,41 @@ def test_real_entry_point_prints_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: "), proc.stderr
     assert "--pretrained /path/to/checkpoint" in proc.stderr
+
+
+def test_eval_names_the_benchmarks_for_a_typo(cli, tmp_path):
+    assert_one_line_error(
+        cli.invoke(app, ["eval", "flickr", "--root", str(tmp_path)]),
+        "neither a benchmark (flickr30k, coco)",
+        "did you mean flickr30k?",
+    )
+
+
+def test_model_loading_errors_say_what_to_do(cli, tmp_path, photos, tiny_model):
+    """A file that is not a checkpoint, weights that do not fit the architecture (with and without --model), and a
+    pickle holding objects: one line each, naming the fix, never suggesting weights_only=False."""
+    import json as _json
+
+    import torch
+    from corpus import TINY_CONFIG
+
+    idx = str(tmp_path / "idx")
+    jpg = next(photos.iterdir())
+    wider = tmp_path / "wider.json"
+    wider.write_text(_json.dumps({**TINY_CONFIG, "embed_dim": TINY_CONFIG["embed_dim"] * 2}))
+    objects = tmp_path / "objects.pt"
+    torch.save({"state": torch.nn.Linear(2, 2)}, objects)  # a module, not only tensors
+    cases = [
+        (["--model", str(tiny_model.config), "--pretrained", str(jpg)], ["is not a PyTorch or safetensors checkpoint"]),
+        (
+            ["--model", str(wider), "--pretrained", str(tiny_model.weights)],
+            ["does not fit wider", "in the checkpoint but", "--model CONFIG.json"],
+        ),
+        (["--pretrained", str(tiny_model.weights)], ["does not fit ViT-B-32", "--model"]),
+        (["--model", str(tiny_model.config), "--pretrained", str(objects)], ["holds Python objects"]),
+    ]
+    for args, needles in cases:
+        result = cli.invoke(app, ["index", str(photos), "--index", idx, *args])
+        assert_one_line_error(result, *needles)
+        assert "weights_only" not in result.stderr
+        assert not (tmp_path / "idx").exists()

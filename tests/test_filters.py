@@ -146,7 +146,7 @@ def test_the_ann_path_keeps_recall_within_the_filter(library, reference, tmp_pat
 
 def test_a_filter_that_matches_nothing_says_so(cli, library):
     """Not "the index holds no images": it holds 40, and the filter kept none of them."""
-    root, index, paths = library
+    _root, index, paths = library
     for args in (["a red circle", "--where", "width > 100000"], ["x", "--in", "/etc"]):
         result = cli.invoke(app, ["search", *args, "--index", str(index), "--no-server"])
         assert result.exit_code == 0, result.stderr

@@ -66,9 +66,11 @@ def open_texts(
         raise InputError(f"unsupported caption file {path}: use one of {', '.join(TEXT_SUFFIXES)}")
     try:
         with path.open("rb") as f:
-            f.read(1)
+            head = f.read(8192)
     except OSError as e:
         raise InputError(f"cannot read caption file {path}: {e.strerror or e}") from e
+    if suffix != ".parquet" and not _looks_like_text(head):
+        raise InputError(f"{path} is not a text file (it holds binary data): give a {suffix} caption file")
     if suffix == ".txt":
         if image_column:
             raise InputError(f"{path} is plain text (one caption per line) and has no image column")
@@ -90,6 +92,15 @@ def open_texts(
     if image_column and require_images:
         _check_some_images_exist(source)
     return source
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """No NUL byte and few control characters: what `file` calls text (any 8-bit encoding passes; the reader decodes
+    UTF-8 and keeps other bytes as they are)."""
+    if b"\x00" in head:
+        return False
+    controls = sum(1 for b in head if b < 32 and b not in b"\t\n\r\f\x08\x1b")
+    return controls <= len(head) // 20
 
 
 def _check_some_images_exist(source: TextSource, sample: int = 1000) -> None:

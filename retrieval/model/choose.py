@@ -59,7 +59,7 @@ def exported_encoder(
 def _spec_without_torch(config: EncoderConfig, expect: ModelSpec | None) -> ModelSpec | None:
     """The ModelSpec `load_model` would record for `config` when it can be told from the files alone: an architecture
     name or config JSON, and a weights tag or local checkpoint (by content)."""
-    from clipdex.retrieval.model.weights import checkpoint_sha
+    from clipdex.retrieval.model.weights import checkpoint_format_error, checkpoint_sha
 
     if config.model.startswith(("hf-hub:", "local-dir:")) or (config.pretrained or "").startswith("hf-hub:"):
         return None
@@ -75,6 +75,8 @@ def _spec_without_torch(config: EncoderConfig, expect: ModelSpec | None) -> Mode
     if not checkpoint.is_file():
         return ModelSpec(name, config.pretrained, config=model_cfg)  # a tag: an export exists only if it was valid
     checkpoint = checkpoint.resolve()
+    if (why := checkpoint_format_error(checkpoint)) is not None:
+        raise ModelError(why)  # said before torch is imported
     sha = checkpoint_sha(checkpoint, expect)
     if expect is not None and expect.checkpoint_sha256 and sha != expect.checkpoint_sha256:
         return None  # not the index's checkpoint: loading it says so

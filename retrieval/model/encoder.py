@@ -9,6 +9,7 @@ import contextlib
 import difflib
 import json
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from clipdex.retrieval.errors import ModelError
 from clipdex.retrieval.imaging.decode import DEFAULT_MAX_PIXELS, MAX_ASPECT, DecodeOptions
 from clipdex.retrieval.model.preprocess import Preprocess
 from clipdex.retrieval.model.runtime import encode_distinct
-from clipdex.retrieval.model.weights import checkpoint_sha
+from clipdex.retrieval.model.weights import checkpoint_format_error, checkpoint_sha
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +270,8 @@ def load_model(config: EncoderConfig, *, expect: ModelSpec | None = None) -> Loa
     device = resolve_device(config.device)
     name, model_cfg = _resolve_model_name(config.model)
     recorded, checkpoint = _resolve_pretrained(name, config.pretrained)
+    if checkpoint is not None and (why := checkpoint_format_error(checkpoint)) is not None:
+        raise ModelError(why)
     sha = checkpoint_sha(checkpoint, expect) if checkpoint is not None else None
     if expect is not None and expect.checkpoint_sha256 and sha != expect.checkpoint_sha256:
         raise ModelError(
@@ -335,10 +338,17 @@ def _no_random_init(enabled: bool) -> Iterator[None]:
             setattr(torch.nn.init, name, fn)
 
 
+_MISMATCH = re.compile(
+    r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from checkpoint, "
+    r"the shape in current model is torch\.Size\((\[[^\]]*\])\)"
+)
+_KEYS = re.compile(r"(Missing|Unexpected) key\(s\) in state_dict: \"([^\"]+)\"")
+
+
 def _explain_load_failure(name: str, recorded: str | None, checkpoint: Path | None, e: Exception) -> str:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if checkpoint is not None:
-        return f"cannot load checkpoint {checkpoint} into {name}: {first[:300]}"
+        return _explain_checkpoint(name, checkpoint, e, first)
     if recorded is not None or name.startswith("hf-hub:"):
         what = f"{name} / {recorded}" if recorded else name
         return (
@@ -346,3 +356,22 @@ def _explain_load_failure(name: str, recorded: str | None, checkpoint: Path | No
             "Without network, download the checkpoint elsewhere and pass --pretrained /path/to/checkpoint"
         )
     return f"cannot build model {name}: {first[:300]}"
+
+
+def _explain_checkpoint(name: str, checkpoint: Path, e: Exception, first: str) -> str:
+    """What to do about a checkpoint that did not load: never "weights_only=False" (that runs the file's code)."""
+    text = str(e)
+    fix = "give the architecture it was trained with: --model NAME, or --model CONFIG.json for a custom one"
+    if (m := _MISMATCH.search(text)) is not None:
+        return f"{checkpoint} does not fit {name}: {m[1]} is {m[2]} in the checkpoint but {m[3]} in {name}; {fix}"
+    if (m := _KEYS.search(text)) is not None:
+        key = m[2].split('", "')[0]
+        return f"{checkpoint} does not fit {name}: {m[1].lower()} tensor {key}; {fix}"
+    if "width changed" in text or "Error(s) in loading state_dict" in text:
+        return f"{checkpoint} does not fit {name} ({first[:120]}); {fix}"
+    if "weights_only" in text or "Unpickl" in type(e).__name__:
+        return (
+            f"{checkpoint} holds Python objects, not only tensors, and clipdex does not run code from a checkpoint; "
+            "save its weights alone (torch.save(model.state_dict(), path)) and give that file"
+        )
+    return f"cannot load checkpoint {checkpoint} into {name}: {first[:300]}"

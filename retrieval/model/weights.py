@@ -63,6 +63,23 @@ def keep_copy(path: Path, sha256: str) -> Path | None:
         return None
 
 
+def checkpoint_format_error(path: Path) -> str | None:
+    """Why `path` is not a checkpoint open_clip can read (PyTorch zip or pickle, safetensors, numpy .npz), read
+    from its first bytes; None when it may be one."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror or e}"
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # a zip (torch.save, .npz) or a pickle
+        return None
+    if len(head) >= 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then JSON
+        return None
+    return (
+        f"{path} is not a PyTorch or safetensors checkpoint (give the model's weights file, e.g. a .pt or .safetensors)"
+    )
+
+
 def checkpoint_sha(path: Path, expect: ModelSpec | None = None) -> str:
     """The SHA-256 of a checkpoint file, without reading it when `expect` already vouches for it: the recorded
     file at its recorded size and mtime, or the cached copy (named by its content, written once)."""
