@@ -141,12 +141,20 @@ def remove(
         list[Path], typer.Argument(help="Files or folders: every item at or under them goes.", show_default=False)
     ],
     index_dir: IndexDir = ...,  # type: ignore[assignment]
+    forget: Annotated[
+        bool,
+        typer.Option(
+            "--forget",
+            help="Keep them out: a later `clipdex index` of a folder above leaves them out (naming them "
+            "again brings them back).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Remove items from an index, whether or not their files still exist (no model is loaded)."""
     from clipdex.indexer.remove import remove_paths
 
-    summary = remove_paths(index_dir, paths)
+    summary = remove_paths(index_dir, paths, forget=forget)
     if as_json:
         print(json.dumps(summary.to_json()))
     else:
@@ -155,6 +163,14 @@ def remove(
             out.print(f"{summary.unlinked_texts} captions lost their image and are kept as texts", highlight=False)
     for path in summary.not_indexed:
         err.print(f"[yellow]note:[/] nothing indexed at or under {path}", highlight=False, soft_wrap=True)
+    for path in summary.come_back:
+        err.print(
+            f"[yellow]note:[/] {path} is inside a folder this index keeps up to date: the next `clipdex index` of "
+            "that folder brings it back. To keep it out, run this again with --forget (or use --exclude or a "
+            ".clipdexignore file)",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command(rich_help_panel="Index")

@@ -161,6 +161,29 @@ def test_remove_and_gone_folders(cli, tmp_path, tiny_model):
     assert check_index(index).ok
 
 
+def test_removed_items_come_back_with_their_folder_unless_forgotten(cli, tmp_path, tiny_model):
+    """`remove` of a folder inside an indexed one says that the next `index` of that folder brings it back, and
+    does so; `remove --forget` keeps it out of later runs, until the folder is named again."""
+    photos = tmp_path / "photos"
+    make_images(photos / "kept", 4, seed=51)
+    private = [p for p, _ in make_images(photos / "private", 3, seed=52)]
+    index = tmp_path / "idx"
+    run(cli, "index", photos, "--index", index, *tiny_model.cli_args())
+    paths = lambda: {h["path"] for h in all_hits(cli, index)}  # noqa: E731
+    result = cli.invoke(app, ["remove", str(photos / "private"), "--index", str(index)])
+    assert result.exit_code == 0 and "brings it back" in result.stderr and "--forget" in result.stderr
+    run(cli, "index", photos, "--index", index)
+    assert {str(p) for p in private} <= paths()  # as the note said
+    out = json.loads(run(cli, "remove", photos / "private", "--index", index, "--forget", "--json"))
+    assert out["removed"] == 3 and out["forgotten"] == [str(photos / "private")]
+    run(cli, "index", photos, "--index", index)
+    assert not {str(p) for p in private} & paths() and len(paths()) == 4
+    run(cli, "index", photos / "private", "--index", index)  # named again: back, and no longer forgotten
+    run(cli, "index", photos, "--index", index)
+    assert {str(p) for p in private} <= paths() and len(paths()) == 7
+    assert check_index(index).ok
+
+
 def test_moved_checkpoint_keeps_the_index_searchable(cli, tmp_path, tiny_model, weights_cache):
     weights = tmp_path / "weights" / "model.pt"
     weights.parent.mkdir()

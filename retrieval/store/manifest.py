@@ -106,6 +106,7 @@ class Manifest:
     snapshot: Snapshot = field(default_factory=Snapshot)
     roots: list[str] = field(default_factory=list)  # folders and files given to `clipdex index`, canonical
     precision: str = "fp32"  # what the model ran at to make the vectors: queries run at the same (model.precision)
+    forgotten: list[str] = field(default_factory=list)  # removed with --forget: indexing a folder above skips them
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -130,6 +131,7 @@ class Manifest:
             ann={kind: AnnRecord.from_json(record) for kind, record in (data.get("ann") or {}).items()},
             roots=list(data.get("roots") or []),
             precision=str(data.get("precision") or "fp32"),
+            forgotten=list(data.get("forgotten") or []),
             snapshot=Snapshot(
                 generation=int(snapshot.get("generation", 0)),
                 files=dict(snapshot.get("files") or {}),

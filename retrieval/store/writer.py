@@ -201,6 +201,10 @@ class IndexWriter:
         """The folders and files this index is kept up to date with (written with the next publish)."""
         self.manifest.roots = roots
 
+    def set_forgotten(self, paths: list[str]) -> None:
+        """Paths `remove --forget` took out: indexing a folder above them leaves them out (the next publish)."""
+        self.manifest.forgotten = paths
+
     def set_ann_settings(self, settings: AnnSettings) -> None:
         """Index type, memory budget and target recall for this and later publishes."""
         self.manifest.ann_settings = settings
