@@ -213,3 +213,20 @@ def test_model_loading_errors_say_what_to_do(cli, tmp_path, photos, tiny_model):
         assert_one_line_error(result, *needles)
         assert "weights_only" not in result.stderr
         assert not (tmp_path / "idx").exists()
+
+
+def test_the_first_run_without_network_fails_fast_and_says_how(cli, tmp_path, photos, monkeypatch):
+    """The README's first command (a weights tag) on a machine that cannot reach the Hub: one full line saying to
+    pass a local checkpoint, at once, not a minute of retries; nothing written."""
+    import time
+
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "ENDPOINT", "https://127.0.0.1:9")  # nothing listens there: refused at once
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    t0 = time.monotonic()
+    result = cli.invoke(app, ["index", str(photos), "--index", str(tmp_path / "idx")])
+    assert time.monotonic() - t0 < 30
+    assert_one_line_error(result, "cannot be reached", "--pretrained /path/to/checkpoint")
+    assert "Retrying" not in result.stderr and "WARNING" not in result.stderr
+    assert not (tmp_path / "idx").exists()

@@ -10,6 +10,8 @@ import difflib
 import json
 import logging
 import re
+import socket
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,13 +105,42 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> tuple[str | None, 
     return pretrained, None
 
 
+def _hub_unreachable() -> bool:
+    """Whether the Hugging Face Hub cannot be reached: HF_HUB_OFFLINE is set, or one connection fails (3 s at most).
+    Without a network, huggingface_hub retries each download for about a minute before failing."""
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE:
+        return True
+    try:
+        socket.create_connection((urllib.parse.urlparse(hub.ENDPOINT).hostname or "huggingface.co", 443), 3).close()
+    except OSError:
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """huggingface_hub in offline mode while a model loads: cached weights load, missing ones fail at once."""
+    import huggingface_hub.constants as hub
+
+    before = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = before or offline
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = before
+
+
 def _download_hf_weights(repo: str) -> Path:
     from open_clip.pretrained import download_pretrained_from_hf
 
     errors = []
+    offline = _hub_unreachable()
     for filename in _HF_WEIGHT_FILES:
         try:
-            return Path(download_pretrained_from_hf(repo, filename=filename))
+            with _hub_offline(offline):
+                return Path(download_pretrained_from_hf(repo, filename=filename))
         except Exception as e:  # hub errors come in many types; offline is the usual one
             errors.append(f"{filename}: {type(e).__name__}")
     raise ModelError(
@@ -282,8 +313,9 @@ def load_model(config: EncoderConfig, *, expect: ModelSpec | None = None) -> Loa
     # time (about a second for ViT-B-32 on a laptop CPU). Towers from Hugging Face or timm may load their own
     # weights non-strictly, so they keep their initialisation.
     overwritten = checkpoint is not None and not optional_imports_needed(ModelSpec(name, recorded, config=model_cfg))
+    offline = checkpoint is None and (recorded is not None or name.startswith("hf-hub:")) and _hub_unreachable()
     try:
-        with _no_random_init(overwritten):
+        with _no_random_init(overwritten), _hub_offline(offline):
             model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
                 name,
                 pretrained=str(checkpoint) if checkpoint is not None else recorded,
@@ -294,7 +326,7 @@ def load_model(config: EncoderConfig, *, expect: ModelSpec | None = None) -> Loa
     except ModelError:
         raise
     except Exception as e:
-        raise ModelError(_explain_load_failure(name, recorded, checkpoint, e)) from e
+        raise ModelError(_explain_load_failure(name, recorded, checkpoint, e, offline=offline)) from e
     if not all(callable(getattr(model, f, None)) for f in ("encode_image", "encode_text")):
         raise ModelError(f"{name} is not a CLIP model (it cannot encode both images and texts)")
     st = checkpoint.stat() if checkpoint is not None else None
@@ -345,15 +377,22 @@ _MISMATCH = re.compile(
 _KEYS = re.compile(r"(Missing|Unexpected) key\(s\) in state_dict: \"([^\"]+)\"")
 
 
-def _explain_load_failure(name: str, recorded: str | None, checkpoint: Path | None, e: Exception) -> str:
+def _explain_load_failure(
+    name: str, recorded: str | None, checkpoint: Path | None, e: Exception, *, offline: bool = False
+) -> str:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if checkpoint is not None:
         return _explain_checkpoint(name, checkpoint, e, first)
     if recorded is not None or name.startswith("hf-hub:"):
         what = f"{name} / {recorded}" if recorded else name
+        if offline:
+            return (
+                f"the weights of {what} are not on this machine and huggingface.co cannot be reached: download the "
+                "checkpoint where there is a network, then pass it here with --pretrained /path/to/checkpoint"
+            )
         return (
-            f"could not obtain weights for {what} ({type(e).__name__}: {first[:200]}). "
-            "Without network, download the checkpoint elsewhere and pass --pretrained /path/to/checkpoint"
+            f"could not obtain weights for {what} ({type(e).__name__}: {first[:200]}); download the checkpoint "
+            "yourself and pass --pretrained /path/to/checkpoint"
         )
     return f"cannot build model {name}: {first[:300]}"
 
