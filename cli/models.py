@@ -27,6 +27,7 @@ from clipdex.cli.common import (
     out,
 )
 from clipdex.retrieval.errors import ClipdexError
+from clipdex.retrieval.finetune.config import Method
 
 
 class DatasetOpt(str, Enum):
@@ -165,7 +166,12 @@ def finetune(
         DatasetOpt | None, typer.Option(help="Train on a benchmark's Karpathy train split instead (needs --root).")
     ] = None,
     root: Annotated[Path | None, typer.Option(help="Dataset folder for --dataset (data/README.md).")] = None,
-    method: Annotated[str, typer.Option(help="Which weights train: full, last-n, lora or lit.")] = "full",
+    method: Annotated[
+        Method,
+        typer.Option(
+            help="Which weights train: all (full), the last N blocks, LoRA adapters, or the text tower (lit)."
+        ),
+    ] = Method.FULL,
     layers: Annotated[int | None, typer.Option(help="last-n: blocks of each tower to train.")] = None,
     rank: Annotated[int, typer.Option(min=1, help="lora: adapter rank.")] = 8,
     val: Annotated[
@@ -193,12 +199,16 @@ def finetune(
     text_column: TextColumnOpt = None,
     image_column: Annotated[str | None, typer.Option(help="Image column (default: image).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its last epoch.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier run in --out (refused without it).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune a CLIP model on your own image–caption pairs; report validation recall before and after."""
+    from clipdex.retrieval.finetune.config import check_out
+
+    check_out(out_dir, resume=resume, overwrite=overwrite)  # before torch loads
     from clipdex.retrieval.config import EncoderConfig
     from clipdex.retrieval.evaluation.datasets import DatasetName
-    from clipdex.retrieval.finetune import FinetuneConfig, Method, finetune
+    from clipdex.retrieval.finetune import FinetuneConfig, finetune
     from clipdex.retrieval.imaging.loader import default_workers
 
     config = FinetuneConfig(
@@ -212,7 +222,7 @@ def finetune(
         val=val,
         val_fraction=val_fraction,
         keep=keep,
-        method=Method.parse(method),
+        method=method,
         layers=layers,
         rank=rank,
         epochs=epochs,
@@ -226,6 +236,7 @@ def finetune(
         seed=seed,
         workers=default_workers() if workers is None else workers,
         resume=resume,
+        overwrite=overwrite,
     )
     with _train_bar() as bar:
         result = finetune(config, progress=_TrainBar(bar))

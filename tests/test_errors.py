@@ -93,7 +93,9 @@ def test_model_errors(cli, tmp_path, photos, tiny_model):
     assert_one_line_error(index_with(str(tiny_model.config), str(tmp_path / "missing.pt")), "checkpoint file not found")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00not a checkpoint")
-    assert_one_line_error(index_with(str(tiny_model.config), str(garbage)), "cannot load checkpoint")
+    assert_one_line_error(
+        index_with(str(tiny_model.config), str(garbage)), "is not a PyTorch or safetensors checkpoint"
+    )
     assert_one_line_error(index_with("ViT-B-32", "no_such_tag"), "unknown pretrained tag", "laion2b_s34b_b79k")
     assert_one_line_error(
         index_with(str(tmp_path / "nope.json"), str(tiny_model.weights)), "model config file not found"

@@ -3,17 +3,50 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from clipdex.retrieval.config import EncoderConfig
+from clipdex.retrieval.errors import InputError
 from clipdex.retrieval.evaluation.datasets import DatasetName
-from clipdex.retrieval.finetune.methods import Method
 
 CHECKPOINT = "checkpoint.safetensors"
+
+
+class Method(str, Enum):
+    FULL = "full"
+    LAST_N = "last-n"
+    LORA = "lora"
+    LIT = "lit"
+
+    @classmethod
+    def parse(cls, name: str) -> Method:
+        try:
+            return cls(name)
+        except ValueError:
+            raise InputError(f"unknown method {name!r}: use {', '.join(m.value for m in cls)}") from None
+
+
 ADAPTER = "adapter"
 STATE = "state"
 DEFAULT_LR = {Method.FULL: 1e-5, Method.LAST_N: 1e-5, Method.LORA: 1e-4, Method.LIT: 1e-5}
+
+
+def check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse an --out that would lose or mix up work, before anything loads: `resume` needs an unfinished run there;
+    otherwise an unfinished run, or a finished one's checkpoint, is kept unless `overwrite`."""
+    unfinished = (out / STATE / "resume.pt").is_file()
+    if resume:
+        if not unfinished:
+            raise InputError(f"nothing to resume in {out}: no unfinished run there (start one without --resume)")
+        return
+    if unfinished and not overwrite:
+        raise InputError(f"{out} holds an unfinished run: continue it with --resume, or give a new --out")
+    if (out / CHECKPOINT).exists() and not overwrite:
+        raise InputError(
+            f"{out} holds an earlier run's checkpoint ({CHECKPOINT}): give a new --out, or --overwrite to replace it"
+        )
 
 
 @dataclass(frozen=True)
@@ -43,6 +76,7 @@ class FinetuneConfig:
     seed: int = 0
     workers: int = 0
     resume: bool = False
+    overwrite: bool = False  # replace an earlier run in `out`
 
 
 @dataclass

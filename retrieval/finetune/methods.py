@@ -12,29 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from clipdex.retrieval.errors import InputError
+from clipdex.retrieval.finetune.config import Method
 
 LORA_TARGETS = r".*\.(attn|c_fc|c_proj)$"  # attention (in and out projections) and MLP layers of every block
-
-
-class Method(str, Enum):
-    FULL = "full"
-    LAST_N = "last-n"
-    LORA = "lora"
-    LIT = "lit"
-
-    @classmethod
-    def parse(cls, name: str) -> Method:
-        try:
-            return cls(name)
-        except ValueError:
-            raise InputError(f"unknown method {name!r}: use {', '.join(m.value for m in cls)}") from None
 
 
 @dataclass

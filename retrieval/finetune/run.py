@@ -24,7 +24,15 @@ from safetensors.torch import save_file
 from clipdex.retrieval.errors import InputError
 from clipdex.retrieval.evaluation.datasets import RetrievalDataset
 from clipdex.retrieval.evaluation.evaluate import dataset_recall
-from clipdex.retrieval.finetune.config import ADAPTER, CHECKPOINT, DEFAULT_LR, STATE, FinetuneConfig, FinetuneResult
+from clipdex.retrieval.finetune.config import (
+    ADAPTER,
+    CHECKPOINT,
+    DEFAULT_LR,
+    STATE,
+    FinetuneConfig,
+    FinetuneResult,
+    check_out,
+)
 from clipdex.retrieval.finetune.data import Data, epoch_pairs, read_data
 from clipdex.retrieval.finetune.loop import Step, Trainer, make_optimizer, make_schedule
 from clipdex.retrieval.finetune.methods import Prepared, prepare
@@ -54,11 +62,8 @@ class _Quiet:
 
 def finetune(config: FinetuneConfig, *, progress: TrainProgress | None = None) -> FinetuneResult:
     _check(config)
+    check_out(config.out, resume=config.resume, overwrite=config.overwrite)
     state_path = config.out / STATE / "resume.pt"
-    if config.resume and not state_path.is_file():
-        raise InputError(f"nothing to resume in {config.out}: no unfinished run there (start one without --resume)")
-    if not config.resume and state_path.is_file():
-        raise InputError(f"{config.out} holds an unfinished run: continue it with --resume, or give a new --out")
     torch.manual_seed(config.seed)
     session = _Session.open(config, progress or _Quiet(), state_path)
     history = session.resume() if config.resume else session.begin()
