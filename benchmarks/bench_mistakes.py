@@ -90,7 +90,7 @@ def main() -> None:
                     times.append(time.perf_counter() - t0)
                     code = done.returncode
                     lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
-                    said = (lines[-1] if lines else done.stdout.strip().splitlines()[-1:] or [""])[0]
+                    said = lines[-1] if lines else (done.stdout.strip().splitlines() or [""])[-1]
                 row[f"{variant} s"] = round(statistics.median(times), 2)
                 row[f"{variant} exit"] = code
                 row[f"{variant} says"] = said[:160].replace("|", "/")
