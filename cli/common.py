@@ -91,6 +91,13 @@ ModelOpt = Annotated[
         "Default: ViT-B-32 for a new index, the index's own model otherwise."
     ),
 ]
+ModelAnyOpt = Annotated[  # where no index is made or updated: embed, eval, finetune
+    str | None,
+    typer.Option(
+        "--model",
+        help="open_clip architecture (e.g. ViT-B-32), hf-hub:org/repo, or a model-config JSON file (default: ViT-B-32).",
+    ),
+]
 PretrainedOpt = Annotated[
     str | None,
     typer.Option(help="Pretrained tag (e.g. laion2b_s34b_b79k), hf-hub:org/repo, or a local checkpoint file."),
@@ -278,7 +285,7 @@ class EngineOpt(str, Enum):
 EngineOption = Annotated[
     EngineOpt,
     typer.Option(
-        help='Where decoding and encoding run: here, or on a Ray cluster through Ray Data (pip install "clipdex[ray]").'
+        help='Where decoding and encoding run: here, or on a Ray cluster through Ray Data (pip install "clipdex\\[ray]").'
     ),
 ]
 RayAddressOpt = Annotated[
@@ -288,6 +295,27 @@ RayAddressOpt = Annotated[
         show_default=False,
     ),
 ]
+
+
+def print_table(table: Table) -> None:
+    """A table on a terminal; piped, tab-separated lines (the header first, when the table has one) with nothing
+    wrapped, cut or boxed, for `cut`, `awk` and spreadsheets."""
+    if out.is_terminal:
+        out.print(table)
+        return
+    if table.show_header:
+        print("\t".join(_plain(c.header) for c in table.columns))
+    for row in zip(*(c.cells for c in table.columns), strict=True):
+        print("\t".join(_plain(cell) for cell in row))
+
+
+def _plain(cell: Any) -> str:
+    """A cell's text without rich markup or styles."""
+    from rich.text import Text
+
+    if isinstance(cell, Text):
+        return cell.plain
+    return Text.from_markup(str(cell)).plain if isinstance(cell, str) else str(cell)
 
 
 def print_ann(manifest: Any, as_json: bool) -> None:
@@ -307,4 +335,4 @@ def print_ann(manifest: Any, as_json: bool) -> None:
             "-" if recall is None else f"{recall:.3f}",
             record.reason,
         )
-    out.print(table)
+    print_table(table)

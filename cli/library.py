@@ -22,6 +22,7 @@ from clipdex.cli.common import (
     IndexTypeOpt,
     JsonOpt,
     MemoryOpt,
+    ModelAnyOpt,
     ModelOpt,
     OnDiskOpt,
     PathsArg,
@@ -41,6 +42,7 @@ from clipdex.cli.common import (
     friendly,
     out,
     print_ann,
+    print_table,
     progress_bar,
 )
 from clipdex.retrieval.config import human_bytes
@@ -117,7 +119,7 @@ def index(
         for key in summary.to_json():
             table.add_column(key, justify="right")
         table.add_row(*(str(v) for v in summary.to_json().values()))
-        out.print(table)
+        print_table(table)
         for path, reason in summary.failures[:20]:
             err.print(f"[yellow]failed[/] {path}: {reason}", highlight=False, soft_wrap=True)
         if len(summary.failures) > 20:
@@ -295,18 +297,14 @@ def info(
     table.add_row("last update", data["updated"] or "never")
     for i, root in enumerate(data["roots"]):
         table.add_row("indexed roots" if i == 0 else "", root)
-    if out.is_terminal:
-        out.print(table)
-    else:  # piped: one `key<TAB>value` line per row, nothing wrapped or cut
-        for key, value in zip(table.columns[0].cells, table.columns[1].cells, strict=True):
-            print(f"{key}\t{value}")
+    print_table(table)  # piped: one `key<TAB>value` line per row, nothing wrapped or cut
     if failed:
         fails = Table(title="failed items", show_header=True)
         fails.add_column("path or text", overflow="fold")
         fails.add_column("reason", overflow="fold")
         for item in data["failures"]:
             fails.add_row(item["path"] or item["text"] or "", item["error"] or "")
-        out.print(fails)
+        print_table(fails)
 
 
 @app.command(name="export", rich_help_panel="Index")
@@ -326,7 +324,7 @@ def export_index(
     if as_json:
         print(json.dumps(summary.to_json()))
     else:
-        err.print(
+        out.print(  # the command's result, on stdout as `import`'s is; notes and progress go to stderr
             f"exported {summary.images} images and {summary.texts} texts in {summary.partitions} partitions to {out_dir}",
             highlight=False,
             soft_wrap=True,
@@ -346,7 +344,7 @@ def embed(
     texts: TextsOpt = None,
     text_column: TextColumnOpt = None,
     image_column: ImageColumnOpt = None,
-    model: ModelOpt = None,
+    model: ModelAnyOpt = None,
     pretrained: PretrainedOpt = None,
     device: DeviceOpt = Device.auto,
     engine: EngineOption = EngineOpt.local,

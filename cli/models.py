@@ -16,7 +16,7 @@ from clipdex.cli.common import (
     Device,
     DeviceOpt,
     JsonOpt,
-    ModelOpt,
+    ModelAnyOpt,
     PretrainedOpt,
     TextColumnOpt,
     WorkersOpt,
@@ -25,6 +25,7 @@ from clipdex.cli.common import (
     err,
     friendly,
     out,
+    print_table,
 )
 from clipdex.retrieval.errors import ClipdexError
 from clipdex.retrieval.finetune.config import Method
@@ -52,7 +53,7 @@ def eval_(
     ] = None,
     image_column: Annotated[str | None, typer.Option(help="Pairs file: image column (default: image).")] = None,
     split: Annotated[str, typer.Option(help="Karpathy split: train, val or test.")] = "test",
-    model: ModelOpt = None,
+    model: ModelAnyOpt = None,
     pretrained: PretrainedOpt = None,
     index_dir: Annotated[
         Path | None, typer.Option("--index", "-i", help="Evaluate the model this index was built with.")
@@ -114,8 +115,8 @@ def eval_(
     for k in result["text_to_image"]:
         table.add_column(k, justify="right")
     for key, label in (("text_to_image", "text → image"), ("image_to_text", "image → text")):
-        table.add_row(label, *(f"{100 * v:.2f}" for v in result[key].values()))
-    out.print(table)
+        table.add_row(label, *(f"{v:.4f}" for v in result[key].values()))  # as in --json: fractions
+    print_table(table)
     out.print(f"{result['images_per_s']:.1f} images/s, {result['texts_per_s']:.1f} texts/s")
 
 
@@ -160,7 +161,7 @@ def finetune(
     out_dir: Annotated[
         Path, typer.Option("--out", "-o", help="Folder for the checkpoint, log, report and plot.")
     ] = ...,  # type: ignore[assignment]
-    model: ModelOpt = None,
+    model: ModelAnyOpt = None,
     pretrained: PretrainedOpt = None,
     dataset: Annotated[
         DatasetOpt | None, typer.Option(help="Train on a benchmark's Karpathy train split instead (needs --root).")
@@ -252,9 +253,9 @@ def finetune(
     for k in result.before["text_to_image"]:
         table.add_column(k, justify="right")
     for key, label in (("text_to_image", "text → image"), ("image_to_text", "image → text")):
-        table.add_row(f"{label}, before", *(f"{100 * v:.1f}" for v in result.before[key].values()))
-        table.add_row(f"{label}, after", *(f"{100 * v:.1f}" for v in result.after[key].values()))
-    out.print(table)
+        table.add_row(f"{label}, before", *(f"{v:.4f}" for v in result.before[key].values()))
+        table.add_row(f"{label}, after", *(f"{v:.4f}" for v in result.after[key].values()))
+    print_table(table)
     out.print(f"checkpoint: {result.checkpoint}", highlight=False, soft_wrap=True)
     out.print(
         f"use it: --model {result.details['model']} --pretrained {result.checkpoint}", highlight=False, soft_wrap=True

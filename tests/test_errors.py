@@ -232,3 +232,19 @@ def test_the_first_run_without_network_fails_fast_and_says_how(cli, tmp_path, ph
     assert_one_line_error(result, "cannot be reached", "--pretrained /path/to/checkpoint")
     assert "Retrying" not in result.stderr and "WARNING" not in result.stderr
     assert not (tmp_path / "idx").exists()
+
+
+def test_piped_tables_are_plain_lines(cli, tmp_path, photos, tiny_model):
+    """Piped (not a terminal), every table is tab-separated lines, header first: nothing boxed, wrapped or cut."""
+    (photos / "broken.png").write_bytes(b"not a png")
+    idx = str(tmp_path / "idx")
+    summary = cli.invoke(app, ["index", str(photos), "--index", idx, *tiny_model.cli_args()])
+    assert summary.exit_code == 0, summary.stderr
+    lines = summary.stdout.splitlines()
+    assert lines[0].split("\t") == ["added", "updated", "removed", "unchanged", "failed"]
+    assert lines[1].split("\t") == ["4", "0", "0", "0", "1"]
+    info = cli.invoke(app, ["info", "--index", idx, "--failed"])
+    assert info.exit_code == 0, info.stderr
+    assert "path or text\treason" in info.stdout and f"{photos / 'broken.png'}\t" in info.stdout
+    for text in (summary.stdout, info.stdout):
+        assert not set(text) & set("│┃─━┏┗╭╰"), text
