@@ -204,12 +204,12 @@ def finetune(
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune a CLIP model on your own image–caption pairs; report validation recall before and after."""
-    from clipdex.retrieval.finetune.config import check_out
+    from clipdex.retrieval.finetune.config import check_config, check_out
 
     check_out(out_dir, resume=resume, overwrite=overwrite)  # before torch loads
     from clipdex.retrieval.config import EncoderConfig
     from clipdex.retrieval.evaluation.datasets import DatasetName
-    from clipdex.retrieval.finetune import FinetuneConfig, finetune
+    from clipdex.retrieval.finetune import FinetuneConfig
     from clipdex.retrieval.imaging.loader import default_workers
 
     config = FinetuneConfig(
@@ -239,6 +239,9 @@ def finetune(
         resume=resume,
         overwrite=overwrite,
     )
+    check_config(config)  # before torch loads
+    from clipdex.retrieval.finetune.run import finetune
+
     with _train_bar() as bar:
         result = finetune(config, progress=_TrainBar(bar))
     if as_json:

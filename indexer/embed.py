@@ -34,7 +34,6 @@ from clipdex.retrieval.errors import InputError
 from clipdex.retrieval.imaging.captions import open_texts
 from clipdex.retrieval.imaging.decode import DEFAULT_MAX_PIXELS
 from clipdex.retrieval.model import weights
-from clipdex.retrieval.model.encoder import load_encoder
 from clipdex.retrieval.paths import canonical
 
 PLAN = "clipdex-embed.json"
@@ -143,6 +142,8 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
         encoder_config = _plan_encoder(earlier, config.device)
     else:
         encoder_config = EncoderConfig(device=config.device)
+    from clipdex.retrieval.model.encoder import load_encoder  # torch: once the inputs are known to be good
+
     encoder = load_encoder(encoder_config)
     plan = _check_plan(out, earlier, encoder.spec, encoder.dim)
     _extend_plan(out, plan, roots, sources, config)

@@ -248,3 +248,34 @@ def test_piped_tables_are_plain_lines(cli, tmp_path, photos, tiny_model):
     assert "path or text\treason" in info.stdout and f"{photos / 'broken.png'}\t" in info.stdout
     for text in (summary.stdout, info.stdout):
         assert not set(text) & set("│┃─━┏┗╭╰"), text
+
+
+def test_input_mistakes_are_answered_before_torch_loads(tmp_path, photos, tiny_model):
+    """Every command checks its arguments and index before importing torch or open_clip (seconds): a missing path,
+    a photo as checkpoint, a photo folder as index, a typo for a benchmark, an earlier fine-tuning run."""
+    code = (
+        "import json, sys\nfrom clipdex.cli.main import main\n"
+        "sys.argv = ['clipdex', *json.loads(sys.argv[1])]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+        "heavy = sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules)\n"
+        "print(json.dumps({'code': code, 'heavy': heavy}))\n"
+    )
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "checkpoint.safetensors").write_bytes(b"x")
+    jpg = str(next(photos.iterdir()))
+    model = tiny_model.cli_args()
+    mistakes = [
+        ["index", str(tmp_path / "nope"), "--index", str(tmp_path / "i1"), *model],
+        ["index", str(photos), "--index", str(photos), *model],
+        ["index", str(photos), "--index", str(tmp_path / "i2"), "--model", str(tiny_model.config), "--pretrained", jpg],
+        ["embed", str(tmp_path / "nope"), "--out", str(tmp_path / "emb"), *model],
+        ["eval", "flickr", "--root", str(tmp_path)],
+        ["finetune", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "ft"), *model],
+        ["finetune", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "earlier"), *model],
+        ["search", "red", "circle", "--index", str(tmp_path / "i1")],
+    ]
+    for argv in mistakes:
+        done = subprocess.run([sys.executable, "-c", code, json.dumps(argv)], capture_output=True, text=True)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result == {"code": 2, "heavy": []}, (argv, result, done.stderr)
+        assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -103,3 +103,24 @@ class FinetuneResult:
             "best_epoch": self.best_epoch,
             **self.details,
         }
+
+
+def check_config(config: FinetuneConfig) -> None:
+    """The options, checked before anything heavy loads (torch, the model, the data)."""
+    if (config.pairs is None) == (config.dataset is None):
+        raise InputError("give either a pairs file or --dataset flickr30k|coco --root DIR (not both)")
+    if config.pairs is not None and not config.pairs.is_file():
+        raise InputError(f"pairs file not found: {config.pairs}")
+    if config.dataset is not None and config.root is None:
+        raise InputError(f"--dataset {config.dataset.value} needs --root DIR (see data/README.md)")
+    if config.out.exists() and not config.out.is_dir():
+        raise InputError(f"--out {config.out} is a file; give a folder")
+    if not 0.0 < config.val_fraction < 1.0:
+        raise InputError(f"--val-fraction must be between 0 and 1 (got {config.val_fraction})")
+    if config.wise is not None and not 0.0 <= config.wise <= 1.0:
+        raise InputError(f"--wise must be between 0 and 1 (got {config.wise})")
+    for name in ("epochs", "batch_size", "accum_freq"):
+        if getattr(config, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    if config.lr is not None and not config.lr > 0:
+        raise InputError(f"--lr must be positive (got {config.lr})")

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from clipdex.retrieval.errors import InputError
 from clipdex.retrieval.evaluation.datasets import RetrievalDataset
 from clipdex.retrieval.evaluation.evaluate import dataset_recall
 from clipdex.retrieval.finetune.config import (
@@ -31,6 +30,7 @@ from clipdex.retrieval.finetune.config import (
     STATE,
     FinetuneConfig,
     FinetuneResult,
+    check_config,
     check_out,
 )
 from clipdex.retrieval.finetune.data import Data, epoch_pairs, read_data
@@ -61,7 +61,7 @@ class _Quiet:
 
 
 def finetune(config: FinetuneConfig, *, progress: TrainProgress | None = None) -> FinetuneResult:
-    _check(config)
+    check_config(config)
     check_out(config.out, resume=config.resume, overwrite=config.overwrite)
     state_path = config.out / STATE / "resume.pt"
     torch.manual_seed(config.seed)
@@ -261,24 +261,6 @@ class _Session:
             "pretrained": config.encoder.pretrained,
             "keep": {"before": history.keep_before, "after": keep_after} if data.keep is not None else None,
         }
-
-
-def _check(config: FinetuneConfig) -> None:
-    if (config.pairs is None) == (config.dataset is None):
-        raise InputError("give either a pairs file or --dataset flickr30k|coco --root DIR (not both)")
-    if config.dataset is not None and config.root is None:
-        raise InputError(f"--dataset {config.dataset.value} needs --root DIR (see data/README.md)")
-    if config.out.exists() and not config.out.is_dir():
-        raise InputError(f"--out {config.out} is a file; give a folder")
-    if not 0.0 < config.val_fraction < 1.0:
-        raise InputError(f"--val-fraction must be between 0 and 1 (got {config.val_fraction})")
-    if config.wise is not None and not 0.0 <= config.wise <= 1.0:
-        raise InputError(f"--wise must be between 0 and 1 (got {config.wise})")
-    for name in ("epochs", "batch_size", "accum_freq"):
-        if getattr(config, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
-    if config.lr is not None and not config.lr > 0:
-        raise InputError(f"--lr must be positive (got {config.lr})")
 
 
 def _score(recalls: dict[str, dict[str, float]]) -> float:
