@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import itertools
 import multiprocessing
 import os
 import signal
@@ -174,18 +175,14 @@ def _pooled(dataset: ImageFiles, order: list[list[int]], workers: int) -> Iterat
         return
     context = multiprocessing.get_context("fork")  # workers inherit the dataset and its preprocessing as they are
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(dataset, os.getpid()))
-    pending: collections.deque[Future[list[Decoded]]] = collections.deque()
     todo = iter(order)
     try:
-        for indices in todo:
-            pending.append(pool.submit(_decode_batch, indices))
-            if len(pending) >= 4 * workers:
-                break
+        pending: collections.deque[Future[list[Decoded]]] = collections.deque(
+            pool.submit(_decode_batch, indices) for indices in itertools.islice(todo, 4 * workers)
+        )
         while pending:
             batch = pending.popleft().result()
-            for indices in todo:
-                pending.append(pool.submit(_decode_batch, indices))
-                break
+            pending.extend(pool.submit(_decode_batch, indices) for indices in itertools.islice(todo, 1))
             yield batch
     except BrokenProcessPool:
         raise ClipdexError(

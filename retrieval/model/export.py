@@ -34,6 +34,7 @@ from clipdex.retrieval.model.runtime import (
     OnnxEncoder,
     export_dir,
     find_export,
+    probe_pixels,
 )
 from clipdex.retrieval.model.tokenizer import ClipTokenizer
 from clipdex.retrieval.store.atomic import atomic_write_bytes
@@ -177,9 +178,7 @@ def _quiet():
 def _agreement(torch_encoder: Encoder, onnx: OnnxEncoder, preprocess: Preprocess) -> dict[str, float]:
     """Both runtimes on the same probes: images (random pixels, batch of 3) and texts (short, empty, unicode,
     over-long), through the same preprocessing and tokenizer."""
-    rng = np.random.default_rng(0)
-    height, width = preprocess.size
-    pixels = rng.standard_normal((3, 3, height, width)).astype(np.float32)
+    pixels = probe_pixels(preprocess.size)
     pairs = [
         (torch_encoder.encode_images(torch.from_numpy(pixels)), onnx.encode_images(pixels)),
         (torch_encoder.encode_texts(PROBE_TEXTS), onnx.encode_texts(PROBE_TEXTS)),

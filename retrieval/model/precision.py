@@ -18,7 +18,7 @@ import numpy as np
 
 from clipdex.retrieval.config import ModelSpec
 from clipdex.retrieval.errors import ModelError
-from clipdex.retrieval.model.runtime import META, PROBE_TEXTS, OnnxEncoder, graph_name
+from clipdex.retrieval.model.runtime import META, PROBE_TEXTS, OnnxEncoder, graph_name, probe_pixels
 from clipdex.retrieval.store.atomic import atomic_write_bytes
 
 MIN_COSINE = {"int8": 0.99}  # every probe vector against fp32; measured agreement of rankings: benchmarks/RESULTS.md
@@ -65,9 +65,7 @@ def _quantise(folder: Path, spec: ModelSpec, precision: str) -> dict[str, Any]:
 
 
 def _agreement(full: OnnxEncoder, low: OnnxEncoder) -> dict[str, float]:
-    rng = np.random.default_rng(0)
-    height, width = full.preprocess.size
-    pixels = rng.standard_normal((3, 3, height, width)).astype(np.float32)
+    pixels = probe_pixels(full.preprocess.size)
     pairs = [
         (full.encode_images(pixels), low.encode_images(pixels)),
         (full.encode_texts(PROBE_TEXTS), low.encode_texts(PROBE_TEXTS)),

@@ -48,6 +48,12 @@ PROBE_TEXTS = [
 ]
 
 
+def probe_pixels(size: tuple[int, int]) -> np.ndarray:
+    """Three random images of the model's input size: what a graph is checked on against the one it came from."""
+    height, width = size
+    return np.random.default_rng(0).standard_normal((3, 3, height, width)).astype(np.float32)
+
+
 def export_key(spec: ModelSpec) -> str:
     """What identifies an export: the weights (by content when local), the architecture, the export's code."""
     what = {
@@ -216,13 +222,13 @@ class OnnxEncoder:
         """The tower on a batch. Below fp32 each row runs alone: dynamic quantisation scales activations by the
         whole batch, so a vector would otherwise depend on its batch mates (a photo would not find itself)."""
         session = self._session(tower)
-        if self.precision == "fp32":
-            step = IMAGE_CHUNK if name == "pixels" else len(x)
-            if len(x) <= step:
-                return session.run(None, {name: x})[0]
-            return np.concatenate([session.run(None, {name: x[i : i + step]})[0] for i in range(0, len(x), step)])
-        rows = [x[i : i + 1] if name != "tokens" else self._trim(x[i : i + 1]) for i in range(len(x))]
-        return np.concatenate([session.run(None, {name: row})[0] for row in rows])
+        if self.precision != "fp32":
+            parts = [x[i : i + 1] if name != "tokens" else self._trim(x[i : i + 1]) for i in range(len(x))]
+        elif name == "pixels" and len(x) > IMAGE_CHUNK:
+            parts = [x[i : i + IMAGE_CHUNK] for i in range(0, len(x), IMAGE_CHUNK)]
+        else:
+            return session.run(None, {name: x})[0]
+        return np.concatenate([session.run(None, {name: part})[0] for part in parts])
 
 
 def encode_distinct(
