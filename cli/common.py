@@ -8,16 +8,69 @@ import json
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from typer.core import TyperArgument, TyperGroup
 
 from clipdex.retrieval.errors import ClipdexError, disk_error
 
+_METAVARS = {int: "N", float: "NUMBER", Path: "PATH", str: "TEXT"}
+
+
+def _metavar(param: Any) -> str:
+    """A plain metavar for --help: `N`, `PATH`, `auto|cpu|cuda`, `PATHS` for an argument, nothing for a flag; not
+    typer's `<int range>`, `<list[Path]>` or `<bool>`."""
+    if param.metavar is not None:
+        return str(param.metavar)
+    if getattr(param, "is_flag", False):
+        return ""
+    if isinstance(param, TyperArgument):
+        return str(param.name).upper()  # the usage line adds `...` to one that repeats
+    kind = param.type_descriptor
+    if kind.is_choice:
+        return "|".join(str(getattr(c, "value", c)) for c in kind.choices or ())
+    annotation = get_args(kind.annotation)[0] if kind.is_list else kind.annotation
+    return _METAVARS.get(annotation, "TEXT")
+
+
+class _Argument(TyperArgument):
+    """An argument whose metavar (`PATHS`) is its whole description: no second, typer-style type column."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None
+
+
+def _plain_help(get_help_option: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """--help shown as the flag it is, without typer's `<bool>`."""
+
+    def get(ctx: Any) -> Any:
+        option = get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    return get
+
+
+class _Group(TyperGroup):
+    """The app's command group: every command's parameters get plain metavars (see _metavar)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for command in [self, *self.commands.values()]:
+            command.get_help_option = _plain_help(command.get_help_option)  # type: ignore[method-assign,assignment]
+            for param in command.params:
+                param.metavar = _metavar(param)
+                if type(param) is TyperArgument:
+                    param.__class__ = _Argument
+
+
 app = typer.Typer(
+    cls=_Group,
     name="clipdex",
     help="Cross-modal image–text search: index photos and captions with CLIP, search them in milliseconds.",
     no_args_is_help=True,

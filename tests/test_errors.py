@@ -279,3 +279,26 @@ def test_input_mistakes_are_answered_before_torch_loads(tmp_path, photos, tiny_m
         result = json.loads(done.stdout.strip().splitlines()[-1])
         assert result == {"code": 2, "heavy": []}, (argv, result, done.stderr)
         assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_help_is_plain_for_every_command(cli):
+    """--help of every command: readable metavars (`N`, `PATH`, the choices), never typer's `<bool>`, `<int range>`
+    or `<list[Path]>`; the extras written as installed; every enumerated option lists its choices."""
+    import re
+
+    import typer.main
+
+    group = typer.main.get_command(app)
+    names = sorted(group.commands)  # type: ignore[attr-defined]
+    assert {"index", "search", "finetune", "serve"} <= set(names)
+    for name in [None, *names]:
+        result = cli.invoke(app, [*([name] if name else []), "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, (name, result.stdout)
+        text = result.stdout
+        assert not re.search(r"<(bool|str|int|float|path|list\[|[a-z]+ range)", text, re.IGNORECASE), (name, text)
+        if name == "index":
+            assert "clipdex[ray]" in text
+            assert "auto|cpu|cuda" in text and "fp32|int8" in text
+        if name == "finetune":
+            method = next(line for line in text.splitlines() if "--method" in line)
+            assert "lora" in method and "|" in method, method
