@@ -207,7 +207,10 @@ def test_model_loading_errors_say_what_to_do(cli, tmp_path, photos, tiny_model):
             ["--model", str(wider), "--pretrained", str(tiny_model.weights)],
             ["does not fit wider", "in the checkpoint but", "--model CONFIG.json"],
         ),
-        (["--pretrained", str(tiny_model.weights)], ["does not fit ViT-B-32", "--model"]),
+        (
+            ["--pretrained", str(tiny_model.weights)],
+            ["does not fit ViT-B-32", "match no open_clip architecture", "width 64", "--model CONFIG.json"],
+        ),
         (["--model", str(tiny_model.config), "--pretrained", str(objects)], ["holds Python objects"]),
     ]
     for args, needles in cases:
@@ -215,6 +218,31 @@ def test_model_loading_errors_say_what_to_do(cli, tmp_path, photos, tiny_model):
         assert_one_line_error(result, *needles)
         assert "weights_only" not in result.stderr
         assert not (tmp_path / "idx").exists()
+
+
+def test_a_checkpoint_without_model_names_its_architecture(cli, tmp_path, photos):
+    """Weights of a built-in architecture given without --model (the default, ViT-B-32, does not fit): the shapes
+    name the one to pass. Checked against open_clip's own models (built on the meta device: no weights made)."""
+    import open_clip
+    import torch
+
+    from clipdex.retrieval.model.architecture import matching_architectures, shapes_of
+
+    for name, expect in [("ViT-B-16", ["ViT-B-16", "ViT-B-16-quickgelu"]), ("ViT-B-32-256", ["ViT-B-32-256"])]:
+        shapes = shapes_of(open_clip.create_model(name, device="meta").state_dict())
+        assert shapes is not None
+        assert matching_architectures(shapes) == expect
+    assert shapes_of(open_clip.create_model("RN50", device="meta").state_dict()) is None  # not read: no guess
+
+    # A ViT-B-16 checkpoint on disk: its tensors are as big as the real ones, but zeros compress to nothing in RAM
+    model = open_clip.create_model("ViT-B-16", device="meta")
+    weights = {k: torch.zeros(v.shape, dtype=torch.float16) for k, v in model.state_dict().items()}
+    torch.save(weights, tmp_path / "b16.pt")
+    result = cli.invoke(
+        app, ["index", str(photos), "--index", str(tmp_path / "idx"), "--pretrained", str(tmp_path / "b16.pt")]
+    )
+    assert_one_line_error(result, "does not fit ViT-B-32", "shapes are those of ViT-B-16", "--model ViT-B-16")
+    assert not (tmp_path / "idx").exists()
 
 
 def test_the_first_run_without_network_fails_fast_and_says_how(cli, tmp_path, photos, monkeypatch):

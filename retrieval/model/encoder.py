@@ -26,6 +26,7 @@ from PIL import Image
 from clipdex.retrieval.config import EncoderConfig, ModelSpec, optional_imports_needed
 from clipdex.retrieval.errors import ModelError
 from clipdex.retrieval.imaging.decode import DEFAULT_MAX_PIXELS, MAX_ASPECT, DecodeOptions
+from clipdex.retrieval.model.architecture import describe, matching_architectures, shapes_of, shapes_of_config
 from clipdex.retrieval.model.preprocess import Preprocess
 from clipdex.retrieval.model.runtime import encode_distinct
 from clipdex.retrieval.model.weights import checkpoint_format_error, checkpoint_sha
@@ -397,17 +398,44 @@ def _explain_load_failure(
     return f"cannot build model {name}: {first[:300]}"
 
 
+_GENERAL_FIX = "give the architecture it was trained with: --model NAME, or --model CONFIG.json for a custom one"
+
+
+def _architecture_hint(name: str, checkpoint: Path) -> str | None:
+    """Which --model to pass for `checkpoint`, read from its tensor shapes; None when they do not say, or say that
+    `name` (the model asked for) fits."""
+    try:
+        shapes = shapes_of(open_clip.factory.load_state_dict(str(checkpoint), weights_only=True))
+    except Exception:  # unreadable as tensors: there is no shape to read
+        return None
+    if shapes is None:
+        return None
+    asked = open_clip.get_model_config(name)
+    if asked is not None and shapes_of_config(asked) == shapes:
+        return None
+    names = matching_architectures(shapes)
+    if not names:
+        return (
+            f"its shapes match no open_clip architecture ({describe(shapes)}): give --model CONFIG.json, an "
+            "open_clip model config that says so"
+        )
+    others = f" (or {', '.join(names[1:])})" if len(names) > 1 else ""
+    return f"its shapes are those of {names[0]}{others}: give --model {names[0]}"
+
+
 def _explain_checkpoint(name: str, checkpoint: Path, e: Exception, first: str) -> str:
     """What to do about a checkpoint that did not load: never "weights_only=False" (that runs the file's code)."""
     text = str(e)
-    fix = "give the architecture it was trained with: --model NAME, or --model CONFIG.json for a custom one"
+    hint = _architecture_hint(name, checkpoint)
+    fix = hint or _GENERAL_FIX
     if (m := _MISMATCH.search(text)) is not None:
         return f"{checkpoint} does not fit {name}: {m[1]} is {m[2]} in the checkpoint but {m[3]} in {name}; {fix}"
     if (m := _KEYS.search(text)) is not None:
         key = m[2].split('", "')[0]
         return f"{checkpoint} does not fit {name}: {m[1].lower()} tensor {key}; {fix}"
-    if "width changed" in text or "Error(s) in loading state_dict" in text:
-        return f"{checkpoint} does not fit {name} ({first[:120]}); {fix}"
+    if hint is not None or "width changed" in text or "Error(s) in loading state_dict" in text:
+        # the shapes say another architecture, whatever open_clip met first (a resize it could not do, say)
+        return f"{checkpoint} does not fit {name}; {fix}"
     if "weights_only" in text or "Unpickl" in type(e).__name__:
         return (
             f"{checkpoint} holds Python objects, not only tensors, and clipdex does not run code from a checkpoint; "
