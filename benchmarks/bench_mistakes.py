@@ -69,6 +69,8 @@ def main() -> None:
         "search unquoted words": ["search", "red", "circle", "--index", str(index), "--no-server"],
         "search a missing index": ["search", "red circle", "--index", str(work / "none"), "--no-server"],
         "eval flickr (typo)": ["eval", "flickr", "--root", str(work)],
+        "reindex with a missing checkpoint": ["reindex", "--index", str(index), "--pretrained", str(work / "nope.pt")],
+        "classify --eval a missing folder": ["classify", "--index", str(index), "--eval", str(work / "nope")],
     }
     variants = {"now": env}
     if args.before:

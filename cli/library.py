@@ -404,6 +404,13 @@ def reindex(
     as_json: JsonOpt = False,
 ) -> None:
     """Re-encode an index with another model in place; searches use the old one until the new one is ready."""
+    from clipdex.retrieval.errors import ModelError
+    from clipdex.retrieval.model.weights import missing_checkpoint
+    from clipdex.retrieval.store.manifest import read_manifest
+
+    read_manifest(index_dir)  # before torch loads: a wrong path is answered at once
+    if (why := missing_checkpoint(pretrained)) is not None:
+        raise ModelError(why)
     from clipdex.indexer.reindex import reindex as run_reindex
 
     encoder = encoder_config(model, pretrained, device, index_dir)

@@ -252,14 +252,19 @@ def classify(
     )
     from clipdex.retrieval.store.manifest import read_manifest
 
-    read_manifest(index_dir)
+    read_manifest(index_dir)  # the index, the options and the inputs are checked before the model loads
     prompts = read_templates(templates)
+    if eval_folder is not None:
+        if labels is not None or labels_file is not None:
+            raise ClipdexError("--eval takes the classes from the folder's subfolders: drop --labels")
+        if not eval_folder.is_dir():
+            raise ClipdexError(f"no such folder: {eval_folder}")
+    else:
+        classes = read_labels(labels, labels_file)
     from clipdex.retrieval.search.searcher import Searcher
 
     searcher = Searcher(index_dir, device=device.value)
     if eval_folder is not None:
-        if labels is not None or labels_file is not None:
-            raise ClipdexError("--eval takes the classes from the folder's subfolders: drop --labels")
         result = evaluate_folder(searcher.encoder, eval_folder, prompts)
         if as_json:
             print(json.dumps(result))
@@ -271,7 +276,7 @@ def classify(
                 highlight=False,
             )
         return
-    found = label_images(searcher, read_labels(labels, labels_file), prompts)
+    found = label_images(searcher, classes, prompts)
     if store:
         from clipdex.retrieval.errors import DiskFullError, DiskIOError, ReadOnlyError
 

@@ -278,7 +278,7 @@ def test_piped_tables_are_plain_lines(cli, tmp_path, photos, tiny_model):
         assert not set(text) & set("│┃─━┏┗╭╰"), text
 
 
-def test_input_mistakes_are_answered_before_torch_loads(tmp_path, photos, tiny_model):
+def test_input_mistakes_are_answered_before_torch_loads(cli, tmp_path, photos, tiny_model):
     """Every command checks its arguments and index before importing torch or open_clip (seconds): a missing path,
     a photo as checkpoint, a photo folder as index, a typo for a benchmark, an earlier fine-tuning run."""
     code = (
@@ -301,6 +301,15 @@ def test_input_mistakes_are_answered_before_torch_loads(tmp_path, photos, tiny_m
         ["finetune", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "ft"), *model],
         ["finetune", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "earlier"), *model],
         ["search", "red", "circle", "--index", str(tmp_path / "i1")],
+        ["reindex", "--index", str(tmp_path / "i1"), "--pretrained", str(tiny_model.weights)],
+        ["classify", "--index", str(tmp_path / "i1"), "--labels", "a,b"],
+    ]
+    index = tmp_path / "index"
+    assert cli.invoke(app, ["index", str(photos), "--index", str(index), *model]).exit_code == 0
+    mistakes += [
+        ["reindex", "--index", str(index), "--pretrained", str(tmp_path / "nope.pt")],
+        ["classify", "--index", str(index), "--eval", str(tmp_path / "nope")],
+        ["classify", "--index", str(index), "--labels", "cat"],
     ]
     for argv in mistakes:
         done = subprocess.run([sys.executable, "-c", code, json.dumps(argv)], capture_output=True, text=True)

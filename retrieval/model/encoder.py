@@ -29,11 +29,10 @@ from clipdex.retrieval.imaging.decode import DEFAULT_MAX_PIXELS, MAX_ASPECT, Dec
 from clipdex.retrieval.model.architecture import describe, matching_architectures, shapes_of, shapes_of_config
 from clipdex.retrieval.model.preprocess import Preprocess
 from clipdex.retrieval.model.runtime import encode_distinct
-from clipdex.retrieval.model.weights import checkpoint_format_error, checkpoint_sha
+from clipdex.retrieval.model.weights import checkpoint_format_error, checkpoint_sha, missing_checkpoint
 
 log = logging.getLogger(__name__)
 
-_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
 _HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
@@ -80,10 +79,6 @@ def _resolve_model_name(model: str) -> tuple[str, dict[str, Any] | None]:
     return model, None
 
 
-def _looks_like_path(value: str) -> bool:
-    return "/" in value or "\\" in value or value.lower().endswith(_CHECKPOINT_SUFFIXES)
-
-
 def _resolve_pretrained(name: str, pretrained: str | None) -> tuple[str | None, Path | None]:
     """Return (value to record, local checkpoint path to load, if any)."""
     if name.startswith(("hf-hub:", "local-dir:")) or not pretrained:
@@ -93,10 +88,8 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> tuple[str | None, 
         return str(as_path.resolve()), as_path.resolve()
     if pretrained.startswith("hf-hub:"):
         return pretrained, _download_hf_weights(pretrained[len("hf-hub:") :])
-    if _looks_like_path(pretrained):
-        raise ModelError(
-            f"checkpoint file not found: {pretrained} (--pretrained takes a file, a tag or hf-hub:org/repo)"
-        )
+    if (why := missing_checkpoint(pretrained)) is not None:
+        raise ModelError(why)
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
         raise ModelError(

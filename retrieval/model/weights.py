@@ -63,6 +63,19 @@ def keep_copy(path: Path, sha256: str) -> Path | None:
         return None
 
 
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
+
+
+def missing_checkpoint(pretrained: str | None) -> str | None:
+    """Why --pretrained names a checkpoint file that is not there (it looks like a path, not a tag or hub id);
+    None otherwise. Torch-free: commands check it before loading anything."""
+    if not pretrained or pretrained.startswith("hf-hub:") or Path(pretrained).expanduser().is_file():
+        return None
+    if "/" in pretrained or "\\" in pretrained or pretrained.lower().endswith(_CHECKPOINT_SUFFIXES):
+        return f"checkpoint file not found: {pretrained} (--pretrained takes a file, a tag or hf-hub:org/repo)"
+    return None
+
+
 def checkpoint_format_error(path: Path) -> str | None:
     """Why `path` is not a checkpoint open_clip can read (PyTorch zip or pickle, safetensors, numpy .npz), read
     from its first bytes; None when it may be one."""
