@@ -1,0 +1,120 @@
+"""The cross-attention re-ranker's parts: frozen token features, the head, mined hard negatives, the ITM loss."""
+
+from __future__ import annotations
+
+import random
+
+import open_clip
+import pytest
+import torch
+from corpus import draw, random_scene
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clipdex.retrieval.finetune.rerank import (
+    HeadConfig,
+    RerankHead,
+    itm_loss,
+    mine_negatives,
+    token_features,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    open_clip.add_model_config(tiny_model.config)
+    model, _, preprocess = open_clip.create_model_and_transforms(tiny_model.config.stem)
+    model.load_state_dict(torch.load(tiny_model.weights, weights_only=True))
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(tiny_model.config.stem)
+
+
+def batch(tiny, n: int, seed: int):
+    _, preprocess, tokenizer = tiny
+    rng = random.Random(seed)
+    scenes = [random_scene(rng) for _ in range(n)]
+    images = torch.stack([preprocess(draw(s, noise_seed=seed * 1000 + i)) for i, s in enumerate(scenes)])
+    ids = tokenizer([s.captions(rng, 1)[0] for s in scenes])
+    return images, ids
+
+
+def head_for(model) -> RerankHead:
+    return RerankHead(HeadConfig(vision_width=model.visual.transformer.width, text_width=model.transformer.width,
+                                 width=32, layers=2, heads=2))  # fmt: skip
+
+
+def test_token_features_shapes_and_mask(tiny):
+    model, _, _ = tiny
+    images, ids = batch(tiny, 4, seed=1)
+    f = token_features(model, images, ids)
+    grid = (32 // 8) ** 2  # the tiny config: 32 px, 8 px patches
+    assert f.image.shape == (4, grid, 64)
+    assert f.text.shape == (4, 77, 64)
+    # real tokens: start, the words, end; nothing after the end-of-text token
+    assert f.text_mask.sum(dim=1).tolist() == [int((row != 0).sum()) for row in ids]
+    assert not f.image.requires_grad and not f.text.requires_grad
+
+
+def test_the_head_trains_and_the_encoders_stay_frozen_bit_for_bit(tiny):
+    """A few ITM steps change the head (its loss falls on the batch it sees) and leave every tower weight exactly as
+    it was, with no gradient reaching it."""
+    model, _, _ = tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    head = head_for(model)
+    start = {k: v.clone() for k, v in head.state_dict().items()}
+    opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
+    images, ids = batch(tiny, 24, seed=2)
+    f = token_features(model, images, ids)
+    with torch.no_grad():
+        sim = model.encode_image(images, normalize=True) @ model.encode_text(ids, normalize=True).T
+    image_ids = torch.arange(24)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(40):
+        loss = itm_loss(head, f, sim, image_ids, generator)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert all(p.grad is None for p in model.parameters())
+    assert any(not torch.equal(v, start[k]) for k, v in head.state_dict().items())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=2, max_size=24).filter(lambda ids: len(set(ids)) > 1), st.integers(0, 99))
+def test_mined_negatives_never_include_a_positive(image_ids, seed):
+    """Whatever the similarities (a caption of the same image scoring highest included), a mined negative caption
+    or image always belongs to another image."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.tensor(image_ids)
+    sim = torch.randn(len(ids), len(ids), generator=g) * 5
+    sim[ids[:, None] == ids[None, :]] = 100.0  # same-image pairs the most similar: still never drawn
+    texts, images = mine_negatives(sim, ids, g)
+    assert (ids[texts] != ids).all()
+    assert (ids[images] != ids).all()
+
+
+def test_mined_negatives_follow_the_contrastive_similarity():
+    """Drawn in proportion to softmax(similarity): the hardest negative is drawn about as often as it should be."""
+    ids = torch.arange(4)
+    sim = torch.tensor([[9.0, 2.0, 1.0, 0.0]] * 4)  # every image: text 1 is the hardest negative (not for image 1)
+    g = torch.Generator().manual_seed(0)
+    drawn = torch.stack([mine_negatives(sim, ids, g)[0] for _ in range(4000)])
+    share = (drawn[:, 0] == 1).float().mean().item()
+    expect = torch.softmax(torch.tensor([2.0, 1.0, 0.0]), 0)[0].item()
+    assert abs(share - expect) < 0.03, (share, expect)
+
+
+def test_a_batch_of_one_image_has_no_negatives():
+    with pytest.raises(ValueError, match="two images"):
+        mine_negatives(torch.zeros(3, 3), torch.zeros(3, dtype=torch.long))
+
+
+def test_head_size_for_vit_b_32():
+    """Under 5 M parameters over ViT-B-32's towers (768-wide image tokens, 512-wide text tokens)."""
+    head = RerankHead(HeadConfig(vision_width=768, text_width=512))
+    assert sum(p.numel() for p in head.parameters()) < 5_000_000
