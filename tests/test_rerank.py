@@ -55,6 +55,30 @@ def test_token_features_shapes_and_mask(tiny):
     assert not f.image.requires_grad and not f.text.requires_grad
 
 
+def test_padding_changes_no_score(tiny):
+    """The head reads the text up to its longest real token: the logits equal a run over the full context with the
+    padding masked, and a text scores the same whatever the batch it shares (and so its longest text) is."""
+    model, _, tokenizer = tiny
+    torch.manual_seed(0)
+    head = head_for(model).eval()
+    images, _ = batch(tiny, 3, seed=4)
+    ids = tokenizer(["a red circle", "a small blue square on a green background, drawn", "a cross"])
+    f = token_features(model, images, ids)
+    with torch.no_grad():
+        together = head(f.image, f.text, f.text_mask)
+        alone = torch.cat([head(f.image[i : i + 1], f.text[i : i + 1], f.text_mask[i : i + 1]) for i in range(3)])
+        w = head.config.width
+        x = torch.cat([head.match_token.expand(3, -1, -1), head.text_in(f.text)], dim=1)
+        real = torch.cat([torch.ones_like(f.text_mask[:, :1]), f.text_mask], dim=1)
+        image = head.project_image(f.image)
+        for block in head.blocks:
+            x = block(x, ~real, image)
+        full = head.out(head.norm_out(x[:, 0])).squeeze(-1)
+    assert x.shape[-1] == w
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together, full, atol=1e-5, rtol=1e-5)
+
+
 def test_the_head_trains_and_the_encoders_stay_frozen_bit_for_bit(tiny):
     """A few ITM steps change the head (its loss falls on the batch it sees) and leave every tower weight exactly as
     it was, with no gradient reaching it."""

@@ -128,6 +128,8 @@ class RerankHead(nn.Module):
         """Logits [B] for B (image, text) pairs: image [B, N, vision width] (or [B, N, width] when `projected`),
         text [B, L, text width] with text_mask [B, L] (True for real tokens)."""
         image = image if projected else self.project_image(image)
+        longest = int(text_mask.sum(dim=1).max())  # what follows every text's end is padding: not computed at all
+        text, text_mask = text[:, :longest], text_mask[:, :longest]
         x = torch.cat([self.match_token.expand(text.shape[0], -1, -1), self.text_in(text)], dim=1)
         real = torch.cat([torch.ones_like(text_mask[:, :1]), text_mask], dim=1)
         for block in self.blocks:
