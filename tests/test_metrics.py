@@ -95,3 +95,40 @@ def test_chunking_does_not_change_results(monkeypatch):
     full = recall_at_k(texts, images, owner, KS)
     monkeypatch.setattr(m, "_CHUNK", 7)
     assert recall_at_k(texts, images, owner, KS) == full
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_reranked_recall_against_brute_force(seed):
+    """Re-scoring each query's contrastive top-K: recall equals a loop that takes the top K by contrastive score,
+    orders them by the new scores, then the rest by contrastive score. A re-scorer that returns the contrastive
+    scores changes nothing; K = 1 changes nothing either."""
+    from clipdex.retrieval.evaluation.metrics import reranked_recall_at_k
+
+    texts, images, owner = corpus(seed, 40, integer=False)
+    rng = np.random.default_rng(seed + 100)
+    head = {"text_to_image": rng.normal(size=(len(texts), len(images))),
+            "image_to_text": rng.normal(size=(len(images), len(texts)))}  # fmt: skip
+
+    def rescore(direction, queries, candidates):
+        return head[direction][queries[:, None], candidates]
+
+    contrastive = texts.astype(np.float64) @ images.T.astype(np.float64)
+    for k_rerank in (1, 4, 16):
+        got = reranked_recall_at_k(texts, images, owner, (k_rerank, rescore), KS)
+        for direction, scores in (("text_to_image", contrastive), ("image_to_text", contrastive.T)):
+            hits = {k: 0 for k in KS}
+            for q in range(scores.shape[0]):
+                order = np.argsort(-scores[q], kind="stable")
+                top = order[:k_rerank]
+                ranked = [*top[np.argsort(-head[direction][q, top], kind="stable")], *order[k_rerank:]]
+                for k in KS:
+                    found = ranked[:k]
+                    if direction == "text_to_image":
+                        hits[k] += owner[q] in found
+                    else:
+                        hits[k] += any(owner[t] == q for t in found)
+            for k in KS:
+                assert got[direction][f"R@{k}"] == pytest.approx(hits[k] / scores.shape[0]), (direction, k, k_rerank)
+    same = reranked_recall_at_k(texts, images, owner, (16, lambda d, q, c: (contrastive if d[0] == "t" else contrastive.T)[q[:, None], c]), KS)  # fmt: skip
+    assert same == recall_at_k(texts, images, owner, KS)
+    assert reranked_recall_at_k(texts, images, owner, (1, rescore), KS) == recall_at_k(texts, images, owner, KS)
