@@ -170,7 +170,8 @@ def finetune(
     method: Annotated[
         Method,
         typer.Option(
-            help="Which weights train: all (full), the last N blocks, LoRA adapters, or the text tower (lit)."
+            help="Which weights train: all (full), the last N blocks, LoRA adapters, the text tower (lit), or a "
+            "re-ranking head over the frozen model (rerank)."
         ),
     ] = Method.FULL,
     layers: Annotated[int | None, typer.Option(help="last-n: blocks of each tower to train.")] = None,
@@ -259,8 +260,14 @@ def finetune(
         table.add_row(f"{label}, before", *(f"{v:.4f}" for v in result.before[key].values()))
         table.add_row(f"{label}, after", *(f"{v:.4f}" for v in result.after[key].values()))
     print_table(table)
-    out.print(f"checkpoint: {result.checkpoint}", highlight=False, soft_wrap=True)
-    out.print(
-        f"use it: --model {result.details['model']} --pretrained {result.checkpoint}", highlight=False, soft_wrap=True
-    )
+    if result.method.value == "rerank":
+        out.print(f"re-ranking head: {result.checkpoint} (after: its top-{result.details['rerank_k']} re-scored)",
+                  highlight=False, soft_wrap=True)  # fmt: skip
+    else:
+        out.print(f"checkpoint: {result.checkpoint}", highlight=False, soft_wrap=True)
+        out.print(
+            f"use it: --model {result.details['model']} --pretrained {result.checkpoint}",
+            highlight=False,
+            soft_wrap=True,
+        )
     out.print(f"report: {result.details['report']}  plot: {result.details['plot']}", highlight=False, soft_wrap=True)

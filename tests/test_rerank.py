@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -142,3 +143,53 @@ def test_head_size_for_vit_b_32():
     """Under 5 M parameters over ViT-B-32's towers (768-wide image tokens, 512-wide text tokens)."""
     head = RerankHead(HeadConfig(vision_width=768, text_width=512))
     assert sum(p.numel() for p in head.parameters()) < 5_000_000
+
+
+def test_finetune_rerank_trains_a_head_over_the_frozen_model(cli, tmp_path, tiny_model):
+    """`finetune --method rerank`: a content-addressed head naming its encoder, validation recall before
+    (contrastive) and after (re-ranked) equal to a recomputation from the saved head, the encoder's checkpoint
+    untouched; options that do not apply are refused in one line."""
+    import hashlib
+    import json
+
+    from corpus import make_domain_pairs
+    from safetensors import safe_open
+
+    from clipdex.cli.main import app
+    from clipdex.retrieval.config import EncoderConfig
+    from clipdex.retrieval.evaluation.datasets import Skipped, read_pairs
+    from clipdex.retrieval.finetune.pairs import split_by_image
+    from clipdex.retrieval.finetune.rerank_train import dataset_features, reranked_recall
+    from clipdex.retrieval.model.encoder import load_model
+
+    pairs = make_domain_pairs(tmp_path / "pairs", 60, seed=3)
+    weights_before = hashlib.sha256(tiny_model.weights.read_bytes()).hexdigest()
+    args = ["finetune", str(pairs), "--method", "rerank", *tiny_model.cli_args(), "--out", str(tmp_path / "out"),
+            "--epochs", "3", "--batch-size", "16", "--workers", "0", "--json"]  # fmt: skip
+    result = cli.invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    head = Path(report["head"])
+    assert head.name == f"rerank-{hashlib.sha256(head.read_bytes()).hexdigest()[:16]}.safetensors"
+    with safe_open(str(head), "pt") as f:
+        meta = f.metadata()
+    assert meta["checkpoint_sha256"] == weights_before and meta["model"] == "tiny-clip"
+    assert hashlib.sha256(tiny_model.weights.read_bytes()).hexdigest() == weights_before
+    assert set(report["before"]) == set(report["after"]) == {"text_to_image", "image_to_text"}
+    assert report["epochs"] == 3 and report["rerank_k"] == 16
+    assert Path(report["plot"]).is_file() and Path(report["report"]).is_file()
+
+    # the reported "after" is what the saved head gives on the same validation split
+    loaded = load_model(EncoderConfig(model=str(tiny_model.config), pretrained=str(tiny_model.weights)))
+    loaded.model.eval()
+    _, val = split_by_image(read_pairs(pairs, text_column=None, image_column=None, skipped=Skipped()), 0.1, 0)
+    features = dataset_features(loaded, val, batch_size=16, workers=0, options=loaded.encoder().decode_options())
+    saved = RerankHead(HeadConfig(**json.loads(meta["config"])))
+    from safetensors.torch import load_file
+
+    saved.load_state_dict(load_file(str(head)))
+    assert reranked_recall(None, features, 16) == report["before"]
+    assert reranked_recall(saved, features, 16) == report["after"]
+
+    refused = cli.invoke(app, [*args[:-1], "--wise", "0.5", "--overwrite"])
+    assert refused.exit_code == 2 and "--wise do not apply" in refused.stderr

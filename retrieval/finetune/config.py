@@ -19,6 +19,7 @@ class Method(str, Enum):
     LAST_N = "last-n"
     LORA = "lora"
     LIT = "lit"
+    RERANK = "rerank"  # a cross-attention re-ranking head over the frozen towers (finetune/rerank.py)
 
     @classmethod
     def parse(cls, name: str) -> Method:
@@ -30,7 +31,7 @@ class Method(str, Enum):
 
 ADAPTER = "adapter"
 STATE = "state"
-DEFAULT_LR = {Method.FULL: 1e-5, Method.LAST_N: 1e-5, Method.LORA: 1e-4, Method.LIT: 1e-5}
+DEFAULT_LR = {Method.FULL: 1e-5, Method.LAST_N: 1e-5, Method.LORA: 1e-4, Method.LIT: 1e-5, Method.RERANK: 5e-4}
 
 
 def check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
@@ -124,3 +125,18 @@ def check_config(config: FinetuneConfig) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     if config.lr is not None and not config.lr > 0:
         raise InputError(f"--lr must be positive (got {config.lr})")
+    if config.method is Method.RERANK:
+        given = [
+            option
+            for option, used in (
+                ("--resume", config.resume),
+                ("--wise", config.wise is not None),
+                ("--keep", config.keep is not None),
+                ("--accum-freq", config.accum_freq != 1),
+                ("--grad-checkpointing", config.grad_checkpointing),
+                ("--layers", config.layers is not None),
+            )
+            if used
+        ]
+        if given:
+            raise InputError(f"--method rerank trains a head over the frozen model: {', '.join(given)} do not apply")

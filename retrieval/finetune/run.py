@@ -30,6 +30,7 @@ from clipdex.retrieval.finetune.config import (
     STATE,
     FinetuneConfig,
     FinetuneResult,
+    Method,
     check_config,
     check_out,
 )
@@ -63,6 +64,10 @@ class _Quiet:
 def finetune(config: FinetuneConfig, *, progress: TrainProgress | None = None) -> FinetuneResult:
     check_config(config)
     check_out(config.out, resume=config.resume, overwrite=config.overwrite)
+    if config.method is Method.RERANK:
+        from clipdex.retrieval.finetune.rerank_train import train_rerank
+
+        return train_rerank(config, (progress or _Quiet()).note)
     state_path = config.out / STATE / "resume.pt"
     torch.manual_seed(config.seed)
     session = _Session.open(config, progress or _Quiet(), state_path)

@@ -1,0 +1,251 @@
+"""`finetune --method rerank`: a cross-attention re-ranking head trained over frozen towers.
+
+The towers do not change, so each image's and caption's features are computed once (no augmentation: the index
+sees its images as they are). Each epoch deals the training pairs into batches as contrastive fine-tuning does
+(one caption per image), mines a hard negative caption and image for every pair by contrastive similarity, and
+takes the ITM loss. Validation recall is measured before (the contrastive space alone) and after every epoch (its
+top-K re-scored by the head), by the same recall code as `clipdex eval`; the best epoch is kept (early stopping with
+`patience`). The head is saved as `rerank-<sha256>.safetensors`, with the encoder it was trained over named in its
+metadata so that it can be refused for another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from clipdex.retrieval.evaluation.datasets import RetrievalDataset
+from clipdex.retrieval.evaluation.metrics import Rescore, reranked_recall_at_k
+from clipdex.retrieval.finetune.config import DEFAULT_LR, FinetuneConfig, FinetuneResult, Method
+from clipdex.retrieval.finetune.data import read_data
+from clipdex.retrieval.finetune.loop import make_optimizer, make_schedule
+from clipdex.retrieval.finetune.pairs import epoch_batches
+from clipdex.retrieval.finetune.report import REPORT, TrainLog, plot, write_report
+from clipdex.retrieval.finetune.rerank import HeadConfig, RerankHead, TokenFeatures, itm_loss, text_tokens
+from clipdex.retrieval.imaging.decode import DecodeOptions
+from clipdex.retrieval.model.encoder import LoadedModel, load_model
+from clipdex.retrieval.store.atomic import replace_with
+
+log = logging.getLogger(__name__)
+
+HEAD_FORMAT = "clipdex-rerank-head/1"
+DEFAULT_RERANK_K = 16  # candidates re-scored per query during validation
+
+
+@dataclass
+class Features:
+    """A dataset's frozen features: patch tokens and pooled vectors of its images, token features and pooled
+    vectors of its captions (flattened in dataset order, `owner[t]` the image of caption t)."""
+
+    image_tokens: torch.Tensor  # [images, patches, vision width], fp16 (the head computes in fp32)
+    image_emb: torch.Tensor  # [images, dim], normalised
+    text_tokens: torch.Tensor  # [texts, longest, text width], fp16
+    text_mask: torch.Tensor  # [texts, longest]
+    text_emb: torch.Tensor  # [texts, dim], normalised
+    owner: np.ndarray
+
+    def pairs(self, image: torch.Tensor, text: torch.Tensor) -> TokenFeatures:
+        return TokenFeatures(self.image_tokens[image].float(), self.text_tokens[text].float(), self.text_mask[text])
+
+
+@torch.no_grad()
+def dataset_features(
+    loaded: LoadedModel, ds: RetrievalDataset, *, batch_size: int, workers: int, options: DecodeOptions
+) -> Features:
+    """Decode and encode a dataset once, keeping what the head and the contrastive scores need."""
+    from clipdex.retrieval.imaging.loader import ImageFiles, iter_decoded
+
+    model: Any = loaded.model  # an open_clip CLIP: its towers' attributes are not typed
+    device = loaded.device
+    visual = model.visual
+    tokens: list[torch.Tensor | None] = [None] * len(ds.images)
+    pooled: list[torch.Tensor | None] = [None] * len(ds.images)
+    files = ImageFiles(ds.images, loaded.preprocess, options=options)
+    visual.output_tokens = True
+    try:
+        for batch in iter_decoded(files, batch_size=batch_size, workers=min(workers, len(ds.images))):
+            for d in batch:
+                if d.error is not None:
+                    raise ValueError(f"cannot use {ds.images[d.index]}: {d.error}")
+            pixels = torch.stack([d.pixels for d in batch]).to(device)  # type: ignore[misc]
+            emb, tok = visual(pixels)
+            for d, e, t in zip(batch, emb, tok, strict=True):
+                pooled[d.index], tokens[d.index] = e, t.half()
+    finally:
+        visual.output_tokens = False
+    texts, owner = ds.texts()
+    ids = loaded.tokenizer(texts).to(device)
+    t_tokens, t_mask, t_emb = [], [], []
+    for start in range(0, len(texts), 256):
+        chunk = ids[start : start + 256]
+        tok, mask = text_tokens(model, chunk)
+        t_tokens.append(tok.half())
+        t_mask.append(mask)
+        t_emb.append(model.encode_text(chunk))
+    mask = torch.cat(t_mask)
+    longest = int(mask.sum(dim=1).max())
+    return Features(
+        torch.stack(tokens).cpu(),  # type: ignore[arg-type]
+        F.normalize(torch.stack(pooled).float(), dim=-1).cpu(),  # type: ignore[arg-type]
+        torch.cat(t_tokens)[:, :longest].cpu(),
+        mask[:, :longest].cpu(),
+        F.normalize(torch.cat(t_emb).float(), dim=-1).cpu(),
+        np.asarray(owner),
+    )
+
+
+def rescorer(head: RerankHead, f: Features, *, chunk: int = 256) -> Rescore:
+    """The head as a `reranked_recall_at_k` re-scorer over a dataset's features."""
+
+    @torch.no_grad()
+    def rescore(direction: str, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        rows, k = candidates.shape
+        if direction == "text_to_image":
+            images, texts = candidates.reshape(-1), np.repeat(queries, k)
+        else:
+            images, texts = np.repeat(queries, k), candidates.reshape(-1)
+        head.eval()
+        out = []
+        for start in range(0, len(images), chunk):
+            pick_i = torch.from_numpy(images[start : start + chunk])
+            pick_t = torch.from_numpy(texts[start : start + chunk])
+            p = f.pairs(pick_i, pick_t)
+            out.append(head(p.image, p.text, p.text_mask))
+        return torch.cat(out).numpy().reshape(rows, k)
+
+    return rescore
+
+
+def reranked_recall(head: RerankHead | None, f: Features, k: int) -> dict[str, dict[str, float]]:
+    """Recall@1/5/10 of the contrastive space (head None) or of its top-`k` re-scored by `head`."""
+    rerank = None if head is None else (k, rescorer(head, f))
+    return reranked_recall_at_k(f.text_emb.numpy(), f.image_emb.numpy(), f.owner, rerank)
+
+
+def head_config_for(model: Any) -> HeadConfig:
+    vision, text = int(model.visual.transformer.width), int(model.transformer.width)
+    return HeadConfig(vision_width=vision, text_width=text, width=min(256, max(vision, text)))
+
+
+def train_rerank(config: FinetuneConfig, note: Callable[[str], None]) -> FinetuneResult:
+    """Train, validate and save a re-ranking head over the frozen encoder `config.encoder`."""
+    started = time.perf_counter()
+    loaded = load_model(config.encoder)
+    loaded.model.eval()
+    loaded.model.requires_grad_(False)
+    data = read_data(config, loaded, note)
+    options = data.options
+    train = dataset_features(loaded, data.train, batch_size=config.batch_size, workers=config.workers, options=options)
+    val = dataset_features(loaded, data.val, batch_size=config.batch_size, workers=config.workers, options=options)
+    k = DEFAULT_RERANK_K
+    torch.manual_seed(config.seed)
+    head = RerankHead(head_config_for(loaded.model))
+    batch_size = min(config.batch_size, len(data.train.images))
+    steps = len(epoch_batches(data.train, batch_size, np.random.default_rng(0)))
+    total = max(1, steps * config.epochs)
+    optimizer = make_optimizer(list(head.named_parameters()), lr=config.lr or DEFAULT_LR[Method.RERANK],
+                               weight_decay=config.weight_decay)  # fmt: skip
+    schedule = make_schedule(optimizer, warmup=max(1, int(config.warmup * total)), total=total)
+    scale = float(loaded.model.logit_scale.exp())  # type: ignore[operator]
+    text_index = _text_index(data.train)
+    generator = torch.Generator().manual_seed(config.seed)
+    before = reranked_recall(None, val, k)
+    history: list[dict[str, Any]] = [{"epoch": 0, "val": before}]
+    best_epoch, best_score, best = 0, -1.0, {n: v.clone() for n, v in head.state_dict().items()}
+    for epoch in range(1, config.epochs + 1):
+        head.train()
+        losses = []
+        rng = np.random.default_rng(config.seed * 100_003 + epoch)
+        for batch in epoch_batches(data.train, batch_size, rng):
+            image = torch.tensor([i for i, _ in batch])
+            text = torch.tensor([text_index[(i, caption)] for i, caption in batch])
+            similarity = train.image_emb[image] @ train.text_emb[text].T * scale
+            loss = itm_loss(head, train.pairs(image, text), similarity, image, generator)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+        scores = reranked_recall(head, val, k)
+        history.append({"epoch": epoch, "val": scores, "loss": float(np.mean(losses)) if losses else None})
+        score = _mean(scores)
+        if score > best_score:
+            best_epoch, best_score = epoch, score
+            best = {n: v.clone() for n, v in head.state_dict().items()}
+        if config.patience is not None and epoch - best_epoch >= config.patience:
+            note(f"no better validation recall for {config.patience} epochs: stopping after epoch {epoch}")
+            break
+    head.load_state_dict(best)
+    after = reranked_recall(head, val, k)
+    path = save_head(head, config.out, loaded)
+    train_log = TrainLog(config.out)
+    for record in history:
+        if record.get("loss") is not None:
+            train_log.write({"epoch": record["epoch"], "step": record["epoch"], "loss": record["loss"]})
+        train_log.write({"epoch": record["epoch"], "val": record["val"]})
+    details = {
+        "head": str(path),
+        "rerank_k": k,
+        "score": "ITM logit alone, over the contrastive top-K",
+        "head_params": sum(p.numel() for p in head.parameters()),
+        "head_bytes": path.stat().st_size,
+        "train_seconds": time.perf_counter() - started,
+        "history": history,
+        "model": config.encoder.model,
+        "pretrained": config.encoder.pretrained,
+        "skipped": [{"what": w, "why": y} for w, y in data.skipped.items],
+    }
+    trained = history[-1]["epoch"]
+    result = FinetuneResult(path, Method.RERANK, trained, data.train.n_texts, data.val.n_texts, before, after,
+                            best_epoch, details)  # fmt: skip
+    details["plot"] = str(plot(config.out, train_log.records(), title="clipdex finetune: rerank (ITM loss)"))
+    details["report"] = str(config.out / REPORT)
+    write_report(config.out, result.to_json())
+    return result
+
+
+def save_head(head: RerankHead, out: Path, loaded: LoadedModel) -> Path:
+    """Write the head as `rerank-<sha256 of its bytes>.safetensors` in `out`, naming the encoder it reads."""
+    spec = loaded.spec
+    metadata = {
+        "format": HEAD_FORMAT,
+        "config": json.dumps(head.config.to_json()),
+        "model": spec.name,
+        "pretrained": spec.pretrained or "",
+        "checkpoint_sha256": spec.checkpoint_sha256 or "",
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    staging = out / "rerank-head.safetensors"
+    replace_with(staging, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    digest = hashlib.sha256(staging.read_bytes()).hexdigest()
+    final = out / f"rerank-{digest[:16]}.safetensors"
+    staging.replace(final)
+    return final
+
+
+def _text_index(ds: RetrievalDataset) -> dict[tuple[int, str], int]:
+    """(image, caption) -> the caption's position among the dataset's flattened texts."""
+    index: dict[tuple[int, str], int] = {}
+    t = 0
+    for i, captions in enumerate(ds.captions):
+        for caption in captions:
+            index.setdefault((i, caption), t)
+            t += 1
+    return index
+
+
+def _mean(recalls: dict[str, dict[str, float]]) -> float:
+    values = [v for direction in recalls.values() for v in direction.values()]
+    return float(sum(values) / len(values))
