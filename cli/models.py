@@ -62,6 +62,13 @@ def eval_(
     workers: WorkersOpt = None,
     device: DeviceOpt = Device.auto,
     limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N images (a quick run).")] = None,
+    rerank: Annotated[
+        Path | None,
+        typer.Option(
+            help="A re-ranking head (`finetune --method rerank`): also report recall with it.", show_default=False
+        ),
+    ] = None,
+    rerank_k: Annotated[int, typer.Option(min=1, help="Contrastive candidates the head re-scores per query.")] = 16,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure text→image and image→text recall@1/5/10 exactly as CLIP_benchmark does, on a benchmark or your pairs."""
@@ -80,6 +87,8 @@ def eval_(
         )
     if benchmark is not None and root is None:
         raise ClipdexError(f"{benchmark} needs --root DIR: the folder holding it (layouts: data/README.md)")
+    if rerank is not None and not rerank.is_file():
+        raise ClipdexError(f"re-ranking head not found: {rerank}")
     from clipdex.retrieval.config import EncoderConfig
     from clipdex.retrieval.evaluation.evaluate import EvalConfig, evaluate
     from clipdex.retrieval.imaging.loader import default_workers
@@ -102,6 +111,8 @@ def eval_(
         batch_size=batch_size,
         workers=default_workers() if workers is None else workers,
         limit=limit,
+        rerank=rerank,
+        rerank_k=rerank_k,
     )
     result = evaluate(config)
     if as_json:
@@ -116,6 +127,9 @@ def eval_(
         table.add_column(k, justify="right")
     for key, label in (("text_to_image", "text → image"), ("image_to_text", "image → text")):
         table.add_row(label, *(f"{v:.4f}" for v in result[key].values()))  # as in --json: fractions
+        if "reranked" in result:
+            k = result["reranked"]["k"]
+            table.add_row(f"{label}, re-ranked top-{k}", *(f"{v:.4f}" for v in result["reranked"][key].values()))
     print_table(table)
     out.print(f"{result['images_per_s']:.1f} images/s, {result['texts_per_s']:.1f} texts/s")
 

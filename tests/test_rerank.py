@@ -193,3 +193,87 @@ def test_finetune_rerank_trains_a_head_over_the_frozen_model(cli, tmp_path, tiny
 
     refused = cli.invoke(app, [*args[:-1], "--wise", "0.5", "--overwrite"])
     assert refused.exit_code == 2 and "--wise do not apply" in refused.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_head(tmp_path_factory, tiny_model):
+    """A head trained briefly on the unseen domain's pairs, and held-out test pairs."""
+    import json
+
+    from corpus import make_domain_pairs
+    from typer.testing import CliRunner
+
+    from clipdex.cli.main import app
+
+    root = tmp_path_factory.mktemp("rerank")
+    pairs = make_domain_pairs(root, 60, seed=3)
+    test = make_domain_pairs(root, 24, seed=4, name="test.csv")
+    result = CliRunner().invoke(app, ["finetune", str(pairs), "--method", "rerank", *tiny_model.cli_args(),
+                                      "--out", str(root / "out"), "--epochs", "2", "--batch-size", "16",
+                                      "--workers", "0", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    return Path(json.loads(result.stdout)["head"]), test
+
+
+def test_eval_rerank_equals_brute_force(cli, tiny_model, trained_head):
+    """`eval --rerank HEAD --rerank-k K`: the contrastive recall as before, and "reranked" equal to a loop that
+    scores every (caption, image) pair with the head and orders each query's contrastive top-K by it."""
+    import json
+
+    import numpy as np
+
+    from clipdex.cli.main import app
+    from clipdex.retrieval.config import EncoderConfig
+    from clipdex.retrieval.evaluation.datasets import Skipped, read_pairs
+    from clipdex.retrieval.finetune.rerank_train import dataset_features, load_head
+    from clipdex.retrieval.model.encoder import load_model
+
+    head_path, test = trained_head
+    k_rerank = 5
+    base = ["eval", str(test), *tiny_model.cli_args(), "--workers", "0", "--json"]
+    plain = json.loads(cli.invoke(app, base).stdout)
+    result = cli.invoke(app, [*base, "--rerank", str(head_path), "--rerank-k", str(k_rerank)])
+    assert result.exit_code == 0, result.stderr
+    got = json.loads(result.stdout)
+    assert {k: got[k] for k in ("text_to_image", "image_to_text")} == {
+        k: plain[k] for k in ("text_to_image", "image_to_text")
+    }
+    assert got["reranked"]["k"] == k_rerank
+
+    loaded = load_model(EncoderConfig(model=str(tiny_model.config), pretrained=str(tiny_model.weights)))
+    loaded.model.eval()
+    ds = read_pairs(test, text_column=None, image_column=None, skipped=Skipped())
+    f = dataset_features(loaded, ds, batch_size=16, workers=0, options=loaded.encoder().decode_options())
+    head = load_head(head_path, loaded.spec)
+    n_images, n_texts = len(ds.images), len(f.owner)
+    with torch.no_grad():  # the head's score for every (image, text) pair
+        itm = np.array([[float(head(f.image_tokens[i : i + 1].float(), f.text_tokens[t : t + 1].float(),
+                                    f.text_mask[t : t + 1])) for t in range(n_texts)] for i in range(n_images)])  # fmt: skip
+    contrastive = (f.text_emb @ f.image_emb.T).numpy()  # [texts, images]
+    for direction, scores, new in (("text_to_image", contrastive, itm.T), ("image_to_text", contrastive.T, itm)):
+        for k in (1, 5, 10):
+            hits = 0
+            for q in range(scores.shape[0]):
+                order = np.argsort(-scores[q], kind="stable")
+                top = order[:k_rerank]
+                ranked = [*top[np.argsort(-new[q, top], kind="stable")], *order[k_rerank:]][:k]
+                hits += f.owner[q] in ranked if direction == "text_to_image" else any(f.owner[t] == q for t in ranked)
+            assert got["reranked"][direction][f"R@{k}"] == pytest.approx(hits / scores.shape[0], abs=1e-9)
+
+
+def test_a_head_is_refused_for_another_encoder(cli, tmp_path, tiny_model, trained_head):
+    """Weights that differ in one value are another encoder: the head is refused in one line, naming both."""
+    from clipdex.cli.main import app
+
+    head_path, test = trained_head
+    weights = torch.load(tiny_model.weights, weights_only=True)
+    weights["logit_scale"] = weights["logit_scale"] + 0.01
+    other = tmp_path / "other.pt"
+    torch.save(weights, other)
+    result = cli.invoke(app, ["eval", str(test), "--model", str(tiny_model.config), "--pretrained", str(other),
+                              "--rerank", str(head_path), "--workers", "0"])  # fmt: skip
+    assert result.exit_code == 2, result.stderr
+    assert "was trained over tiny-clip" in result.stderr and "not this model" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    missing = cli.invoke(app, ["eval", str(test), *tiny_model.cli_args(), "--rerank", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "re-ranking head not found" in missing.stderr

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from clipdex.retrieval.config import ModelSpec
+from clipdex.retrieval.errors import InputError, ModelError
 from clipdex.retrieval.evaluation.datasets import RetrievalDataset
 from clipdex.retrieval.evaluation.metrics import Rescore, reranked_recall_at_k
 from clipdex.retrieval.finetune.config import DEFAULT_LR, FinetuneConfig, FinetuneResult, Method
@@ -233,6 +235,32 @@ def save_head(head: RerankHead, out: Path, loaded: LoadedModel) -> Path:
     final = out / f"rerank-{digest[:16]}.safetensors"
     staging.replace(final)
     return final
+
+
+def load_head(path: Path, spec: ModelSpec) -> RerankHead:
+    """A saved head, refused unless it was trained over the encoder `spec` names (architecture and weights)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise InputError(f"re-ranking head not found: {path}") from None
+    except Exception as e:
+        raise InputError(f"{path} is not a re-ranking head ({type(e).__name__}: {str(e)[:120]})") from None
+    if meta.get("format") != HEAD_FORMAT:
+        raise InputError(f"{path} is not a clipdex re-ranking head (made by `clipdex finetune --method rerank`)")
+    trained = (meta.get("model"), meta.get("checkpoint_sha256") or None)
+    if trained != (spec.name, spec.checkpoint_sha256):
+        raise ModelError(
+            f"{path.name} was trained over {meta.get('model')} / {meta.get('pretrained') or 'no weights'}, not this "
+            f"model ({spec.name} / {spec.pretrained}): train a head for it with `clipdex finetune --method rerank`"
+        )
+    head = RerankHead(HeadConfig(**json.loads(meta["config"])))
+    head.load_state_dict(tensors)
+    return head.eval()
 
 
 def _text_index(ds: RetrievalDataset) -> dict[tuple[int, str], int]:
