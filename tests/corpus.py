@@ -281,3 +281,55 @@ def edit(path: Path, seed: int) -> None:
     draw(random_scene(random.Random(seed)), noise_seed=seed).save(path)
     later = time.time() + 5 + seed % 7
     os.utime(path, (later, later))
+
+
+# -- a compositional domain: two objects per image, each with its own colour; twins swap the colours ----------
+
+
+def _two_objects(first: tuple[str, str], second: tuple[str, str], background: str, seed: int) -> Image.Image:
+    """(shape, colour) on the left and on the right, jittered and noised."""
+    rng = random.Random(seed)
+    img = Image.new("RGB", (64, 64), COLOURS[background])
+    d = ImageDraw.Draw(img)
+    for (shape, colour), cx in ((first, 16), (second, 48)):
+        x, y, r, fill = cx + rng.randint(-2, 2), 32 + rng.randint(-8, 8), 11, COLOURS[colour]
+        if shape == "circle":
+            d.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+        elif shape == "square":
+            d.rectangle([x - r, y - r, x + r, y + r], fill=fill)
+        elif shape == "triangle":
+            d.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=fill)
+        else:
+            d.rectangle([x - r, y - r // 3, x + r, y + r // 3], fill=fill)
+            d.rectangle([x - r // 3, y - r, x + r // 3, y + r], fill=fill)
+    arr = np.asarray(img).astype(np.int16) + np.random.default_rng(seed).integers(-6, 7, (64, 64, 3), dtype=np.int16)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def make_compositional_pairs(folder: Path, n: int, *, seed: int, twins: bool, name: str) -> Path:
+    """Two coloured shapes per image, captions that say which colour goes with which shape. With `twins`, each
+    image comes with its attribute-swapped twin (the same shapes and places, the colours exchanged), one caption
+    each: a gallery where only binding tells the two apart. Without, two captions per image (training pairs)."""
+    import csv
+
+    rng = random.Random(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption"])
+        for i in range(n):
+            (s1, s2), (c1, c2) = rng.sample(SHAPES, 2), rng.sample(sorted(COLOURS), 2)
+            background = rng.choice([c for c in sorted(COLOURS) if c not in (c1, c2)])
+            variants = [((s1, c1), (s2, c2)), ((s1, c2), (s2, c1))] if twins else [((s1, c1), (s2, c2))]
+            for j, ((sa, ca), (sb, cb)) in enumerate(variants):
+                image = folder / "images" / f"{name.split('.')[0]}_{seed}_{i:05d}_{j}.png"
+                _two_objects((sa, ca), (sb, cb), background, seed * 1_000_003 + 2 * i + j).save(image)
+                forms = [
+                    f"a {ca} {sa} and a {cb} {sb}",
+                    f"a {ca} {sa} on the left, a {cb} {sb} on the right",
+                    f"a {cb} {sb} to the right of a {ca} {sa}",
+                ]
+                for caption in rng.sample(forms, 1 if twins else 2):
+                    w.writerow([f"images/{image.name}", caption])
+    return path

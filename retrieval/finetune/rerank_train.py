@@ -234,7 +234,7 @@ def save_head(head: RerankHead, out: Path, loaded: LoadedModel) -> Path:
     digest = hashlib.sha256(staging.read_bytes()).hexdigest()
     final = out / f"rerank-{digest[:16]}.safetensors"
     staging.replace(final)
-    return final
+    return final.resolve()
 
 
 def load_head(path: Path, spec: ModelSpec) -> RerankHead:

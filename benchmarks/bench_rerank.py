@@ -1,0 +1,169 @@
+"""The cross-attention re-ranker against the contrastive space it re-ranks, on a compositional domain with twins.
+
+The domain (tests/corpus.make_compositional_pairs): two coloured shapes per image, captions that say which colour
+goes with which shape ("a red circle and a blue square"). The test gallery holds every image with its
+attribute-swapped twin (the same shapes and places, the colours exchanged), so a caption's image and its twin
+differ only in binding. The starting model is the tests' tiny CLIP, briefly trained on single objects.
+
+Every step is a `clipdex` command in its own process, as a user runs them:
+1. `eval` of the starting model (the contrastive space, untuned);
+2. `finetune --method full` on the training pairs, then `eval` (the contrastive space, tuned);
+3. `finetune --method rerank` over the tuned model, then `eval --rerank HEAD --rerank-k K` (ITM alone).
+Then, in this process: ITM plus the contrastive logit (weights 0.5, 1, 2) on the same features; the head's latency
+per query at K = 16, 32, 128 (the head alone on kept token features, and with the K images' token features
+recomputed at query time: decode and image tower); head size; training time.
+
+Not measured here yet (issue 19): the NegCLIP-style two-tower baseline, the single-object domains, ViT-B-32.
+
+    python benchmarks/bench_rerank.py --train 1500 --test 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from _report import machine, markdown_table, write_report
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))  # the generated corpora the tests use
+from corpus import make_compositional_pairs, train_tiny_model, write_tiny_config
+
+
+def clipdex(*args: Any) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "clipdex", *map(str, args), "--json"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"clipdex {args[0]} failed: {proc.stderr}")
+    return json.loads(proc.stdout)
+
+
+def t2i(result: dict[str, Any], key: str | None = None) -> dict[str, float]:
+    return (result[key] if key else result)["text_to_image"]
+
+
+def combined(tuned: list[Any], head_path: Path, test: Path, ks: list[int]) -> tuple[list[dict[str, Any]], Any]:
+    """ITM plus `w` times the contrastive logit over the top-K, on the test set; and the features, for latency."""
+    from clipdex.retrieval.config import EncoderConfig
+    from clipdex.retrieval.evaluation.datasets import Skipped, read_pairs
+    from clipdex.retrieval.evaluation.metrics import reranked_recall_at_k
+    from clipdex.retrieval.finetune.rerank_train import dataset_features, load_head, rescorer
+    from clipdex.retrieval.model.encoder import load_model
+
+    loaded = load_model(EncoderConfig(model=str(tuned[1]), pretrained=str(tuned[3])))
+    loaded.model.eval()
+    ds = read_pairs(test, text_column=None, image_column=None, skipped=Skipped())
+    f = dataset_features(loaded, ds, batch_size=64, workers=0, options=loaded.encoder().decode_options())
+    head = load_head(head_path, loaded.spec)
+    scale = float(loaded.model.logit_scale.exp().detach())  # type: ignore[operator]
+    itm = rescorer(head, f)
+    texts, images = f.text_emb.numpy(), f.image_emb.numpy()
+    rows = []
+    for k in ks:
+        for weight in (0.5, 1.0, 2.0):
+
+            def rescore(direction: str, q: np.ndarray, c: np.ndarray, weight: float = weight) -> np.ndarray:
+                a, b = (texts, images) if direction == "text_to_image" else (images, texts)
+                return itm(direction, q, c) + weight * scale * np.einsum("rd,rkd->rk", a[q], b[c])
+
+            r = reranked_recall_at_k(texts, images, f.owner, (k, rescore))
+            rows.append({"system": f"re-ranked top-{k}: ITM + {weight} x contrastive logit", **r["text_to_image"]})
+    return rows, (loaded, head, f, ds)
+
+
+def latency(state: Any, ks: list[int], rounds: int) -> list[dict[str, Any]]:
+    """Milliseconds per query to re-score K candidates: the head on kept token features, and with the candidates'
+    token features recomputed (decode + image tower) at query time; medians of `rounds`."""
+    from clipdex.retrieval.finetune.rerank import image_tokens
+
+    loaded, head, f, ds = state
+    options = loaded.encoder().decode_options()
+    rows = []
+    for k in ks:
+        k_eff = min(k, len(ds.images))
+        kept, recomputed = [], []
+        for r in range(rounds):
+            cand = torch.arange(k_eff)
+            text = torch.full((k_eff,), r % len(f.owner))
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                p = f.pairs(cand, text)
+                head(p.image, p.text, p.text_mask)
+                kept.append(1000 * (time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                pixels = torch.stack(
+                    [loaded.preprocess(options.decode(ds.images[i].read_bytes()).image) for i in range(k_eff)]
+                )
+                tokens = image_tokens(loaded.model, pixels)
+                head(tokens, p.text, p.text_mask)
+                recomputed.append(1000 * (time.perf_counter() - t0))
+        rows.append({"K": k_eff, "kept features ms": statistics.median(kept),
+                     "recomputed features ms": statistics.median(recomputed)})  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", type=int, default=1500, help="training images (two captions each)")
+    parser.add_argument("--test", type=int, default=100, help="test images, each with its twin")
+    parser.add_argument("--ft-epochs", type=int, default=10)
+    parser.add_argument("--head-epochs", type=int, default=40)
+    parser.add_argument("--head-lr", type=float, default=2e-3)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    ks = [16, 32]
+    with tempfile.TemporaryDirectory(prefix="bench-rerank-") as tmp:
+        work = Path(tmp)
+        config = write_tiny_config(work)
+        start = train_tiny_model(config, work / "start.pt")
+        train = make_compositional_pairs(work / "domain", args.train, seed=1, twins=False, name="train.csv")
+        test = make_compositional_pairs(work / "domain", args.test, seed=2, twins=True, name="test.csv")
+        common = ["--batch-size", 64, "--workers", 1, "--seed", 0]
+        rows = [{"system": "contrastive, untuned", **t2i(clipdex("eval", test, "--model", config, "--pretrained", start,
+                                                                 "--workers", 1))}]  # fmt: skip
+        t0 = time.perf_counter()
+        ft = clipdex("finetune", train, "--model", config, "--pretrained", start, "--out", work / "ft", "--method",
+                     "full", "--lr", "5e-4", "--epochs", args.ft_epochs, *common)  # fmt: skip
+        ft_s = time.perf_counter() - t0
+        tuned = ["--model", config, "--pretrained", ft["checkpoint"]]
+        rows.append({"system": "contrastive, fine-tuned (full)", **t2i(clipdex("eval", test, *tuned, "--workers", 1))})
+        t0 = time.perf_counter()
+        rr = clipdex("finetune", train, *tuned, "--out", work / "rr", "--method", "rerank", "--lr", args.head_lr,
+                     "--epochs", args.head_epochs, *common)  # fmt: skip
+        head_s = time.perf_counter() - t0
+        for k in ks:
+            ev = clipdex("eval", test, *tuned, "--workers", 1, "--rerank", rr["head"], "--rerank-k", k)
+            rows.append({"system": f"re-ranked top-{k}: ITM alone", **t2i(ev, "reranked")})
+        more, state = combined(tuned, Path(rr["head"]), test, ks)
+        rows += more
+        timing = latency(state, [16, 32, 128], args.rounds)
+    columns = ["system", "R@1", "R@5", "R@10"]
+    summary = {
+        "head_params": rr["head_params"],
+        "head_bytes": rr["head_bytes"],
+        "head_train_s": head_s,
+        "head_best_epoch": rr["best_epoch"],
+        "finetune_s": ft_s,
+    }
+    md = "\n\n".join([
+        f"text→image recall on {args.test} test images and their {args.test} twins "
+        f"({2 * args.test} captions, one each); trained on {args.train} images",
+        markdown_table(rows, columns),
+        "re-ranking latency per query (tiny model, 2 cores)",
+        markdown_table(timing, ["K", "kept features ms", "recomputed features ms"]),
+        markdown_table([summary], list(summary)),
+    ])  # fmt: skip
+    write_report(args.out, "rerank", {"machine": machine(), "args": vars(args) | {"out": str(args.out)},
+                                      "recall": rows, "latency": timing, **summary}, md)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
