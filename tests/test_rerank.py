@@ -56,6 +56,25 @@ def test_token_features_shapes_and_mask(tiny):
     assert not f.image.requires_grad and not f.text.requires_grad
 
 
+def test_image_features_are_the_last_blocks_input_and_the_embedding(tiny):
+    """image_features: the embedding equals encode_image's; the tokens are what enters the last block (computed
+    here by running the blocks by hand), without the class token."""
+    from clipdex.retrieval.finetune.rerank import image_features
+
+    model, _, _ = tiny
+    images, _ = batch(tiny, 3, seed=5)
+    pooled, tokens = image_features(model, images)
+    with torch.no_grad():
+        torch.testing.assert_close(pooled, model.encode_image(images), rtol=0, atol=0)
+        visual = model.visual
+        x = visual.conv1(images).flatten(2).transpose(1, 2)
+        x = torch.cat([visual.class_embedding.expand(3, 1, -1), x], dim=1) + visual.positional_embedding
+        x = visual.ln_pre(x)
+        for block in visual.transformer.resblocks[:-1]:
+            x = block(x)
+    torch.testing.assert_close(tokens, x[:, 1:], rtol=1e-5, atol=1e-5)
+
+
 def test_padding_changes_no_score(tiny):
     """The head reads the text up to its longest real token: the logits equal a run over the full context with the
     padding masked, and a text scores the same whatever the batch it shares (and so its longest text) is."""

@@ -5,8 +5,8 @@ and a blue square" and "a blue circle and a red square" land close together. The
 features attend to the image's patch features (ALBEF's and BLIP's image-text matching, ITM) and ends in one match
 logit. It re-scores the contrastive top-K; the towers stay frozen, so the index's vectors never change.
 
-- `token_features`: the towers' per-token outputs (image patches after the last layer norm; text tokens after
-  `ln_final`, with the mask of real tokens), computed without gradient.
+- `token_features`: the towers' per-token features (image patches as they enter the image tower's last block;
+  text tokens after `ln_final`, with the mask of real tokens), computed without gradient.
 - `RerankHead`: input projections to a small width, then blocks of self-attention on the text, cross-attention to
   the image and an MLP (pre-norm, residuals), a learned match token read out to one logit.
 - `mine_negatives`: for each pair, a non-matching caption and a non-matching image drawn in proportion to their
@@ -23,7 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["HeadConfig", "RerankHead", "TokenFeatures", "itm_loss", "mine_negatives", "token_features"]
+__all__ = [
+    "HeadConfig",
+    "RerankHead",
+    "TokenFeatures",
+    "image_features",
+    "image_tokens",
+    "itm_loss",
+    "mine_negatives",
+    "token_features",
+]
 
 
 @dataclass(frozen=True)
@@ -36,16 +45,28 @@ class TokenFeatures:
 
 
 @torch.no_grad()
-def image_tokens(model: Any, images: torch.Tensor) -> torch.Tensor:
-    """The image tower's patch tokens after its last layer norm: [B, patches, width] (open_clip's `output_tokens`)."""
+def image_features(model: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the image embedding as `encode_image` gives it, unnormalised; the patch tokens the head reads).
+
+    The patch tokens are the input of the image tower's last block. That block's own patch outputs are trained by
+    nothing, since contrastive training reads only the class token. Measured on the compositional domain: the head
+    over last-block tokens fell below the contrastive space (R@1 0.08 against 0.15), and over these it rose above
+    (benchmarks/RESULTS.md)."""
     visual = model.visual
-    saved = visual.output_tokens
-    visual.output_tokens = True
+    blocks = visual.transformer.resblocks
+    seen: list[torch.Tensor] = []
+    hook = blocks[-1].register_forward_pre_hook(lambda _module, args: seen.append(args[0]))
     try:
-        _, tokens = visual(images)
+        pooled = visual(images)
     finally:
-        visual.output_tokens = saved
-    return tokens
+        hook.remove()
+    tokens = seen[0] if visual.transformer.batch_first else seen[0].transpose(0, 1)
+    return pooled, tokens[:, 1:]  # without the class token
+
+
+def image_tokens(model: Any, images: torch.Tensor) -> torch.Tensor:
+    """The patch tokens the head reads: [B, patches, width] (see image_features)."""
+    return image_features(model, images)[1]
 
 
 @torch.no_grad()

@@ -34,7 +34,14 @@ from clipdex.retrieval.finetune.data import read_data
 from clipdex.retrieval.finetune.loop import make_optimizer, make_schedule
 from clipdex.retrieval.finetune.pairs import epoch_batches
 from clipdex.retrieval.finetune.report import REPORT, TrainLog, plot, write_report
-from clipdex.retrieval.finetune.rerank import HeadConfig, RerankHead, TokenFeatures, itm_loss, text_tokens
+from clipdex.retrieval.finetune.rerank import (
+    HeadConfig,
+    RerankHead,
+    TokenFeatures,
+    image_features,
+    itm_loss,
+    text_tokens,
+)
 from clipdex.retrieval.imaging.decode import DecodeOptions
 from clipdex.retrieval.model.encoder import LoadedModel, load_model
 from clipdex.retrieval.store.atomic import replace_with
@@ -70,22 +77,17 @@ def dataset_features(
 
     model: Any = loaded.model  # an open_clip CLIP: its towers' attributes are not typed
     device = loaded.device
-    visual = model.visual
     tokens: list[torch.Tensor | None] = [None] * len(ds.images)
     pooled: list[torch.Tensor | None] = [None] * len(ds.images)
     files = ImageFiles(ds.images, loaded.preprocess, options=options)
-    visual.output_tokens = True
-    try:
-        for batch in iter_decoded(files, batch_size=batch_size, workers=min(workers, len(ds.images))):
-            for d in batch:
-                if d.error is not None:
-                    raise ValueError(f"cannot use {ds.images[d.index]}: {d.error}")
-            pixels = torch.stack([d.pixels for d in batch]).to(device)  # type: ignore[misc]
-            emb, tok = visual(pixels)
-            for d, e, t in zip(batch, emb, tok, strict=True):
-                pooled[d.index], tokens[d.index] = e, t.half()
-    finally:
-        visual.output_tokens = False
+    for batch in iter_decoded(files, batch_size=batch_size, workers=min(workers, len(ds.images))):
+        for d in batch:
+            if d.error is not None:
+                raise ValueError(f"cannot use {ds.images[d.index]}: {d.error}")
+        pixels = torch.stack([d.pixels for d in batch]).to(device)  # type: ignore[misc]
+        emb, tok = image_features(model, pixels)
+        for d, e, t in zip(batch, emb, tok, strict=True):
+            pooled[d.index], tokens[d.index] = e, t.half()
     texts, owner = ds.texts()
     ids = loaded.tokenizer(texts).to(device)
     t_tokens, t_mask, t_emb = [], [], []
