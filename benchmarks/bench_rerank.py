@@ -54,8 +54,8 @@ def combined(tuned: list[Any], head_path: Path, test: Path, ks: list[int]) -> tu
     from clipdex.retrieval.config import EncoderConfig
     from clipdex.retrieval.evaluation.datasets import Skipped, read_pairs
     from clipdex.retrieval.evaluation.metrics import reranked_recall_at_k
-    from clipdex.retrieval.finetune.rerank_train import dataset_features, load_head, rescorer
     from clipdex.retrieval.model.encoder import load_model
+    from clipdex.retrieval.search.rerank import dataset_features, load_head, rescorer
 
     loaded = load_model(EncoderConfig(model=str(tuned[1]), pretrained=str(tuned[3])))
     loaded.model.eval()
@@ -81,7 +81,7 @@ def combined(tuned: list[Any], head_path: Path, test: Path, ks: list[int]) -> tu
 def latency(state: Any, ks: list[int], rounds: int) -> list[dict[str, Any]]:
     """Milliseconds per query to re-score K candidates: the head on kept token features, and with the candidates'
     token features recomputed (decode + image tower) at query time; medians of `rounds`."""
-    from clipdex.retrieval.finetune.rerank import image_tokens
+    from clipdex.retrieval.search.rerank import image_tokens
 
     loaded, head, f, ds = state
     options = loaded.encoder().decode_options()

@@ -111,10 +111,13 @@ def eval_(
         batch_size=batch_size,
         workers=default_workers() if workers is None else workers,
         limit=limit,
-        rerank=rerank,
-        rerank_k=rerank_k,
     )
-    result = evaluate(config)
+    if rerank is None:
+        result = evaluate(config)
+    else:
+        from clipdex.retrieval.search.rerank import evaluate_reranked
+
+        result = evaluate_reranked(config, rerank, rerank_k)
     if as_json:
         print(json.dumps(result))
         return

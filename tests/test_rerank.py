@@ -12,13 +12,8 @@ from corpus import draw, random_scene
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clipdex.retrieval.finetune.rerank import (
-    HeadConfig,
-    RerankHead,
-    itm_loss,
-    mine_negatives,
-    token_features,
-)
+from clipdex.retrieval.finetune.rerank import itm_loss, mine_negatives
+from clipdex.retrieval.search.rerank import HeadConfig, RerankHead, token_features
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +54,7 @@ def test_token_features_shapes_and_mask(tiny):
 def test_image_features_are_the_last_blocks_input_and_the_embedding(tiny):
     """image_features: the embedding equals encode_image's; the tokens are what enters the last block (computed
     here by running the blocks by hand), without the class token."""
-    from clipdex.retrieval.finetune.rerank import image_features
+    from clipdex.retrieval.search.rerank import image_features
 
     model, _, _ = tiny
     images, _ = batch(tiny, 3, seed=5)
@@ -178,8 +173,8 @@ def test_finetune_rerank_trains_a_head_over_the_frozen_model(cli, tmp_path, tiny
     from clipdex.retrieval.config import EncoderConfig
     from clipdex.retrieval.evaluation.datasets import Skipped, read_pairs
     from clipdex.retrieval.finetune.pairs import split_by_image
-    from clipdex.retrieval.finetune.rerank_train import dataset_features, reranked_recall
     from clipdex.retrieval.model.encoder import load_model
+    from clipdex.retrieval.search.rerank import dataset_features, reranked_recall
 
     pairs = make_domain_pairs(tmp_path / "pairs", 60, seed=3)
     weights_before = hashlib.sha256(tiny_model.weights.read_bytes()).hexdigest()
@@ -244,8 +239,8 @@ def test_eval_rerank_equals_brute_force(cli, tiny_model, trained_head):
     from clipdex.cli.main import app
     from clipdex.retrieval.config import EncoderConfig
     from clipdex.retrieval.evaluation.datasets import Skipped, read_pairs
-    from clipdex.retrieval.finetune.rerank_train import dataset_features, load_head
     from clipdex.retrieval.model.encoder import load_model
+    from clipdex.retrieval.search.rerank import dataset_features, load_head
 
     head_path, test = trained_head
     k_rerank = 5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,22 +35,19 @@ class EvalConfig:
     workers: int = 0
     limit: int | None = None
     ks: tuple[int, ...] = (1, 5, 10)
-    rerank: Path | None = None  # a re-ranking head (`finetune --method rerank`): also report re-ranked recall
-    rerank_k: int = 16  # the contrastive candidates it re-scores per query
 
 
-def evaluate(config: EvalConfig, *, encoder: Encoder | None = None) -> dict[str, Any]:
-    """Recall@k in both directions, plus encode throughput; keys as `clipdex eval --json` prints them.
+def evaluate(
+    config: EvalConfig,
+    *,
+    encoder: Encoder | None = None,
+    measure: Callable[[RetrievalDataset, DecodeOptions], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Recall@k in both directions, plus encode throughput; keys as `clipdex eval --json` prints them. `measure`
+    adds its own keys, computed on the same dataset as decoded here (the re-ranker's recall: search/rerank.py).
 
     Benchmarks are decoded as their reference loaders decode them (no EXIF rotation); your own pairs as indexing
     decodes your photos, and pairs whose image cannot be read are left out and listed under `skipped`."""
-    loaded = None
-    if config.rerank is not None:  # the head reads the torch model's token features
-        from clipdex.retrieval.model.encoder import load_model
-
-        loaded = load_model(config.encoder)
-        loaded.model.eval()
-        encoder = loaded.encoder()
     encoder = encoder or load_encoder(config.encoder)
     extra: dict[str, Any] = {}
     if config.pairs is not None:
@@ -70,12 +68,8 @@ def evaluate(config: EvalConfig, *, encoder: Encoder | None = None) -> dict[str,
     timed = dataset_recall(
         encoder, ds, batch_size=config.batch_size, workers=config.workers, ks=config.ks, options=options
     )
-    if loaded is not None and config.rerank is not None:
-        from clipdex.retrieval.finetune.rerank_train import dataset_features, load_head, reranked_recall
-
-        head = load_head(config.rerank, loaded.spec)
-        features = dataset_features(loaded, ds, batch_size=config.batch_size, workers=config.workers, options=options)
-        extra["reranked"] = {**reranked_recall(head, features, config.rerank_k), "k": config.rerank_k}
+    if measure is not None:
+        extra.update(measure(ds, options))
     return {
         "dataset": ds.name,
         "split": ds.split,

@@ -16,130 +16,32 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from clipdex.retrieval.config import ModelSpec
-from clipdex.retrieval.errors import InputError, ModelError
 from clipdex.retrieval.evaluation.datasets import RetrievalDataset
-from clipdex.retrieval.evaluation.metrics import Rescore, reranked_recall_at_k
 from clipdex.retrieval.finetune.config import DEFAULT_LR, FinetuneConfig, FinetuneResult, Method
 from clipdex.retrieval.finetune.data import read_data
 from clipdex.retrieval.finetune.loop import make_optimizer, make_schedule
 from clipdex.retrieval.finetune.pairs import epoch_batches
 from clipdex.retrieval.finetune.report import REPORT, TrainLog, plot, write_report
-from clipdex.retrieval.finetune.rerank import (
-    HeadConfig,
-    RerankHead,
-    TokenFeatures,
-    image_features,
-    itm_loss,
-    text_tokens,
-)
-from clipdex.retrieval.imaging.decode import DecodeOptions
+from clipdex.retrieval.finetune.rerank import itm_loss
 from clipdex.retrieval.model.encoder import LoadedModel, load_model
+from clipdex.retrieval.search.rerank import (
+    DEFAULT_RERANK_K,
+    HEAD_FORMAT,
+    RerankHead,
+    dataset_features,
+    head_config_for,
+    reranked_recall,
+)
 from clipdex.retrieval.store.atomic import replace_with
 
 log = logging.getLogger(__name__)
-
-HEAD_FORMAT = "clipdex-rerank-head/1"
-DEFAULT_RERANK_K = 16  # candidates re-scored per query during validation
-
-
-@dataclass
-class Features:
-    """A dataset's frozen features: patch tokens and pooled vectors of its images, token features and pooled
-    vectors of its captions (flattened in dataset order, `owner[t]` the image of caption t)."""
-
-    image_tokens: torch.Tensor  # [images, patches, vision width], fp16 (the head computes in fp32)
-    image_emb: torch.Tensor  # [images, dim], normalised
-    text_tokens: torch.Tensor  # [texts, longest, text width], fp16
-    text_mask: torch.Tensor  # [texts, longest]
-    text_emb: torch.Tensor  # [texts, dim], normalised
-    owner: np.ndarray
-
-    def pairs(self, image: torch.Tensor, text: torch.Tensor) -> TokenFeatures:
-        return TokenFeatures(self.image_tokens[image].float(), self.text_tokens[text].float(), self.text_mask[text])
-
-
-@torch.no_grad()
-def dataset_features(
-    loaded: LoadedModel, ds: RetrievalDataset, *, batch_size: int, workers: int, options: DecodeOptions
-) -> Features:
-    """Decode and encode a dataset once, keeping what the head and the contrastive scores need."""
-    from clipdex.retrieval.imaging.loader import ImageFiles, iter_decoded
-
-    model: Any = loaded.model  # an open_clip CLIP: its towers' attributes are not typed
-    device = loaded.device
-    tokens: list[torch.Tensor | None] = [None] * len(ds.images)
-    pooled: list[torch.Tensor | None] = [None] * len(ds.images)
-    files = ImageFiles(ds.images, loaded.preprocess, options=options)
-    for batch in iter_decoded(files, batch_size=batch_size, workers=min(workers, len(ds.images))):
-        for d in batch:
-            if d.error is not None:
-                raise ValueError(f"cannot use {ds.images[d.index]}: {d.error}")
-        pixels = torch.stack([d.pixels for d in batch]).to(device)  # type: ignore[misc]
-        emb, tok = image_features(model, pixels)
-        for d, e, t in zip(batch, emb, tok, strict=True):
-            pooled[d.index], tokens[d.index] = e, t.half()
-    texts, owner = ds.texts()
-    ids = loaded.tokenizer(texts).to(device)
-    t_tokens, t_mask, t_emb = [], [], []
-    for start in range(0, len(texts), 256):
-        chunk = ids[start : start + 256]
-        tok, mask = text_tokens(model, chunk)
-        t_tokens.append(tok.half())
-        t_mask.append(mask)
-        t_emb.append(model.encode_text(chunk))
-    mask = torch.cat(t_mask)
-    longest = int(mask.sum(dim=1).max())
-    return Features(
-        torch.stack(tokens).cpu(),  # type: ignore[arg-type]
-        F.normalize(torch.stack(pooled).float(), dim=-1).cpu(),  # type: ignore[arg-type]
-        torch.cat(t_tokens)[:, :longest].cpu(),
-        mask[:, :longest].cpu(),
-        F.normalize(torch.cat(t_emb).float(), dim=-1).cpu(),
-        np.asarray(owner),
-    )
-
-
-def rescorer(head: RerankHead, f: Features, *, chunk: int = 256) -> Rescore:
-    """The head as a `reranked_recall_at_k` re-scorer over a dataset's features."""
-
-    @torch.no_grad()
-    def rescore(direction: str, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-        rows, k = candidates.shape
-        if direction == "text_to_image":
-            images, texts = candidates.reshape(-1), np.repeat(queries, k)
-        else:
-            images, texts = np.repeat(queries, k), candidates.reshape(-1)
-        head.eval()
-        out = []
-        for start in range(0, len(images), chunk):
-            pick_i = torch.from_numpy(images[start : start + chunk])
-            pick_t = torch.from_numpy(texts[start : start + chunk])
-            p = f.pairs(pick_i, pick_t)
-            out.append(head(p.image, p.text, p.text_mask))
-        return torch.cat(out).numpy().reshape(rows, k)
-
-    return rescore
-
-
-def reranked_recall(head: RerankHead | None, f: Features, k: int) -> dict[str, dict[str, float]]:
-    """Recall@1/5/10 of the contrastive space (head None) or of its top-`k` re-scored by `head`."""
-    rerank = None if head is None else (k, rescorer(head, f))
-    return reranked_recall_at_k(f.text_emb.numpy(), f.image_emb.numpy(), f.owner, rerank)
-
-
-def head_config_for(model: Any) -> HeadConfig:
-    vision, text = int(model.visual.transformer.width), int(model.transformer.width)
-    return HeadConfig(vision_width=vision, text_width=text, width=min(256, max(vision, text)))
 
 
 def train_rerank(config: FinetuneConfig, note: Callable[[str], None]) -> FinetuneResult:
@@ -237,32 +139,6 @@ def save_head(head: RerankHead, out: Path, loaded: LoadedModel) -> Path:
     final = out / f"rerank-{digest[:16]}.safetensors"
     staging.replace(final)
     return final.resolve()
-
-
-def load_head(path: Path, spec: ModelSpec) -> RerankHead:
-    """A saved head, refused unless it was trained over the encoder `spec` names (architecture and weights)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except FileNotFoundError:
-        raise InputError(f"re-ranking head not found: {path}") from None
-    except Exception as e:
-        raise InputError(f"{path} is not a re-ranking head ({type(e).__name__}: {str(e)[:120]})") from None
-    if meta.get("format") != HEAD_FORMAT:
-        raise InputError(f"{path} is not a clipdex re-ranking head (made by `clipdex finetune --method rerank`)")
-    trained = (meta.get("model"), meta.get("checkpoint_sha256") or None)
-    if trained != (spec.name, spec.checkpoint_sha256):
-        raise ModelError(
-            f"{path.name} was trained over {meta.get('model')} / {meta.get('pretrained') or 'no weights'}, not this "
-            f"model ({spec.name} / {spec.pretrained}): train a head for it with `clipdex finetune --method rerank`"
-        )
-    head = RerankHead(HeadConfig(**json.loads(meta["config"])))
-    head.load_state_dict(tensors)
-    return head.eval()
 
 
 def _text_index(ds: RetrievalDataset) -> dict[tuple[int, str], int]:
