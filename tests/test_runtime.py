@@ -135,6 +135,21 @@ def test_the_export_agrees_with_torch_per_vector(torch_encoder):
     assert export_module.export_encoder(torch_encoder)[0] == folder  # found again, not re-made
 
 
+def test_a_saved_optimised_graph_cut_short_is_made_again(torch_encoder):
+    """The optimised graph kept beside an export, written while a disk failed, is cut short: the next session
+    drops it, optimises the export's graph again, and encodes as before."""
+    folder, _ = export_module.export_encoder(torch_encoder)
+    assert folder is not None
+    texts = ["a red circle", "a blue square on a green background"]
+    expect = OnnxEncoder(folder, torch_encoder.spec).encode_texts(texts)
+    optimised = folder / "text.opt.onnx"
+    assert optimised.is_file()
+    optimised.write_bytes(optimised.read_bytes()[:1000])
+    again = OnnxEncoder(folder, torch_encoder.spec).encode_texts(texts)
+    np.testing.assert_allclose(again, expect, rtol=0, atol=1e-6)
+    assert optimised.stat().st_size > 1000  # saved whole again
+
+
 HEAVY = (
     "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'open_clip', 'timm')"
     " and sys.modules[m] is not None)\n"

@@ -171,27 +171,40 @@ class OnnxEncoder:
     def _open_session(self, tower: str) -> Any:
         import onnxruntime as ort
 
+        optimised = self.folder / graph_name(tower, self.precision, optimised=True)
+        # The saved graph has the portable fusions (attention, layer norm, GELU: "extended"); the layout ones
+        # ("all") depend on this CPU, so they are redone at each start, which is quick.
+        if optimised.is_file():
+            try:
+                session = ort.InferenceSession(
+                    str(optimised), sess_options=self._options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+                    providers=self.providers,
+                )  # fmt: skip
+                self._sessions[tower] = session
+                return session
+            except Exception:  # a saved graph cut short (a failing disk when it was written): made again
+                with contextlib.suppress(OSError):
+                    optimised.unlink()
+        options = self._options(ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+        tmp = optimised.with_name(f"{optimised.name}.{os.getpid()}.tmp")
+        options.optimized_model_filepath = str(tmp)
+        source = self.folder / graph_name(tower, self.precision)
+        session = ort.InferenceSession(str(source), sess_options=options, providers=self.providers)
+        if tmp.is_file():
+            with contextlib.suppress(OSError):  # a read-only cache: optimised again next time
+                os.replace(tmp, optimised)
+        self._sessions[tower] = session
+        return session
+
+    def _options(self, level: Any) -> Any:
+        import onnxruntime as ort
+
         options = ort.SessionOptions()
         if self._threads:
             options.intra_op_num_threads = self._threads
         options.log_severity_level = 3
-        optimised = self.folder / graph_name(tower, self.precision, optimised=True)
-        # The saved graph has the portable fusions (attention, layer norm, GELU: "extended"); the layout ones
-        # ("all") depend on this CPU, so they are redone at each start, which is quick.
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if optimised.is_file():
-            source = optimised
-        else:
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-            tmp = optimised.with_name(f"{optimised.name}.{os.getpid()}.tmp")
-            options.optimized_model_filepath = str(tmp)
-            source = self.folder / graph_name(tower, self.precision)
-        session = ort.InferenceSession(str(source), sess_options=options, providers=self.providers)
-        if source != optimised and Path(options.optimized_model_filepath).is_file():
-            with contextlib.suppress(OSError):  # a read-only cache: optimised again next time
-                os.replace(options.optimized_model_filepath, optimised)
-        self._sessions[tower] = session
-        return session
+        options.graph_optimization_level = level
+        return options
 
     def encode_images(self, pixels: Any) -> np.ndarray:
         """Encode a preprocessed batch (N, 3, H, W)."""
