@@ -6,12 +6,15 @@ trained on them for a few seconds retrieves them better than chance but far from
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -236,16 +239,23 @@ def draw_domain(shape: str, colour: str, background: str, seed: int, size: int =
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def make_domain_pairs(folder: Path, n: int, *, seed: int, captions_per_image: int = 2, name: str = "pairs.csv") -> Path:
-    """Product-catalogue pairs in the unseen domain: `folder/images/*.png` and a CSV of (image, caption)."""
+@contextlib.contextmanager
+def pairs_csv(path: Path) -> Iterator[Any]:
+    """A caption file of (image, caption) rows: its csv writer, the header written."""
     import csv
 
-    rng = random.Random(seed)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    path = folder / name
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "caption"])
+        yield w
+
+
+def make_domain_pairs(folder: Path, n: int, *, seed: int, captions_per_image: int = 2, name: str = "pairs.csv") -> Path:
+    """Product-catalogue pairs in the unseen domain: `folder/images/*.png` and a CSV of (image, caption)."""
+    rng = random.Random(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    with pairs_csv(path) as w:
         for i in range(n):
             colour, background = rng.sample(sorted(DOMAIN_COLOURS), 2)
             shape = rng.choice(DOMAIN_SHAPES)
@@ -264,13 +274,9 @@ def make_domain_pairs(folder: Path, n: int, *, seed: int, captions_per_image: in
 
 def make_captioned_library(root: Path, n: int, captioned: int, *, seed: int) -> list[tuple[Path, Scene]]:
     """`root/photos` with n drawn images and `root/captions.csv` linking the first `captioned` to one caption each."""
-    import csv
-
     made = make_images(root / "photos", n, seed=seed)
     rng = random.Random(seed + 1)
-    with (root / "captions.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "caption"])
+    with pairs_csv(root / "captions.csv") as w:
         for path, scene in made[:captioned]:
             w.writerow([f"photos/{path.name}", scene.captions(rng, 1)[0]])
     return made
@@ -310,14 +316,10 @@ def make_compositional_pairs(folder: Path, n: int, *, seed: int, twins: bool, na
     """Two coloured shapes per image, captions that say which colour goes with which shape. With `twins`, each
     image comes with its attribute-swapped twin (the same shapes and places, the colours exchanged), one caption
     each: a gallery where only binding tells the two apart. Without, two captions per image (training pairs)."""
-    import csv
-
     rng = random.Random(seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     path = folder / name
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "caption"])
+    with pairs_csv(path) as w:
         for i in range(n):
             (s1, s2), (c1, c2) = rng.sample(SHAPES, 2), rng.sample(sorted(COLOURS), 2)
             background = rng.choice([c for c in sorted(COLOURS) if c not in (c1, c2)])
