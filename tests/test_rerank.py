@@ -49,6 +49,15 @@ def test_token_features_shapes_and_mask(tiny):
     # real tokens: start, the words, end; nothing after the end-of-text token
     assert f.text_mask.sum(dim=1).tolist() == [int((row != 0).sum()) for row in ids]
     assert not f.image.requires_grad and not f.text.requires_grad
+    # the text tokens are ln_final's output of the one encode_text pass (here by hand), the embedding encode_text's
+    from clipdex.retrieval.search.rerank import text_features
+
+    pooled, tokens, _ = text_features(model, ids)
+    with torch.no_grad():
+        x = model.token_embedding(ids) + model.positional_embedding
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
+        torch.testing.assert_close(pooled, model.encode_text(ids), rtol=0, atol=0)
+    torch.testing.assert_close(tokens, x, rtol=1e-6, atol=1e-6)
 
 
 def test_image_features_are_the_last_blocks_input_and_the_embedding(tiny):

@@ -74,16 +74,25 @@ def image_tokens(model: Any, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def text_tokens(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The text tower's token outputs after `ln_final` ([B, context, width]) and the mask of real tokens (up to and
-    including the end-of-text token, which CLIP's tokenizer gives the highest id)."""
-    cast = model.transformer.get_cast_dtype()
-    x = model.token_embedding(ids).to(cast) + model.positional_embedding.to(cast)
-    x = model.transformer(x, attn_mask=model.attn_mask)
-    x = model.ln_final(x)
+def text_features(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the text embedding as `encode_text` gives it, unnormalised; the token outputs after `ln_final`
+    [B, context, width], read from the same pass; the mask of real tokens, up to and including the end-of-text
+    token, which CLIP's tokenizer gives the highest id)."""
+    seen: list[torch.Tensor] = []
+    hook = model.ln_final.register_forward_hook(lambda _module, _args, out: seen.append(out))
+    try:
+        pooled = model.encode_text(ids)
+    finally:
+        hook.remove()
     end = ids.argmax(dim=-1, keepdim=True)
     mask = torch.arange(ids.shape[1], device=ids.device)[None, :] <= end
-    return x, mask
+    return pooled, seen[0], mask
+
+
+def text_tokens(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text tower's token outputs after `ln_final` and the mask of real tokens (see text_features)."""
+    _, tokens, mask = text_features(model, ids)
+    return tokens, mask
 
 
 def token_features(model: Any, images: torch.Tensor, ids: torch.Tensor) -> TokenFeatures:
@@ -203,10 +212,10 @@ def dataset_features(
     t_tokens, t_mask, t_emb = [], [], []
     for start in range(0, len(texts), 256):
         chunk = ids[start : start + 256]
-        tok, mask = text_tokens(model, chunk)
+        emb, tok, mask = text_features(model, chunk)  # one pass of the text tower for both
         t_tokens.append(tok.half())
         t_mask.append(mask)
-        t_emb.append(model.encode_text(chunk))
+        t_emb.append(emb)
     mask = torch.cat(t_mask)
     longest = int(mask.sum(dim=1).max())
     return Features(
