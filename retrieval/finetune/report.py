@@ -39,7 +39,7 @@ def write_report(out: Path, report: dict[str, Any]) -> Path:
     return path
 
 
-def plot(out: Path, records: list[dict[str, Any]], *, title: str) -> Path:
+def plot(out: Path, records: list[dict[str, Any]], *, title: str, loss: str = "contrastive loss") -> Path:
     """Training loss per step (with its per-epoch mean) and validation recall per epoch, as a PNG."""
     import matplotlib
 
@@ -59,7 +59,7 @@ def plot(out: Path, records: list[dict[str, Any]], *, title: str) -> Path:
         means = [sum(v) / len(v) for v in by_epoch.values()]
         left.plot(list(by_epoch), means, "o-", color="#1f4e79", label="epoch mean")
         left.legend(frameon=False)
-    left.set(title="training loss", xlabel="epoch", ylabel="contrastive loss")
+    left.set(title="training loss", xlabel="epoch", ylabel=loss)
     for direction, style in (("text_to_image", "-"), ("image_to_text", "--")):
         for k, colour in (("R@1", "#c0504d"), ("R@5", "#4f81bd"), ("R@10", "#9bbb59")):
             ys = [100 * r["val"][direction][k] for r in epochs]

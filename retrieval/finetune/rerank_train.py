@@ -115,7 +115,7 @@ def train_rerank(config: FinetuneConfig, note: Callable[[str], None]) -> Finetun
     trained = history[-1]["epoch"]
     result = FinetuneResult(path, Method.RERANK, trained, data.train.n_texts, data.val.n_texts, before, after,
                             best_epoch, details)  # fmt: skip
-    details["plot"] = str(plot(config.out, train_log.records(), title="clipdex finetune: rerank (ITM loss)"))
+    details["plot"] = str(plot(config.out, train_log.records(), title="clipdex finetune: rerank", loss="ITM loss"))
     details["report"] = str(config.out / REPORT)
     write_report(config.out, result.to_json())
     return result
