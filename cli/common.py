@@ -17,6 +17,7 @@ from rich.table import Table
 from typer.core import TyperArgument, TyperGroup
 
 from clipdex.retrieval.errors import ClipdexError, disk_error
+from clipdex.retrieval.search.request import DEFAULT_RERANK_K
 
 _METAVARS = {int: "N", float: "NUMBER", Path: "PATH", str: "TEXT"}
 
@@ -44,6 +45,28 @@ class _Argument(TyperArgument):
         return None
 
 
+# Options whose value may be left out (`--rerank` or `--rerank 32`), with the value they take then. typer has no such
+# options, so the command line is completed before it is parsed: the default goes in where no number follows.
+OPTIONAL_VALUES: dict[str, dict[str, str]] = {"search": {"--rerank": str(DEFAULT_RERANK_K)}}
+
+
+def _fill_optional_values(
+    parse_args: Callable[[Any, list[str]], Any], optional: dict[str, str]
+) -> Callable[[Any, list[str]], Any]:
+    def parse(ctx: Any, args: list[str]) -> Any:
+        filled: list[str] = []
+        for i, arg in enumerate(args):
+            filled.append(arg)
+            if arg == "--":
+                filled.extend(args[i + 1 :])
+                break
+            if arg in optional and not (i + 1 < len(args) and args[i + 1].lstrip("-").isdigit()):
+                filled.append(optional[arg])
+        return parse_args(ctx, filled)
+
+    return parse
+
+
 def _plain_help(get_help_option: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """--help shown as the flag it is, without typer's `<bool>`."""
 
@@ -63,6 +86,9 @@ class _Group(TyperGroup):
         super().__init__(*args, **kwargs)
         for command in [self, *self.commands.values()]:
             command.get_help_option = _plain_help(command.get_help_option)  # type: ignore[method-assign,assignment]
+            if command.name in OPTIONAL_VALUES:
+                optional = OPTIONAL_VALUES[command.name]
+                command.parse_args = _fill_optional_values(command.parse_args, optional)  # type: ignore[method-assign,assignment]
             for param in command.params:
                 param.metavar = _metavar(param)
                 if type(param) is TyperArgument:

@@ -285,6 +285,8 @@ def info(
     model = data["model"]
     table.add_row("model", f"{model['name']} / {model['pretrained']}")
     table.add_row("runtime", model["runtime"])
+    if data["rerank"]:
+        table.add_row("re-ranking head", f"{data['rerank']['head']} (search --rerank)")
     table.add_row("dim", str(data["dim"]))
     for key, value in data["counts"].items():
         table.add_row(key, str(value))

@@ -202,7 +202,9 @@ def finetune(
     ] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 5,
     batch_size: Annotated[int, typer.Option(min=2, help="Pairs per contrastive batch.")] = 64,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: 1e-5; lora 1e-4).")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Peak learning rate (default: 1e-5; lora 1e-4; rerank 2e-3).")
+    ] = None,
     weight_decay: Annotated[float, typer.Option(min=0.0)] = 0.1,
     accum_freq: Annotated[
         int, typer.Option(min=1, help="Micro-batches per step (feature-cached: the batch is accum-freq x larger).")
@@ -219,12 +221,33 @@ def finetune(
     image_column: Annotated[str | None, typer.Option(help="Image column (default: image).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run in --out from its last epoch.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier run in --out (refused without it).")] = False,
+    index_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--index",
+            "-i",
+            help="rerank: attach the head to this index, whose model it trains over (without --model/--pretrained, "
+            "the index's own); `clipdex search --rerank` then uses it.",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune a CLIP model on your own image–caption pairs; report validation recall before and after."""
     from clipdex.retrieval.finetune.config import check_config, check_out
 
     check_out(out_dir, resume=resume, overwrite=overwrite)  # before torch loads
+    if index_dir is not None:
+        if method is not Method.RERANK:
+            raise ClipdexError("--index attaches a re-ranking head to an index: use it with --method rerank")
+        from clipdex.retrieval.store.manifest import read_manifest
+
+        read_manifest(index_dir)  # a missing or damaged index is said before anything trains
+        if model is None and pretrained is None:
+            from clipdex.retrieval.model.weights import index_encoder_config
+
+            own = index_encoder_config(index_dir)[0]
+            model, pretrained = own.model, own.pretrained
     from clipdex.retrieval.config import EncoderConfig
     from clipdex.retrieval.evaluation.datasets import DatasetName
     from clipdex.retrieval.finetune import FinetuneConfig
@@ -262,6 +285,10 @@ def finetune(
 
     with _train_bar() as bar:
         result = finetune(config, progress=_TrainBar(bar))
+    if index_dir is not None:
+        from clipdex.retrieval.store.heads import attach_head
+
+        result.details["index"] = str(attach_head(index_dir, result.checkpoint))
     if as_json:
         print(json.dumps(result.to_json()))
         return
@@ -280,6 +307,8 @@ def finetune(
     if result.method.value == "rerank":
         out.print(f"re-ranking head: {result.checkpoint} (after: its top-{result.details['rerank_k']} re-scored)",
                   highlight=False, soft_wrap=True)  # fmt: skip
+        if index_dir is not None:
+            out.print(f"attached to {index_dir}: search it with --rerank", highlight=False, soft_wrap=True)
     else:
         out.print(f"checkpoint: {result.checkpoint}", highlight=False, soft_wrap=True)
         out.print(

@@ -23,6 +23,7 @@ from clipdex.cli.common import (
     out,
 )
 from clipdex.retrieval.errors import ClipdexError
+from clipdex.retrieval.search.request import DEFAULT_RERANK_K
 
 
 @app.command(rich_help_panel="Search")
@@ -67,6 +68,16 @@ def search(
     after: Annotated[str | None, typer.Option(help="Only photos taken (else modified) on or after this date.")] = None,
     before: Annotated[str | None, typer.Option(help="Only photos taken (else modified) before this date.")] = None,
     min_score: Annotated[float | None, typer.Option(help="Only results scoring at least this cosine.")] = None,
+    rerank: Annotated[
+        int | None,
+        typer.Option(
+            metavar="[K]",
+            min=1,
+            help=f"Re-score the top K results (default {DEFAULT_RERANK_K}) with the index's re-ranking head "
+            "(`clipdex finetune PAIRS --method rerank --index`); a text query over images, or an image over texts.",
+            show_default=False,
+        ),
+    ] = None,
     paths: Annotated[bool, typer.Option("--paths", help="Print only the paths, one per line (for xargs).")] = False,
     device: DeviceOpt = Device.auto,
     runtime: RuntimeOpt = None,
@@ -105,6 +116,7 @@ def search(
         after=after,
         before=before,
         min_score=min_score,
+        rerank=rerank,
         image=image,
         add_image=tuple(add_image or ()),
         subtract_image=tuple(subtract_image or ()),
@@ -139,11 +151,11 @@ def search(
 def _print_results(answer: dict[str, Any]) -> None:
     """A table on a terminal (paths never wrapped); plain tab-separated lines when piped."""
     results, images = answer["results"], answer["target"] == "images"
+    reranked = any("rerank" in h for h in results)  # then a last column: the head's score
     if not out.is_terminal:
         for h in results:
-            print(
-                "\t".join([str(h["rank"]), f"{h['score']:.4f}", h["path"] or "", (h["text"] or "").replace("\n", " ")])
-            )
+            cells = [str(h["rank"]), f"{h['score']:.4f}", h["path"] or "", (h["text"] or "").replace("\n", " ")]
+            print("\t".join(cells + ([_rerank_cell(h)] if reranked else [])))
     else:
         table = Table(title=f"{answer['query']!r} → {answer['target']}", show_header=True)
         table.add_column("rank", justify="right")
@@ -154,12 +166,19 @@ def _print_results(answer: dict[str, Any]) -> None:
         else:
             table.add_column("text", overflow="fold")
             table.add_column("image", no_wrap=True, overflow="ellipsis")
+        if reranked:
+            table.add_column("re-rank", justify="right")
         for h in results:
             cells = [h["path"] or "", h["text"] or ""] if images else [h["text"] or "", h["path"] or ""]
-            table.add_row(str(h["rank"]), f"{h['score']:.4f}", *cells)
+            table.add_row(str(h["rank"]), f"{h['score']:.4f}", *cells, *([_rerank_cell(h)] if reranked else []))
         out.print(table)
     if not results:
         err.print(_nothing_found(answer))
+
+
+def _rerank_cell(hit: dict[str, Any]) -> str:
+    """The head's score of a hit it re-scored; `-` for one after the re-scored top K (or unreadable now)."""
+    return f"{hit['rerank']:.4f}" if "rerank" in hit else "-"
 
 
 def _one_query(words: list[str] | None) -> str | None:

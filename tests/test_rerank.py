@@ -106,6 +106,10 @@ def test_padding_changes_no_score(tiny):
 def test_the_head_trains_and_the_encoders_stay_frozen_bit_for_bit(tiny):
     """A few ITM steps change the head (its loss falls on the batch it sees) and leave every tower weight exactly as
     it was, with no gradient reaching it."""
+    import numpy as np
+
+    from clipdex.retrieval.search.rerank import Features
+
     model, _, _ = tiny
     before = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(0)
@@ -115,12 +119,12 @@ def test_the_head_trains_and_the_encoders_stay_frozen_bit_for_bit(tiny):
     images, ids = batch(tiny, 24, seed=2)
     f = token_features(model, images, ids)
     with torch.no_grad():
-        sim = model.encode_image(images, normalize=True) @ model.encode_text(ids, normalize=True).T
-    image_ids = torch.arange(24)
+        image_emb, text_emb = model.encode_image(images, normalize=True), model.encode_text(ids, normalize=True)
+    train = Features(f.image.half(), image_emb, f.text.half(), f.text_mask, text_emb, np.arange(24))
     generator = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(40):
-        loss = itm_loss(head, f, sim, image_ids, generator)
+        loss = itm_loss(head, train, torch.arange(8), 10.0, n=3, generator=generator)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -134,32 +138,37 @@ def test_the_head_trains_and_the_encoders_stay_frozen_bit_for_bit(tiny):
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(0, 5), min_size=2, max_size=24).filter(lambda ids: len(set(ids)) > 1), st.integers(0, 99))
-def test_mined_negatives_never_include_a_positive(image_ids, seed):
-    """Whatever the similarities (a caption of the same image scoring highest included), a mined negative caption
-    or image always belongs to another image."""
+def test_mined_negatives_never_include_a_positive(owner, seed):
+    """Whatever the similarities (a caption of the same image scoring highest included), the captions mined for an
+    image belong to other images, each at most once."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.tensor(image_ids)
-    sim = torch.randn(len(ids), len(ids), generator=g) * 5
-    sim[ids[:, None] == ids[None, :]] = 100.0  # same-image pairs the most similar: still never drawn
-    texts, images = mine_negatives(sim, ids, g)
-    assert (ids[texts] != ids).all()
-    assert (ids[images] != ids).all()
+    owner = torch.tensor(owner)
+    images = owner.unique()
+    matches = owner[None, :] == images[:, None]  # [images, texts]: an image's own captions
+    n = int((~matches).sum(dim=1).min())
+    sim = torch.randn(len(images), len(owner), generator=g) * 5
+    sim[matches] = 100.0  # its own captions the most similar: still never drawn
+    drawn = mine_negatives(sim, matches, n, g)
+    assert drawn.shape == (len(images), n)
+    assert (owner[drawn] != images[:, None]).all()
+    assert all(len(set(row.tolist())) == n for row in drawn)
 
 
 def test_mined_negatives_follow_the_contrastive_similarity():
     """Drawn in proportion to softmax(similarity): the hardest negative is drawn about as often as it should be."""
-    ids = torch.arange(4)
-    sim = torch.tensor([[9.0, 2.0, 1.0, 0.0]] * 4)  # every image: text 1 is the hardest negative (not for image 1)
+    sim = torch.tensor([[9.0, 2.0, 1.0, 0.0]])  # candidate 0 matches; 1 is the hardest negative
+    matches = torch.tensor([[True, False, False, False]])
     g = torch.Generator().manual_seed(0)
-    drawn = torch.stack([mine_negatives(sim, ids, g)[0] for _ in range(4000)])
-    share = (drawn[:, 0] == 1).float().mean().item()
+    drawn = torch.stack([mine_negatives(sim, matches, 1, g)[0, 0] for _ in range(4000)])
+    share = (drawn == 1).float().mean().item()
     expect = torch.softmax(torch.tensor([2.0, 1.0, 0.0]), 0)[0].item()
     assert abs(share - expect) < 0.03, (share, expect)
+    assert (drawn != 0).all()
 
 
-def test_a_batch_of_one_image_has_no_negatives():
-    with pytest.raises(ValueError, match="two images"):
-        mine_negatives(torch.zeros(3, 3), torch.zeros(3, dtype=torch.long))
+def test_too_few_other_candidates_is_an_error():
+    with pytest.raises(ValueError, match="non-matching"):
+        mine_negatives(torch.zeros(2, 3), torch.tensor([[True, False, True], [False, False, False]]), 2)
 
 
 def test_head_size_for_vit_b_32():
@@ -211,6 +220,10 @@ def test_finetune_rerank_trains_a_head_over_the_frozen_model(cli, tmp_path, tiny
     from safetensors.torch import load_file
 
     saved.load_state_dict(load_file(str(head)))
+    saved.contrastive_weight = float(meta["contrastive_weight"])  # chosen on the validation split, among a few
+    scale = float(loaded.model.logit_scale.detach().exp())
+    assert any(saved.contrastive_weight == pytest.approx(w * scale) for w in (0, 0.5, 1, 2, 4))
+    assert report["contrastive_weight"] == saved.contrastive_weight
     assert reranked_recall(None, features, 16) == report["before"]
     assert reranked_recall(saved, features, 16) == report["after"]
 
@@ -273,6 +286,7 @@ def test_eval_rerank_equals_brute_force(cli, tiny_model, trained_head):
         itm = np.array([[float(head(f.image_tokens[i : i + 1].float(), f.text_tokens[t : t + 1].float(),
                                     f.text_mask[t : t + 1])) for t in range(n_texts)] for i in range(n_images)])  # fmt: skip
     contrastive = (f.text_emb @ f.image_emb.T).numpy()  # [texts, images]
+    itm = itm + head.contrastive_weight * contrastive.T  # the head's score: its logit and its share of the cosine
     for direction, scores, new in (("text_to_image", contrastive, itm.T), ("image_to_text", contrastive.T, itm)):
         for k in (1, 5, 10):
             hits = 0

@@ -31,7 +31,7 @@ class Method(str, Enum):
 
 ADAPTER = "adapter"
 STATE = "state"
-DEFAULT_LR = {Method.FULL: 1e-5, Method.LAST_N: 1e-5, Method.LORA: 1e-4, Method.LIT: 1e-5, Method.RERANK: 5e-4}
+DEFAULT_LR = {Method.FULL: 1e-5, Method.LAST_N: 1e-5, Method.LORA: 1e-4, Method.LIT: 1e-5, Method.RERANK: 2e-3}
 
 
 def check_out(out: Path, *, resume: bool, overwrite: bool) -> None:

@@ -2,8 +2,8 @@
 
 The towers do not change, so each image's and caption's features are computed once (no augmentation: the index
 sees its images as they are). Each epoch deals the training pairs into batches as contrastive fine-tuning does
-(one caption per image), mines a hard negative caption and image for every pair by contrastive similarity, and
-takes the ITM loss. Validation recall is measured before (the contrastive space alone) and after every epoch (its
+(one caption per image), mines hard negative images and captions for every pair from the whole training set by
+contrastive similarity, and takes the ITM loss (finetune/rerank.py). Validation recall is measured before (the contrastive space alone) and after every epoch (its
 top-K re-scored by the head), by the same recall code as `clipdex eval`; the best epoch is kept (early stopping with
 `patience`). The head is saved as `rerank-<sha256>.safetensors`, with the encoder it was trained over named in its
 metadata so that it can be refused for another.
@@ -23,23 +23,25 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from clipdex.retrieval.errors import InputError
 from clipdex.retrieval.evaluation.datasets import RetrievalDataset
 from clipdex.retrieval.finetune.config import DEFAULT_LR, FinetuneConfig, FinetuneResult, Method
 from clipdex.retrieval.finetune.data import read_data
 from clipdex.retrieval.finetune.loop import make_optimizer, make_schedule
 from clipdex.retrieval.finetune.pairs import epoch_batches
 from clipdex.retrieval.finetune.report import REPORT, TrainLog, plot, write_report
-from clipdex.retrieval.finetune.rerank import itm_loss
+from clipdex.retrieval.finetune.rerank import NEGATIVES, itm_loss
 from clipdex.retrieval.model.encoder import LoadedModel, load_model
+from clipdex.retrieval.search.request import DEFAULT_RERANK_K
 from clipdex.retrieval.search.rerank import (
-    DEFAULT_RERANK_K,
-    HEAD_FORMAT,
+    Features,
     RerankHead,
     dataset_features,
     head_config_for,
     reranked_recall,
 )
 from clipdex.retrieval.store.atomic import replace_with
+from clipdex.retrieval.store.heads import HEAD_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,9 @@ def train_rerank(config: FinetuneConfig, note: Callable[[str], None]) -> Finetun
     schedule = make_schedule(optimizer, warmup=max(1, int(config.warmup * total)), total=total)
     scale = float(loaded.model.logit_scale.exp())  # type: ignore[operator]
     text_index = _text_index(data.train)
+    negatives = min(NEGATIVES, len(data.train.images) - 1)
+    if negatives < 1:
+        raise InputError("a re-ranking head learns from mismatched pairs: the training pairs need at least two images")
     generator = torch.Generator().manual_seed(config.seed)
     before = reranked_recall(None, val, k)
     history: list[dict[str, Any]] = [{"epoch": 0, "val": before}]
@@ -74,10 +79,8 @@ def train_rerank(config: FinetuneConfig, note: Callable[[str], None]) -> Finetun
         losses = []
         rng = np.random.default_rng(config.seed * 100_003 + epoch)
         for batch in epoch_batches(data.train, batch_size, rng):
-            image = torch.tensor([i for i, _ in batch])
             text = torch.tensor([text_index[(i, caption)] for i, caption in batch])
-            similarity = train.image_emb[image] @ train.text_emb[text].T * scale
-            loss = itm_loss(head, train.pairs(image, text), similarity, image, generator)
+            loss = itm_loss(head, train, text, scale, n=negatives, generator=generator)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -93,6 +96,7 @@ def train_rerank(config: FinetuneConfig, note: Callable[[str], None]) -> Finetun
             note(f"no better validation recall for {config.patience} epochs: stopping after epoch {epoch}")
             break
     head.load_state_dict(best)
+    head.contrastive_weight = choose_contrastive_weight(head, val, k, scale)
     after = reranked_recall(head, val, k)
     path = save_head(head, config.out, loaded)
     train_log = TrainLog(config.out)
@@ -103,7 +107,8 @@ def train_rerank(config: FinetuneConfig, note: Callable[[str], None]) -> Finetun
     details = {
         "head": str(path),
         "rerank_k": k,
-        "score": "ITM logit alone, over the contrastive top-K",
+        "score": f"ITM logit + {head.contrastive_weight:.4g} x cosine, over the contrastive top-K",
+        "contrastive_weight": head.contrastive_weight,
         "head_params": sum(p.numel() for p in head.parameters()),
         "head_bytes": path.stat().st_size,
         "train_seconds": time.perf_counter() - started,
@@ -121,6 +126,23 @@ def train_rerank(config: FinetuneConfig, note: Callable[[str], None]) -> Finetun
     return result
 
 
+CONTRASTIVE_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0)  # times the model's logit scale: tried on validation recall
+
+
+def choose_contrastive_weight(head: RerankHead, val: Features, k: int, scale: float) -> float:
+    """How much of the contrastive score the re-ranking score keeps (logit + weight × cosine): the weight, among
+    CONTRASTIVE_WEIGHTS times the model's logit scale, with the best mean validation recall (the smaller on a tie).
+    The head's logit alone is best where it binds what the space cannot; a share of the cosine keeps what the space
+    already knew where the head is unsure (measured: benchmarks/RESULTS.md)."""
+    best_weight, best_score = 0.0, -1.0
+    for w in CONTRASTIVE_WEIGHTS:
+        head.contrastive_weight = w * scale
+        score = _mean(reranked_recall(head, val, k))
+        if score > best_score + 1e-12:
+            best_weight, best_score = w * scale, score
+    return best_weight
+
+
 def save_head(head: RerankHead, out: Path, loaded: LoadedModel) -> Path:
     """Write the head as `rerank-<sha256 of its bytes>.safetensors` in `out`, naming the encoder it reads."""
     spec = loaded.spec
@@ -130,6 +152,7 @@ def save_head(head: RerankHead, out: Path, loaded: LoadedModel) -> Path:
         "model": spec.name,
         "pretrained": spec.pretrained or "",
         "checkpoint_sha256": spec.checkpoint_sha256 or "",
+        "contrastive_weight": repr(float(head.contrastive_weight)),
     }
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}

@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 
 from clipdex.retrieval.errors import IndexFormatError
 from clipdex.retrieval.model.runtime import runtime_of
+from clipdex.retrieval.search.request import DEFAULT_RERANK_K
 from clipdex.retrieval.store.manifest import Manifest, read_manifest
 from clipdex.retrieval.store.snapshot import read_parquet
 
@@ -38,6 +39,8 @@ def index_info(index_dir: Path, *, with_failures: bool = False) -> dict[str, Any
         "generation": manifest.snapshot.generation,
         "roots": list(manifest.roots),
         "updated": _iso(manifest.snapshot.published),
+        # the re-ranking head attached (`finetune --method rerank --index`), and the K `--rerank` takes by default
+        "rerank": {"head": manifest.rerank, "k": DEFAULT_RERANK_K} if manifest.rerank else None,
     }
     if with_failures:
         data["failures"] = _failures(index_dir, manifest)

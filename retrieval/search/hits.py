@@ -27,9 +27,13 @@ class Hit:
     kind: str
     path: str | None
     text: str | None
+    rerank: float | None = None  # the re-ranking head's score (`--rerank`), for the hits it re-scored
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.rerank is None:
+            del out["rerank"]
+        return out
 
 
 def hits_from_rows(scores: Any, ids: Any, rows: list[dict[str, Any]]) -> list[Hit]:

@@ -38,6 +38,8 @@ def _param(default: Any, help: str, *, wire: Wire = Wire.PARAM, name: str | None
 
 
 MAX_IMAGE_TERMS = 4  # add_image and subtract_image files in one search, each
+DEFAULT_RERANK_K = 16  # candidates the re-ranking head re-scores when no number is given (benchmarks/RESULTS.md)
+MAX_RERANK_K = 256  # the most a server re-scores for one query
 
 Image = Path | bytes  # a file on this machine, or an upload's bytes
 
@@ -62,6 +64,9 @@ class SearchRequest:
     after: str | None = _param(None, "Only photos taken (else modified) on or after this date.")
     before: str | None = _param(None, "Only photos taken (else modified) before this date.")
     min_score: float | None = _param(None, "Only results scoring at least this cosine.")
+    rerank: int | None = _param(
+        None, "Re-score the top K results with the index's re-ranking head (`clipdex finetune --method rerank`)."
+    )
     image: Image | None = _param(None, "Query with an image (image→image by default).", wire=Wire.FILE)  # noqa: RUF009
     add_image: tuple[Image, ...] = _param(tuple, "Images added to the query (repeatable).", wire=Wire.FILE)
     subtract_image: tuple[Image, ...] = _param(tuple, "Images subtracted from the query (repeatable).", wire=Wire.FILE)
@@ -107,6 +112,8 @@ class SearchRequest:
                 raise InputError(f"a query text is {len(text)} characters long; the limit is {max_chars}")
         if not 1 <= self.k <= max_k:
             raise InputError(f"k must be between 1 and {max_k} (got {self.k})")
+        if self.rerank is not None and not 1 <= self.rerank <= MAX_RERANK_K:
+            raise InputError(f"rerank must be between 1 and {MAX_RERANK_K} (got {self.rerank})")
         for name in ("add_image", "subtract_image"):
             if len(getattr(self, name)) > MAX_IMAGE_TERMS:
                 raise InputError(f"at most {MAX_IMAGE_TERMS} `{name}` files")

@@ -18,6 +18,8 @@ trained by `clipdex finetune --method rerank` (finetune/rerank.py, finetune/rera
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,15 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipdex.retrieval.config import ModelSpec
-from clipdex.retrieval.errors import InputError, ModelError
 from clipdex.retrieval.evaluation.datasets import RetrievalDataset
 from clipdex.retrieval.evaluation.evaluate import EvalConfig, evaluate
 from clipdex.retrieval.evaluation.metrics import Rescore, reranked_recall_at_k
 from clipdex.retrieval.imaging.decode import DecodeOptions
 from clipdex.retrieval.model.encoder import LoadedModel
-
-HEAD_FORMAT = "clipdex-rerank-head/1"
-DEFAULT_RERANK_K = 16  # candidates re-scored per query
+from clipdex.retrieval.store.heads import check_head_encoder, head_metadata
 
 
 @dataclass(frozen=True)
@@ -151,6 +150,13 @@ class RerankHead(nn.Module):
         self.norm_out = nn.LayerNorm(w)
         self.out = nn.Linear(w, 1)
         nn.init.normal_(self.match_token, std=0.02)
+        # how the head's logit and the contrastive cosine combine: logit + contrastive_weight × cosine, the weight
+        # chosen on validation recall when the head is trained (0: the logit alone)
+        self.contrastive_weight = 0.0
+
+    def combine(self, logits: torch.Tensor | np.ndarray, cosines: torch.Tensor | np.ndarray) -> Any:
+        """The re-ranking score of candidates: the head's logit plus its measured weight times their cosine."""
+        return logits + self.contrastive_weight * cosines
 
     def project_image(self, image: torch.Tensor) -> torch.Tensor:
         """The image tokens in the head's width: what an index may keep per image (the head's own input)."""
@@ -229,7 +235,8 @@ def dataset_features(
 
 
 def rescorer(head: RerankHead, f: Features, *, chunk: int = 256) -> Rescore:
-    """The head as a `reranked_recall_at_k` re-scorer over a dataset's features."""
+    """The head as a `reranked_recall_at_k` re-scorer over a dataset's features (its logit combined with the cosine
+    by the head's `contrastive_weight`)."""
 
     @torch.no_grad()
     def rescore(direction: str, queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -245,7 +252,9 @@ def rescorer(head: RerankHead, f: Features, *, chunk: int = 256) -> Rescore:
             pick_t = torch.from_numpy(texts[start : start + chunk])
             p = f.pairs(pick_i, pick_t)
             out.append(head(p.image, p.text, p.text_mask))
-        return torch.cat(out).numpy().reshape(rows, k)
+        logits = torch.cat(out).numpy().reshape(rows, k)
+        cosines = (f.image_emb[images] * f.text_emb[texts]).sum(-1).numpy().reshape(rows, k)
+        return head.combine(logits, cosines)
 
     return rescore
 
@@ -263,28 +272,111 @@ def head_config_for(model: Any) -> HeadConfig:
 
 def load_head(path: Path, spec: ModelSpec) -> RerankHead:
     """A saved head, refused unless it was trained over the encoder `spec` names (architecture and weights)."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except FileNotFoundError:
-        raise InputError(f"re-ranking head not found: {path}") from None
-    except Exception as e:
-        raise InputError(f"{path} is not a re-ranking head ({type(e).__name__}: {str(e)[:120]})") from None
-    if meta.get("format") != HEAD_FORMAT:
-        raise InputError(f"{path} is not a clipdex re-ranking head (made by `clipdex finetune --method rerank`)")
-    trained = (meta.get("model"), meta.get("checkpoint_sha256") or None)
-    if trained != (spec.name, spec.checkpoint_sha256):
-        raise ModelError(
-            f"{path.name} was trained over {meta.get('model')} / {meta.get('pretrained') or 'no weights'}, not this "
-            f"model ({spec.name} / {spec.pretrained}): train a head for it with `clipdex finetune --method rerank`"
-        )
+    meta = head_metadata(path)
+    check_head_encoder(path, meta, spec)
     head = RerankHead(HeadConfig(**json.loads(meta["config"])))
-    head.load_state_dict(tensors)
+    head.load_state_dict(load_file(str(path)))
+    head.contrastive_weight = float(meta.get("contrastive_weight") or 0.0)
     return head.eval()
+
+
+class Reranker:
+    """An index's head at query time: re-scores one query's contrastive candidates.
+
+    The head reads token features the index does not keep: the candidates' patch tokens are recomputed from their
+    files (decoded as indexing decodes them, then the image tower), and the query's text tokens by the text tower.
+    Measured against keeping every image's tokens at index time (benchmarks/RESULTS.md): recomputing costs about
+    10 ms more for 16 candidates with the test model, keeps indexing free of torch, and needs no bytes per image
+    nor any change when a head is attached later. Images re-scored once stay cached (projected to the head's
+    width), so a server pays for each image once."""
+
+    def __init__(self, loaded: LoadedModel, head: RerankHead, options: DecodeOptions, *, cache_size: int = 1024):
+        self.loaded, self.head, self.options = loaded, head, options
+        self._size = cache_size
+        self._images: OrderedDict[int, torch.Tensor] = OrderedDict()  # item id -> projected patch tokens
+        self._lock = threading.Lock()  # one forward at a time: torch's threads are shared anyway
+
+    def forget(self) -> None:
+        """Drop the cached image tokens (a new snapshot may hold other files under the same ids)."""
+        with self._lock:
+            self._images.clear()
+
+    def _cached(self, item: int) -> torch.Tensor | None:
+        found = self._images.get(item)
+        if found is not None:
+            self._images.move_to_end(item)
+        return found
+
+    def _keep(self, item: int, tokens: torch.Tensor) -> None:
+        self._images[item] = tokens
+        while len(self._images) > self._size:
+            self._images.popitem(last=False)
+
+    @torch.no_grad()
+    def _text(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self.loaded.tokenizer([text]).to(self.loaded.device)
+        return text_tokens(self.loaded.model, ids)
+
+    @torch.no_grad()
+    def _pixels_tokens(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        tokens = image_tokens(self.loaded.model, torch.stack(pixels).to(self.loaded.device))
+        return self.head.project_image(tokens.float())
+
+    def _decoded(self, data: bytes) -> torch.Tensor:
+        return self.loaded.preprocess(self.options.decode(data).image)
+
+    @torch.no_grad()
+    def score_images(self, text: str, candidates: list[tuple[int, str]], cosines: np.ndarray) -> np.ndarray:
+        """Re-ranking scores of images `candidates` ((id, path) pairs) for a text query; NaN for an image that can
+        no longer be read (moved, deleted, damaged since it was indexed)."""
+        with self._lock:
+            tokens, mask = self._text(text)
+            projected: list[torch.Tensor | None] = [self._cached(i) for i, _ in candidates]
+            todo, pixels = [], []
+            for n, (_, path) in enumerate(candidates):
+                if projected[n] is not None:
+                    continue
+                try:
+                    pixels.append(self._decoded(Path(path).read_bytes()))
+                    todo.append(n)
+                except Exception:  # an unreadable candidate is not re-scored; the others are
+                    continue
+            if pixels:
+                for n, t in zip(todo, self._pixels_tokens(pixels), strict=True):
+                    projected[n] = t
+                    self._keep(candidates[n][0], t)
+            scores = np.full(len(candidates), np.nan, dtype=np.float64)
+            ready = [n for n, t in enumerate(projected) if t is not None]
+            if ready:
+                image = torch.stack([projected[n] for n in ready])  # type: ignore[misc]
+                logits = self.head(image, tokens.expand(len(ready), -1, -1), mask.expand(len(ready), -1),
+                                   projected=True)  # fmt: skip
+                scores[ready] = self.head.combine(logits.double().cpu().numpy(), cosines[ready])
+            return scores
+
+    @torch.no_grad()
+    def score_texts(self, image: bytes, texts: list[str], cosines: np.ndarray) -> np.ndarray:
+        """Re-ranking scores of texts for an image query (the image file's bytes)."""
+        with self._lock:
+            image_t = self._pixels_tokens([self._decoded(image)])
+            ids = self.loaded.tokenizer(texts).to(self.loaded.device)
+            tokens, mask = text_tokens(self.loaded.model, ids)
+            logits = self.head(image_t.expand(len(texts), -1, -1), tokens, mask, projected=True)
+            return np.asarray(self.head.combine(logits.double().cpu().numpy(), cosines))
+
+
+def open_reranker(index_dir: Path, head_path: Path, *, device: str = "auto") -> Reranker:
+    """The torch model an index was built with, and the head attached to it."""
+    from clipdex.retrieval.model.encoder import load_model
+    from clipdex.retrieval.model.weights import index_encoder_config
+
+    config, spec = index_encoder_config(index_dir, device=device)
+    loaded = load_model(config, expect=spec)
+    loaded.model.eval()
+    head = load_head(head_path, loaded.spec).to(loaded.device)
+    return Reranker(loaded, head, loaded.encoder().decode_options())
 
 
 def evaluate_reranked(config: EvalConfig, head_path: Path, k: int) -> dict[str, Any]:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # the encoder pulls in torch and open_clip: imported when a q
     from clipdex.retrieval.model.encoder import Encoder
     from clipdex.retrieval.search.filters import Filter
     from clipdex.retrieval.search.request import SearchRequest
+    from clipdex.retrieval.search.rerank import Reranker
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class Searcher:
         self._lock = threading.RLock()  # reloads and loading the encoder
         self._snap: OpenSnapshot
         self._batching: tuple[Any, Batcher[str], Batcher[Any], LRUCache] | None = None
+        self._reranker: tuple[str, Reranker] | None = None  # (the head's file, the head on the torch model)
         self.reload()
 
     @property
@@ -87,6 +89,11 @@ class Searcher:
             previous = getattr(self, "_snap", None)
             if previous is not None and self._own_encoder and not previous.manifest.model.same_model(manifest.model):
                 self._encoder = None  # `clipdex reindex` swapped the model: queries need the new one
+            if self._reranker is not None and previous is not None:
+                if self._reranker[0] != manifest.rerank or not previous.manifest.model.same_model(manifest.model):
+                    self._reranker = None  # another head, or another model
+                else:
+                    self._reranker[1].forget()  # the same ids may name other files now
             self._snap = snap
 
     def refresh(self) -> bool:
@@ -240,22 +247,29 @@ class Searcher:
         include_self: bool = False,
         dedup: float | None = None,
         where: Filter | None = None,
+        rerank: int | None = None,
     ) -> list[Hit]:
         """Rank by cosine with the query's composed vector (see `retrieval.search.query`).
 
         Unless `include_self`, the indexed items the query is made of are left out: `like` ids, and the indexed images
         a query image is (the item at its path, and any whose content equals it, so copies go too). With `dedup`, a hit
         whose cosine with a better kept hit reaches it is left out too. With `where`, only items the filter keeps
-        are ranked (`retrieval.search.filters`): exactly over them when they are few (`filter_plan` says which way)."""
+        are ranked (`retrieval.search.filters`): exactly over them when they are few (`filter_plan` says which way).
+        With `rerank` K, the index's re-ranking head re-scores the top K of that ranking and orders them by its score
+        (`rerank` on each of them); the hits after K keep their order."""
         if k < 1:
             raise InputError(f"k must be at least 1 (got {k})")
+        if rerank is not None and rerank < 1:
+            raise InputError(f"the number of results to re-rank must be at least 1 (got {rerank})")
         if dedup is not None and not -1.0 <= dedup <= 1.0:
             raise InputError(f"the dedup threshold is a cosine between -1 and 1 (got {dedup})")
         snap = self._snap
         files = compose.read_query_files(query)  # each query image file read once, to embed it and to recognise it
+        reranker = self._reranker_for(query, target) if rerank is not None else None
         vector = self.embed_query(query, files)
         exclude = set() if include_self else compose.own_items(snap.items, query, files)
         allowed = self.filter_ids(where, target) if where is not None and where.selects else None
+        shown, k = k, max(k, rerank or 0)
         want = k + len(exclude)
         while True:
             found, exhausted = self._candidates(snap, vector, want, target, allowed)
@@ -267,7 +281,47 @@ class Searcher:
             want *= 2  # exclusions and collapsed near-duplicates took places: look further down
         if where is not None and where.min_score is not None:
             kept = [h for h in kept if h.score >= where.min_score]
-        return [replace(h, rank=r + 1) for r, h in enumerate(kept[:k])]
+        if reranker is not None and rerank is not None:
+            kept = self._reranked(reranker, query, files, kept[:rerank]) + kept[rerank:]
+        return [replace(h, rank=r + 1) for r, h in enumerate(kept[:shown])]
+
+    def _reranker_for(self, query: Query, target: Kind) -> Reranker:
+        """The index's re-ranking head on its torch model, for a query it can re-score: a text against images, or
+        an image against texts (the head scores image-text pairs)."""
+        term = query.terms[0] if query.is_plain else None
+        by_text = term is not None and term.text is not None and target is Kind.IMAGE
+        by_image = term is not None and term.text is None and term.item is None and target is Kind.TEXT
+        if not (by_text or by_image):
+            raise InputError(
+                "--rerank re-scores image-text pairs: it takes a single text query searching images, or a single "
+                "query image searching texts"
+            )
+        from clipdex.retrieval.store.heads import index_head
+
+        snap = self._snap
+        head = index_head(self.dir, snap.manifest)
+        with self._lock:
+            if self._reranker is None or self._reranker[0] != snap.manifest.rerank:
+                from clipdex.retrieval.search.rerank import open_reranker
+
+                self._reranker = (head.name, open_reranker(self.dir, head, device=self.device))
+            return self._reranker[1]
+
+    def _reranked(self, reranker: Reranker, query: Query, files: compose.QueryFiles, hits: list[Hit]) -> list[Hit]:
+        """`hits` ordered by the head's score; those it could not score (a file unreadable now) after the others."""
+        if not hits:
+            return hits
+        term = query.terms[0]
+        cosines = np.array([h.score for h in hits], dtype=np.float64)
+        if term.text is not None:
+            scores = reranker.score_images(term.text, [(h.id, h.path or "") for h in hits], cosines)
+        else:
+            data = files[term.image][1] if term.image is not None else term.data
+            assert data is not None
+            scores = reranker.score_texts(data, [h.text or "" for h in hits], cosines)
+        scored = [replace(h, rerank=float(s)) for h, s in zip(hits, scores, strict=True) if not np.isnan(s)]
+        unscored = [h for h, s in zip(hits, scores, strict=True) if np.isnan(s)]
+        return sorted(scored, key=lambda h: -(h.rerank or 0.0)) + unscored
 
     def answer(self, request: SearchRequest, *, label: str | None = None, option_prefix: str = "--") -> dict[str, Any]:
         """The `results_json` answer to a request: what `clipdex search --json` prints and the HTTP API returns.
@@ -282,6 +336,7 @@ class Searcher:
             include_self=request.include_self,
             dedup=request.dedup,
             where=where,
+            rerank=request.rerank,
         )
         plan = self.filter_plan(where, request.target) if where is not None else None
         return results_json(label or query.label(), request.target, hits, query.describe(), plan)

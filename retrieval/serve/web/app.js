@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { target: "images", query: null, controller: null, timer: null, objectUrl: null };
+const state = { target: "images", query: null, controller: null, timer: null, objectUrl: null, rerankK: null };
 const DEBOUNCE_MS = 250;
 const K = 48;
 
@@ -56,8 +56,21 @@ function searchFields(query) {
     const value = input.value.trim();
     if (value) fields.push([input.name, value]);
   }
+  if (reranking(query)) fields.push(["rerank", String(state.rerankK)]);
   return fields;
 }
+
+// The index's re-ranking head scores image-text pairs: a text query over images, or an image over texts.
+function reranking(query) {
+  if (!state.rerankK || !$("rerank").checked || !query) return false;
+  return (query.kind === "text" && state.target === "images") || (query.kind === "image" && state.target === "texts");
+}
+
+function scoreText(hit) {
+  return hit.rerank === undefined ? hit.score.toFixed(3) : `${hit.score.toFixed(3)} · ${hit.rerank.toFixed(2)}`;
+}
+
+const SCORE_TITLE = "cosine similarity (· the re-ranking head's score, for re-ranked results)";
 
 function run(query) {
   state.query = query;
@@ -80,7 +93,7 @@ function run(query) {
     form.append("image", query.file, query.file.name || "image");
     for (const [name, value] of fields) form.append(name, value);
     request = call("/api/search", { method: "POST", body: form });
-  } else if (query.kind === "text" || refined) {
+  } else if (query.kind === "text" || refined || reranking(query)) {
     request = call("/api/search?" + new URLSearchParams(fields));
   } else {
     request = call(`/api/items/${query.id}/similar?k=${K}`);
@@ -132,8 +145,9 @@ function imageCard(hit) {
   link.append(img);
   const meta = document.createElement("div");
   meta.className = "meta";
-  meta.innerHTML = `<span class="score" title="cosine similarity"></span><span class="name"></span>`;
-  meta.querySelector(".score").textContent = hit.score.toFixed(3);
+  meta.innerHTML = `<span class="score"></span><span class="name"></span>`;
+  meta.querySelector(".score").title = SCORE_TITLE;
+  meta.querySelector(".score").textContent = scoreText(hit);
   meta.querySelector(".name").textContent = name;
   meta.querySelector(".name").title = hit.path || "";
   card.append(link, meta);
@@ -158,8 +172,9 @@ function textCard(hit) {
   body.textContent = hit.text || "";
   const meta = document.createElement("div");
   meta.className = "meta";
-  meta.innerHTML = `<span class="score" title="cosine similarity"></span><span class="name"></span>`;
-  meta.querySelector(".score").textContent = hit.score.toFixed(3);
+  meta.innerHTML = `<span class="score"></span><span class="name"></span>`;
+  meta.querySelector(".score").title = SCORE_TITLE;
+  meta.querySelector(".score").textContent = scoreText(hit);
   meta.querySelector(".name").textContent = hit.path ? "image: " + fileName(hit.path) : "";
   meta.querySelector(".name").title = hit.path || "";
   card.append(body, meta, actions(hit, null));
@@ -273,6 +288,8 @@ for (const input of REFINE) {
   });
 }
 
+$("rerank").addEventListener("change", () => { if (state.query) run(state.query); });
+
 $("image-button").addEventListener("click", () => $("file").click());
 $("file").addEventListener("change", () => { searchByFile($("file").files[0]); $("file").value = ""; });
 $("clear-query").addEventListener("click", () => { $("q").value = ""; run(null); $("q").focus(); });
@@ -320,6 +337,10 @@ async function loadSummary() {
     if (response.status === 401) { askToken(); return; }
     const info = await response.json();
     const counts = info.counts || {};
+    if (info.rerank) {
+      state.rerankK = info.rerank.k;
+      $("rerank-toggle").hidden = false;
+    }
     $("index-summary").textContent =
       `${(counts.images || 0).toLocaleString()} images and ${(counts.texts || 0).toLocaleString()} texts · ${info.model.name}`;
   } catch (_) { /* the summary is a nicety; searches report their own errors */ }
