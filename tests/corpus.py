@@ -272,6 +272,21 @@ def make_domain_pairs(folder: Path, n: int, *, seed: int, captions_per_image: in
     return path
 
 
+def make_shape_pairs(folder: Path, n: int, *, seed: int, captions_per_image: int = 2, name: str = "pairs.csv") -> Path:
+    """Pairs in the shapes domain the tiny model was trained on: one coloured shape per image, its captions."""
+    rng = random.Random(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    with pairs_csv(path) as w:
+        for i in range(n):
+            scene = random_scene(rng)
+            image = folder / "images" / f"shape_{seed}_{i:05d}.png"
+            draw(scene, noise_seed=seed * 100_003 + i).save(image)
+            for caption in scene.captions(rng, captions_per_image):
+                w.writerow([f"images/{image.name}", caption])
+    return path
+
+
 def make_captioned_library(root: Path, n: int, captioned: int, *, seed: int) -> list[tuple[Path, Scene]]:
     """`root/photos` with n drawn images and `root/captions.csv` linking the first `captioned` to one caption each."""
     made = make_images(root / "photos", n, seed=seed)

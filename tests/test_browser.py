@@ -216,3 +216,35 @@ def test_the_page_runs_under_its_csp(browser, served, tmp_path):
     blocked = [m for m in console if "Content Security Policy" in m or "Refused to" in m]
     assert blocked == [], blocked
     page.close()
+
+
+def test_the_rerank_toggle_reorders_as_the_library_does(browser, tmp_path, tiny_model):
+    """An index with a re-ranking head: the page offers the toggle (hidden without a head), and with it on shows
+    the library's re-ranked order, each re-scored result with both scores."""
+    root = tmp_path / "lib"
+    make_captioned_library(root, 24, 12, seed=93)
+    cli = CliRunner()
+    run(cli, "index", root / "photos", "--texts", root / "captions.csv", "--index", root / "idx",
+        *tiny_model.cli_args())  # fmt: skip
+    searcher = Searcher(root / "idx")
+    with serving(create_app(searcher, ServeConfig(root / "idx"))) as base:
+        page = browser.new_page(viewport={"width": 1280, "height": 900}, bypass_csp=True)
+        page.goto(base + "/")
+        page.click("#refine summary")
+        page.wait_for_function("document.querySelector('#index-summary').textContent.includes('24 images')")
+        assert page.locator("#after").is_visible() and not page.locator("#rerank-toggle").is_visible()  # no head yet
+        run(cli, "finetune", root / "captions.csv", "--method", "rerank", "--index", root / "idx", "--out",
+            root / "head", "--epochs", "2", "--batch-size", "8", "--workers", "0")  # fmt: skip
+        page.reload()
+        page.click("#refine summary")
+        page.wait_for_selector("#rerank-toggle", state="visible")
+        page.fill("#q", "a green square")
+        _wait_for(page, [h.id for h in searcher.search_text("a green square", k=K)])
+        page.check("#rerank")
+        want = searcher.search(Query.build(text="a green square"), k=K, rerank=16)
+        _wait_for(page, [h.id for h in want])
+        first = page.locator("#results .card").first.locator(".score").inner_text()
+        assert first == f"{want[0].score:.3f} · {want[0].rerank:.2f}"
+        page.uncheck("#rerank")
+        _wait_for(page, [h.id for h in searcher.search_text("a green square", k=K)])
+        page.close()

@@ -159,3 +159,23 @@ def test_a_head_over_another_model_is_not_attached(reranked, tmp_path, tiny_mode
     with pytest.raises(ModelError, match="was trained over"):
         attach_head(index, other)
     assert (index / "manifest.json").read_bytes() == before
+
+
+def test_reindex_to_another_model_detaches_the_head(reranked, cli, tmp_path, tiny_model):
+    """A head reads the model it was trained over: after `reindex` to other weights the index has none, and
+    `--rerank` says how to train one."""
+    import shutil
+
+    from clipdex.cli.main import app
+
+    _, index, _ = reranked
+    copy = tmp_path / "copy.idx"
+    shutil.copytree(index, copy)
+    weights = torch.load(tiny_model.weights, weights_only=True)
+    weights["logit_scale"] = weights["logit_scale"] + 0.01
+    other = tmp_path / "other.pt"
+    torch.save(weights, other)
+    run(cli, "reindex", "--index", copy, "--model", tiny_model.config, "--pretrained", other)
+    assert read_manifest(copy).rerank is None
+    refused = cli.invoke(app, ["search", "a red circle", "--index", str(copy), "--rerank", "--no-server"])
+    assert refused.exit_code == 2 and "has no re-ranking head" in refused.stderr

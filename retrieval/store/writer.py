@@ -183,6 +183,8 @@ class IndexWriter:
     def adopt_model(self, spec: ModelSpec, dim: int) -> None:
         """The model the next publish records (with a copy of its config JSON, when it has one)."""
         self.spec, self.dim = spec, dim
+        if self.manifest.rerank and not self.manifest.model.same_model(spec):
+            self.manifest.rerank = None  # a re-ranking head reads the model it was trained over: not this one
         if spec.config is not None:
             path = model_config_path(self.dir, spec)
             path.parent.mkdir(exist_ok=True)
