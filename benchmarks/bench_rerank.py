@@ -7,15 +7,15 @@ differ only in binding. The starting model is the tests' tiny CLIP, briefly trai
 
 Every step is a `clipdex` command in its own process, as a user runs them:
 1. `eval` of the starting model (the contrastive space, untuned);
-2. `finetune --method full` on the training pairs, then `eval` (the contrastive space, tuned);
+2. `finetune --method full` on the training pairs, then `eval` (the contrastive space, tuned); the same with
+   `--hard-negatives 8` (batches of groups of 8 images the starting model finds similar: the NegCLIP-style
+   two-tower baseline, its negatives mined, not crafted);
 3. `finetune --method rerank` over the tuned model, then `eval --rerank HEAD --rerank-k K` (the head's score: its
    logit plus the share of the cosine it chose on validation recall).
 Then, in this process: the head's logit alone on the same features; the head's latency per query at K = 16, 32, 128
 (the head alone on kept token features, and with the K images' token features recomputed at query time: decode and
 image tower); head size; training time. Then the single-object domains (shapes, and the unseen product catalogue:
 re-ranking must not lose there), and ViT-B-32's cost (random weights).
-
-Not measured here yet (issue 19): the NegCLIP-style two-tower baseline.
 
     python benchmarks/bench_rerank.py --train 1500 --test 100 --head-epochs 40
 """
@@ -182,6 +182,11 @@ def main() -> None:
         ft_s = time.perf_counter() - t0
         tuned = ["--model", config, "--pretrained", ft["checkpoint"]]
         rows.append({"system": "contrastive, fine-tuned (full)", **t2i(clipdex("eval", test, *tuned, "--workers", 1))})
+        hard = clipdex("finetune", train, "--model", config, "--pretrained", start, "--out", work / "hard", "--method",
+                       "full", "--lr", "5e-4", "--epochs", args.ft_epochs, "--hard-negatives", 8, *common)  # fmt: skip
+        rows.append({"system": "contrastive, fine-tuned (full) with hard-negative batches (NegCLIP-style)",
+                     **t2i(clipdex("eval", test, "--model", config, "--pretrained", hard["checkpoint"],
+                                   "--workers", 1))})  # fmt: skip
         t0 = time.perf_counter()
         rr = clipdex("finetune", train, *tuned, "--out", work / "rr", "--method", "rerank", "--lr", args.head_lr,
                      "--epochs", args.head_epochs, *common)  # fmt: skip

@@ -214,6 +214,15 @@ def finetune(
     wise: Annotated[
         float | None, typer.Option(help="WiSE-FT: interpolate tuned and starting weights (1 = tuned, 0 = start).")
     ] = None,
+    hard_negatives: Annotated[
+        int | None,
+        typer.Option(
+            min=2,
+            help="Make each batch of groups of G images the starting model finds similar (mined hard negatives, "
+            "NegCLIP-style batches); contrastive methods.",
+            metavar="G",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     workers: WorkersOpt = None,
     device: DeviceOpt = Device.auto,
@@ -275,6 +284,7 @@ def finetune(
         grad_checkpointing=grad_checkpointing,
         patience=patience,
         wise=wise,
+        hard_negatives=hard_negatives,
         seed=seed,
         workers=default_workers() if workers is None else workers,
         resume=resume,

@@ -172,6 +172,51 @@ def test_batches_hold_one_caption_per_image_and_no_repeated_text():
             assert len({t for _, t in b}) == len(b) and 2 <= len(b) <= 8
 
 
+def test_hard_negative_batches_group_similar_images_and_keep_the_rules():
+    """--hard-negatives: each image once an epoch; with images in tight clusters, each group of G is one cluster
+    (the anchor's nearest, against a brute-force check of similarity); the batch rules still hold."""
+    from clipdex.retrieval.finetune.pairs import hard_negative_order, nearest_images
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 16))
+    labels = np.repeat(np.arange(6), 8)  # 6 clusters of 8 images
+    emb = centres[labels] + 0.01 * rng.normal(size=(48, 16))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    neighbours = nearest_images(emb, 4)
+    sims = emb @ emb.T
+    for i in range(48):  # brute force: nobody nearer than the nearest listed
+        others = np.delete(np.arange(48), i)
+        assert sims[i, neighbours[i, 0]] == sims[i, others].max()
+    for seed in range(5):
+        order = hard_negative_order(neighbours, 4, np.random.default_rng(seed))
+        assert sorted(order.tolist()) == list(range(48))
+        groups = order.reshape(12, 4)  # 8 per cluster: always two full groups of 4 each
+        assert all(len(set(labels[g])) == 1 for g in groups)
+    captions = [[f"caption {i % 7}", f"other {i}"] for i in range(48)]
+    ds = RetrievalDataset("x", "x", "x", [Path(f"/i/{i}") for i in range(48)], captions)
+    for seed in range(5):
+        batches = epoch_batches(ds, 8, np.random.default_rng(seed), neighbours, 4)
+        seen = [i for b in batches for i, _ in b]
+        assert len(seen) == len(set(seen))
+        for b in batches:
+            assert len({t for _, t in b}) == len(b) and 2 <= len(b) <= 8
+
+
+def test_finetune_with_hard_negatives_runs_and_rerank_refuses_it(cli, tmp_path, tiny_model):
+    from corpus import make_domain_pairs
+
+    from clipdex.cli.main import app
+
+    pairs = make_domain_pairs(tmp_path / "pairs", 40, seed=5)
+    args = ["finetune", str(pairs), *tiny_model.cli_args(), "--epochs", "1", "--batch-size", "8", "--workers", "0",
+            "--hard-negatives", "4", "--json"]  # fmt: skip
+    result = cli.invoke(app, [*args, "--out", str(tmp_path / "hard")])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["epochs"] == 1
+    refused = cli.invoke(app, [*args, "--method", "rerank", "--out", str(tmp_path / "rr")])
+    assert refused.exit_code == 2 and "--hard-negatives" in refused.stderr
+
+
 def test_feature_cached_accumulation_gives_the_full_batch_gradient(tiny_model):
     import open_clip
 

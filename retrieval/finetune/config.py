@@ -74,6 +74,7 @@ class FinetuneConfig:
     grad_checkpointing: bool = False
     patience: int | None = None
     wise: float | None = None  # 1.0: the tuned weights; 0.0: the starting ones
+    hard_negatives: int | None = None  # batches made of groups of this many similar images (by the starting model)
     seed: int = 0
     workers: int = 0
     resume: bool = False
@@ -131,6 +132,7 @@ def check_config(config: FinetuneConfig) -> None:
             for option, used in (
                 ("--resume", config.resume),
                 ("--wise", config.wise is not None),
+                ("--hard-negatives", config.hard_negatives is not None),
                 ("--keep", config.keep is not None),
                 ("--accum-freq", config.accum_freq != 1),
                 ("--grad-checkpointing", config.grad_checkpointing),

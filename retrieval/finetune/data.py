@@ -14,7 +14,7 @@ from clipdex.retrieval.errors import InputError
 from clipdex.retrieval.evaluation.datasets import RetrievalDataset, Skipped, load_dataset, read_pairs
 from clipdex.retrieval.evaluation.evaluate import BENCHMARK_DECODE, keep_decodable
 from clipdex.retrieval.finetune.config import FinetuneConfig
-from clipdex.retrieval.finetune.pairs import epoch_batches, split_by_image
+from clipdex.retrieval.finetune.pairs import epoch_batches, nearest_images, split_by_image
 from clipdex.retrieval.imaging.decode import DecodeOptions
 from clipdex.retrieval.model.encoder import LoadedModel
 
@@ -28,6 +28,7 @@ class Data:
     keep: RetrievalDataset | None
     options: DecodeOptions
     skipped: Skipped
+    neighbours: np.ndarray | None = None  # with --hard-negatives: each training image's nearest (pairs.nearest_images)
 
 
 def read_data(config: FinetuneConfig, loaded: LoadedModel, note: Callable[[str], None]) -> Data:
@@ -76,12 +77,25 @@ def read_data(config: FinetuneConfig, loaded: LoadedModel, note: Callable[[str],
     return Data(train, val, keep, options, skipped)
 
 
+def mine_neighbours(config: FinetuneConfig, data: Data, loaded: LoadedModel, batch_size: int) -> None:
+    """With --hard-negatives: the training images' nearest images by the starting model's embeddings, once."""
+    if config.hard_negatives is None:
+        return
+    from clipdex.retrieval.evaluation.evaluate import encode_image_files
+
+    loaded.model.eval()
+    embeddings = encode_image_files(loaded.encoder(), data.train.images, batch_size=batch_size,
+                                    workers=config.workers, options=data.options)  # fmt: skip
+    data.neighbours = nearest_images(embeddings, config.hard_negatives)
+
+
 def epoch_pairs(config: FinetuneConfig, data: Data, loaded: LoadedModel, batch_size: int, epoch: int) -> Any:
     """(pixels, tokens) batches of one epoch, decoded with the training augmentation in the indexer's workers."""
     from clipdex.retrieval.imaging.loader import ImageFiles, iter_decoded
 
     seed = config.seed * 100_003 + epoch  # each epoch's order and augmentation, the same when resumed
-    pairs = epoch_batches(data.train, batch_size, np.random.default_rng(seed))
+    pairs = epoch_batches(data.train, batch_size, np.random.default_rng(seed), data.neighbours,
+                          config.hard_negatives or 0)  # fmt: skip
     torch.manual_seed(seed)
     files = ImageFiles(data.train.images, loaded.preprocess_train, options=data.options)
     decoded = iter_decoded(files, workers=config.workers, batches=[[i for i, _ in b] for b in pairs], seed=seed)

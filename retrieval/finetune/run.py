@@ -34,7 +34,7 @@ from clipdex.retrieval.finetune.config import (
     check_config,
     check_out,
 )
-from clipdex.retrieval.finetune.data import Data, epoch_pairs, read_data
+from clipdex.retrieval.finetune.data import Data, epoch_pairs, mine_neighbours, read_data
 from clipdex.retrieval.finetune.loop import Step, Trainer, make_optimizer, make_schedule
 from clipdex.retrieval.finetune.methods import Prepared, prepare
 from clipdex.retrieval.finetune.report import TrainLog, plot, write_report
@@ -124,6 +124,7 @@ class _Session:
         batch_size = min(config.batch_size, len(data.train.images))
         if batch_size < config.batch_size:
             progress.note(f"{len(data.train.images)} training images: the batch shrinks to {batch_size}")
+        mine_neighbours(config, data, loaded, batch_size)  # before any weight changes: the starting model's view
         steps_per_epoch = math.ceil(math.ceil(len(data.train.images) / batch_size) / config.accum_freq)
         total = steps_per_epoch * config.epochs
         lr = config.lr or DEFAULT_LR[config.method]
