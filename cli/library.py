@@ -81,6 +81,14 @@ def index(
     exclude: ExcludeOpt = None,
     engine: EngineOption = EngineOpt.local,
     ray_address: RayAddressOpt = None,
+    prune_missing: Annotated[
+        bool,
+        typer.Option(
+            "--prune-missing",
+            help="Remove the items of roots and folders that cannot be read now (an unplugged drive, a folder "
+            "without permission) instead of keeping them offline.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Index folders of images and/or a caption file; re-running only encodes what changed.
@@ -108,6 +116,7 @@ def index(
         exclude=tuple(exclude or ()),
         engine=engine.value,
         ray_address=ray_address,
+        prune_missing=prune_missing,
     )
     with progress_bar() as bar:
         summary = run_index(config, progress=RichProgress(bar))
@@ -287,6 +296,9 @@ def info(
     table.add_row("runtime", model["runtime"])
     if data["rerank"]:
         table.add_row("re-ranking head", f"{data['rerank']['head']} (search --rerank)")
+    if data["offline"]["items"]:
+        folders = ", ".join(data["offline"]["folders"])
+        table.add_row("offline", f"{data['offline']['items']} items, hidden from searches (cannot read {folders})")
     table.add_row("dim", str(data["dim"]))
     for key, value in data["counts"].items():
         table.add_row(key, str(value))

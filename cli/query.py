@@ -68,6 +68,14 @@ def search(
     after: Annotated[str | None, typer.Option(help="Only photos taken (else modified) on or after this date.")] = None,
     before: Annotated[str | None, typer.Option(help="Only photos taken (else modified) before this date.")] = None,
     min_score: Annotated[float | None, typer.Option(help="Only results scoring at least this cosine.")] = None,
+    offline: Annotated[
+        str,
+        typer.Option(
+            help="Items on a drive or folder that could not be read at the last `clipdex index`: hide them, or show "
+            "them flagged.",
+            metavar="hide|show",
+        ),
+    ] = "hide",
     rerank: Annotated[
         int | None,
         typer.Option(
@@ -96,6 +104,8 @@ def search(
         raise ClipdexError(
             "give only one of a text query, --image FILE or --like ID; add more terms with --add/--subtract"
         )
+    if offline not in ("hide", "show"):
+        raise ClipdexError(f"--offline is hide or show (got {offline!r})")
     if paths and as_json:
         raise ClipdexError("--paths and --json are two ways to print the results: choose one")
     from clipdex.retrieval.config import Kind
@@ -117,6 +127,7 @@ def search(
         before=before,
         min_score=min_score,
         rerank=rerank,
+        offline=offline,
         image=image,
         add_image=tuple(add_image or ()),
         subtract_image=tuple(subtract_image or ()),
@@ -154,7 +165,8 @@ def _print_results(answer: dict[str, Any]) -> None:
     reranked = any("rerank" in h for h in results)  # then a last column: the head's score
     if not out.is_terminal:
         for h in results:
-            cells = [str(h["rank"]), f"{h['score']:.4f}", h["path"] or "", (h["text"] or "").replace("\n", " ")]
+            path = (h["path"] or "") + (" (offline)" if h.get("offline") else "")
+            cells = [str(h["rank"]), f"{h['score']:.4f}", path, (h["text"] or "").replace("\n", " ")]
             print("\t".join(cells + ([_rerank_cell(h)] if reranked else [])))
     else:
         table = Table(title=f"{answer['query']!r} → {answer['target']}", show_header=True)
@@ -169,7 +181,8 @@ def _print_results(answer: dict[str, Any]) -> None:
         if reranked:
             table.add_column("re-rank", justify="right")
         for h in results:
-            cells = [h["path"] or "", h["text"] or ""] if images else [h["text"] or "", h["path"] or ""]
+            path = (h["path"] or "") + (" (offline)" if h.get("offline") else "")
+            cells = [path, h["text"] or ""] if images else [h["text"] or "", path]
             table.add_row(str(h["rank"]), f"{h['score']:.4f}", *cells, *([_rerank_cell(h)] if reranked else []))
         out.print(table)
     if not results:

@@ -31,6 +31,7 @@ class IndexConfig:
     exclude: tuple[str, ...] = ()  # globs of files and folders not to index, relative to each root
     engine: str = "local"  # where decoding and encoding run: local, or ray (`indexer.engines`)
     ray_address: str | None = None
+    prune_missing: bool = False  # remove the items of roots and folders that cannot be read, instead of keeping them
 
 
 @dataclass

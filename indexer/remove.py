@@ -53,9 +53,11 @@ def remove_paths(index_dir: Path, paths: list[Path], *, forget: bool = False) ->
             forgotten = sorted(set(forgotten) | set(under_a_root))
         else:
             summary.come_back = under_a_root
+        offline = [p for p in writer.manifest.offline if not any(is_at_or_under(p, root) for root in roots)]
         if ids or kept_roots != writer.manifest.roots or forgotten != writer.manifest.forgotten:
             writer.set_roots(kept_roots)
             writer.set_forgotten(forgotten)
+            writer.set_offline(offline)  # what was offline there is removed: offline no more
             writer.commit([], delete_ids=sorted(ids))
             published = writer.publish()
             summary.unlinked_texts = published.counts.get("unlinked_texts", 0) - unlinked_before

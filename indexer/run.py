@@ -49,6 +49,7 @@ class IndexRun:
         self.last_publish = time.monotonic()
         self.to_delete: list[int] = []
         self.unreadable: list[Path] = []  # folders a scan could not list
+        self.missing: list[Path] = []  # roots given that do not exist now (an unplugged drive, an unmounted share)
         self.encoded_in_run: dict[str, Record] = {}  # content hash → the record that carries its vector
 
     # -- images ---------------------------------------------------------------------------------
@@ -93,6 +94,8 @@ class IndexRun:
                 entries.setdefault(str(entry.path), entry)
             if found:
                 scanned.append(str(root))
+            elif not root.exists() and not root.is_symlink():  # gone as a whole: unplugged, unmounted, not deleted
+                self._missing_root(root)
             elif root not in self.unreadable:  # a folder that could not be listed (EIO, permission) lost nothing
                 self._remove_gone_root(root)
         sources = set(scanned)
@@ -217,16 +220,48 @@ class IndexRun:
             rec.vector = vec
             self.pending.append(rec)
 
+    def _missing_root(self, root: Path) -> None:
+        """A root that is not there (a drive unplugged, a share unmounted): its items stay, offline, until it is back
+        or they are removed. A root the index never held is a mistake (a typo), and an error."""
+        ids = self.writer.catalog.ids_at_or_under([str(root)])
+        if not ids and str(root) not in self.writer.manifest.roots:
+            raise no_images_error(root, self.config.exclude)
+        self.missing.append(root)
+
+    def offline(self, roots: list[Path]) -> None:
+        """Which roots and folders are offline after this run: those that were and that this run did not read again,
+        those it found missing or could not list. With --prune-missing, their items are removed instead."""
+        now = [str(p) for p in [*self.missing, *self.unreadable]]
+        covered = [str(r) for r in roots]
+        still = [p for p in self.writer.manifest.offline if not any(is_at_or_under(p, r) for r in covered)]
+        offline = sorted({*still, *now})
+        offline = [p for p in offline if not any(q != p and is_at_or_under(p, q) for q in offline)]  # outermost
+        if self.config.prune_missing and offline:
+            ids = self.writer.catalog.ids_at_or_under(offline)
+            self.to_delete.extend(ids)
+            self.summary.removed += len(ids)
+            self.summary.notes.append(f"removed the {len(ids)} items of {len(offline)} missing or unreadable folders")
+            offline = []
+        else:
+            for p in offline:
+                if p in now:
+                    n = len(self.writer.catalog.ids_at_or_under([p]))
+                    state = "is missing" if Path(p) in self.missing else "cannot be read"
+                    self.summary.notes.append(
+                        f"{p} {state}: its {n} items are kept, offline (hidden from searches until it is back; "
+                        "`clipdex index --prune-missing` removes them)"
+                    )
+        self.writer.set_offline(offline)
+
     def _remove_gone_root(self, root: Path) -> None:
-        """A folder given again that is now gone or holds no images: its items go, with a note. A root the index
-        never held is a mistake (a typo), and an error."""
+        """A folder given again that holds no images now: its items go, with a note. A root the index never held is
+        a mistake (a typo), and an error."""
         ids = self.writer.catalog.ids_at_or_under([str(root)])
         if not ids and str(root) not in self.writer.manifest.roots:
             raise no_images_error(root, self.config.exclude)
         self.to_delete.extend(ids)
         self.summary.removed += len(ids)
-        state = "is gone" if not root.exists() else "holds no images now"
-        self.summary.notes.append(f"{root} {state}: removed the {len(ids)} items indexed from it")
+        self.summary.notes.append(f"{root} holds no images now: removed the {len(ids)} items indexed from it")
 
     # -- texts ----------------------------------------------------------------------------------
 
@@ -342,6 +377,7 @@ class IndexRun:
         t0 = time.perf_counter()
         known = self.writer.manifest.roots
         self.writer.set_roots(known + [str(r) for r in roots if str(r) not in known])
+        self.offline(roots)
         self.writer.commit([], delete_ids=self.to_delete)
         self.writer.publish()
         self.summary.add_time("publish", time.perf_counter() - t0)

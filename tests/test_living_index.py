@@ -139,9 +139,15 @@ def test_remove_and_gone_folders(cli, tmp_path, tiny_model):
     shutil.rmtree(tmp_path / "deleted")
     result = cli.invoke(app, ["index", str(photos / "emptied"), str(tmp_path / "deleted"), "--index", str(index)])
     assert result.exit_code == 0, result.stderr
-    assert (
-        "holds no images now: removed the 5 items" in result.stderr and "is gone: removed the 4 items" in result.stderr
-    )
+    # a folder emptied inside is emptied; a root that is gone as a whole is an unplugged drive: kept, offline
+    assert "holds no images now: removed the 5 items" in result.stderr
+    assert "is missing: its 4 items are kept, offline" in result.stderr
+    assert {h["path"] for h in all_hits(cli, index)} == {str(p) for p, _ in kept}  # hidden from searches
+    info = json.loads(run(cli, "info", "--index", index, "--json"))
+    assert info["offline"] == {"folders": [str(tmp_path / "deleted")], "items": 4}
+    pruned = json.loads(run(cli, "index", tmp_path / "deleted", "--index", index, "--prune-missing", "--json"))
+    assert pruned["removed"] == 4
+    assert json.loads(run(cli, "info", "--index", index, "--json"))["offline"] == {"folders": [], "items": 0}
     left = {h["path"] for h in all_hits(cli, index)}
     assert left == {str(p) for p, _ in kept}
     texts = {h["text"]: h["path"] for h in all_hits(cli, index, "texts")}
@@ -486,3 +492,42 @@ def test_check_and_an_indexer_never_meet_in_the_catalog(cli, tmp_path, tiny_mode
         assert report.ok and any("indexing run holds the index" in n for n in report.notes)
     finally:
         held.close()
+
+
+def test_an_unplugged_root_is_offline_not_deleted(cli, tmp_path, tiny_model):
+    """A root that disappears (a drive unplugged) keeps its items, offline: hidden from searches, shown flagged with
+    --offline show, counted by info; plugged back in, nothing is re-encoded and they are searchable again."""
+    make_images(tmp_path / "photos", 5, seed=61)
+    drive = tmp_path / "mnt" / "drive"
+    on_drive = make_images(drive, 6, seed=62)
+    index = tmp_path / "idx"
+    run(cli, "index", tmp_path / "photos", drive, "--index", index, *tiny_model.cli_args())
+    everything = search_json(cli, index, "a red circle", "-k", 20)["results"]
+    drive_paths = {str(p) for p, _ in on_drive}
+
+    unplugged = tmp_path / "mnt" / "elsewhere"
+    drive.rename(unplugged)
+    result = cli.invoke(app, ["index", str(tmp_path / "photos"), str(drive), "--index", str(index), "--json"])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert counts(summary) == {"added": 0, "updated": 0, "removed": 0, "unchanged": 5, "failed": 0}
+    assert any(f"{drive} is missing: its 6 items are kept, offline" in n for n in summary["notes"])
+    info = json.loads(run(cli, "info", "--index", index, "--json"))
+    assert info["offline"] == {"folders": [str(drive)], "items": 6}
+    hidden = search_json(cli, index, "a red circle", "-k", 20)["results"]
+    assert [h["id"] for h in hidden] == [h["id"] for h in everything if h["path"] not in drive_paths]
+    shown = search_json(cli, index, "a red circle", "-k", 20, "--offline", "show")["results"]
+    assert [h["id"] for h in shown] == [h["id"] for h in everything]
+    assert {h["path"] for h in shown if h.get("offline")} == drive_paths
+    bad = cli.invoke(app, ["search", "x", "--index", str(index), "--offline", "maybe"])
+    assert bad.exit_code == 2 and "--offline is hide or show" in bad.stderr
+    copy = tmp_path / "copy.idx"  # `remove` of the missing root takes its items and its offline mark
+    shutil.copytree(index, copy)
+    assert json.loads(run(cli, "remove", drive, "--index", copy, "--json"))["removed"] == 6
+    assert json.loads(run(cli, "info", "--index", copy, "--json"))["offline"] == {"folders": [], "items": 0}
+
+    unplugged.rename(drive)  # plugged back in: nothing to encode, nothing offline
+    back = json.loads(run(cli, "index", tmp_path / "photos", drive, "--index", index, "--json"))
+    assert counts(back) == {"added": 0, "updated": 0, "removed": 0, "unchanged": 11, "failed": 0}
+    assert json.loads(run(cli, "info", "--index", index, "--json"))["offline"]["items"] == 0
+    assert search_json(cli, index, "a red circle", "-k", 20)["results"] == everything

@@ -221,9 +221,13 @@ def test_a_folder_that_cannot_be_listed_keeps_its_items(
     summary = json.loads(result.stdout)
     assert summary["removed"] == 0 and summary["unchanged"] == (3 if which == "sub" else 0), summary
     assert f"skipping folder {broken}: Input/output error" in caplog.text
+    offline = json.loads(cli.invoke(app, ["info", "--index", str(index), "--json"]).stdout)["offline"]
+    assert offline == {"folders": [str(broken)], "items": 4 if which == "sub" else 7}  # kept, and said to be
     monkeypatch.setattr(os, "scandir", real_scandir)
     again = json.loads(cli.invoke(app, ["index", str(tmp_path / "p"), "--index", str(index), "--json"]).stdout)
     assert counts(again) == {"added": 0, "updated": 0, "removed": 0, "unchanged": 7, "failed": 0}
+    offline = json.loads(cli.invoke(app, ["info", "--index", str(index), "--json"]).stdout)["offline"]
+    assert offline == {"folders": [], "items": 0}
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")

@@ -41,6 +41,8 @@ def index_info(index_dir: Path, *, with_failures: bool = False) -> dict[str, Any
         "updated": _iso(manifest.snapshot.published),
         # the re-ranking head attached (`finetune --method rerank --index`), and the K `--rerank` takes by default
         "rerank": {"head": manifest.rerank, "k": DEFAULT_RERANK_K} if manifest.rerank else None,
+        # roots and folders unreadable at the last run (an unplugged drive): their items are kept, hidden by search
+        "offline": {"folders": list(manifest.offline), "items": _offline_items(index_dir, manifest)},
     }
     if with_failures:
         data["failures"] = _failures(index_dir, manifest)
@@ -64,3 +66,12 @@ def _failures(index_dir: Path, manifest: Manifest) -> list[dict[str, Any]]:
         raise IndexFormatError(f"{index_dir / name} is damaged ({e}); rebuild the index") from e
     failed = table.filter(pc.equal(table["status"], "failed"))
     return [{k: row[k] for k in ("id", "kind", "path", "text", "error")} for row in failed.to_pylist()]
+
+
+def _offline_items(index_dir: Path, manifest: Any) -> int:
+    """How many searchable items are offline (kept for a root or folder that could not be read)."""
+    if not manifest.offline:
+        return 0
+    from clipdex.retrieval.store.reader import PublishedItems, ids_under
+
+    return len(ids_under(PublishedItems.open(index_dir, manifest).table, manifest.offline))

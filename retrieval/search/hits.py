@@ -28,11 +28,14 @@ class Hit:
     path: str | None
     text: str | None
     rerank: float | None = None  # the re-ranking head's score (`--rerank`), for the hits it re-scored
+    offline: bool = False  # on a drive or folder that could not be read at the last run (`--offline show`)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         if self.rerank is None:
             del out["rerank"]
+        if not self.offline:
+            del out["offline"]
         return out
 
 

@@ -13,7 +13,7 @@ from clipdex.retrieval.config import Kind
 from clipdex.retrieval.model.choose import device_name
 from clipdex.retrieval.search.hits import Hit, hits_from_rows
 from clipdex.retrieval.store.manifest import Manifest
-from clipdex.retrieval.store.reader import PublishedItems, read_file, verify
+from clipdex.retrieval.store.reader import PublishedItems, ids_under, read_file, verify
 
 
 @dataclass
@@ -27,6 +27,14 @@ class OpenSnapshot:
     items: PublishedItems
     rows: Any = None  # every column of the item table, read when a filter first needs it
     filtered: dict[Any, np.ndarray] = field(default_factory=dict)  # recent filters' matching ids
+    offline: frozenset[int] | None = None  # ids of items under the manifest's offline folders, once asked
+
+
+def offline_ids(snap: OpenSnapshot) -> frozenset[int]:
+    """Items whose file is at or under a root or folder that could not be read at the last run (kept, offline)."""
+    if snap.offline is None:
+        snap.offline = ids_under(snap.items.table, snap.manifest.offline)
+    return snap.offline
 
 
 def open_snapshot(index_dir: Path, manifest: Manifest, stamp: tuple[int, int, int], device: str) -> OpenSnapshot:

@@ -64,6 +64,9 @@ class SearchRequest:
     after: str | None = _param(None, "Only photos taken (else modified) on or after this date.")
     before: str | None = _param(None, "Only photos taken (else modified) before this date.")
     min_score: float | None = _param(None, "Only results scoring at least this cosine.")
+    offline: str = _param(
+        "hide", "Items on a drive or folder that could not be read at the last index run: hide, or show (flagged)."
+    )
     rerank: int | None = _param(
         None, "Re-score the top K results with the index's re-ranking head (`clipdex finetune --method rerank`)."
     )
@@ -197,6 +200,7 @@ def _kind_of(f: Any) -> str:
         "bool": "boolean",
         "Kind": "target",
         "tuple[str, ...]": "array",
+        "str": "string",
     }[str(f.type)]
 
 

@@ -248,6 +248,7 @@ class Searcher:
         dedup: float | None = None,
         where: Filter | None = None,
         rerank: int | None = None,
+        offline: str = "hide",
     ) -> list[Hit]:
         """Rank by cosine with the query's composed vector (see `retrieval.search.query`).
 
@@ -255,6 +256,8 @@ class Searcher:
         a query image is (the item at its path, and any whose content equals it, so copies go too). With `dedup`, a hit
         whose cosine with a better kept hit reaches it is left out too. With `where`, only items the filter keeps
         are ranked (`retrieval.search.filters`): exactly over them when they are few (`filter_plan` says which way).
+        Items on a root or folder that could not be read at the last run (`Manifest.offline`) are left out, unless
+        `offline` is "show": then they are kept, flagged `offline`.
         With `rerank` K, the index's re-ranking head re-scores the top K of that ranking and orders them by its score
         (`rerank` on each of them); the hits after K keep their order."""
         if k < 1:
@@ -263,14 +266,20 @@ class Searcher:
             raise InputError(f"the number of results to re-rank must be at least 1 (got {rerank})")
         if dedup is not None and not -1.0 <= dedup <= 1.0:
             raise InputError(f"the dedup threshold is a cosine between -1 and 1 (got {dedup})")
+        if offline not in ("hide", "show"):
+            raise InputError(f"offline is hide or show (got {offline!r})")
         snap = self._snap
         files = compose.read_query_files(query)  # each query image file read once, to embed it and to recognise it
         reranker = self._reranker_for(query, target) if rerank is not None else None
         vector = self.embed_query(query, files)
         exclude = set() if include_self else compose.own_items(snap.items, query, files)
+        away = opened.offline_ids(snap)
+        own = len(exclude)
+        if offline == "hide":
+            exclude = exclude | away  # not counted in `want`: a large offline drive costs a few doublings, not its size
         allowed = self.filter_ids(where, target) if where is not None and where.selects else None
         shown, k = k, max(k, rerank or 0)
-        want = k + len(exclude)
+        want = k + own
         while True:
             found, exhausted = self._candidates(snap, vector, want, target, allowed)
             kept = [h for h in found if h.id not in exclude]
@@ -283,6 +292,8 @@ class Searcher:
             kept = [h for h in kept if h.score >= where.min_score]
         if reranker is not None and rerank is not None:
             kept = self._reranked(reranker, query, files, kept[:rerank]) + kept[rerank:]
+        if away and offline == "show":
+            kept = [replace(h, offline=True) if h.id in away else h for h in kept]
         return [replace(h, rank=r + 1) for r, h in enumerate(kept[:shown])]
 
     def _reranker_for(self, query: Query, target: Kind) -> Reranker:
@@ -337,6 +348,7 @@ class Searcher:
             dedup=request.dedup,
             where=where,
             rerank=request.rerank,
+            offline=request.offline,
         )
         plan = self.filter_plan(where, request.target) if where is not None else None
         return results_json(label or query.label(), request.target, hits, query.describe(), plan)

@@ -107,6 +107,7 @@ class Manifest:
     roots: list[str] = field(default_factory=list)  # folders and files given to `clipdex index`, canonical
     precision: str = "fp32"  # what the model ran at to make the vectors: queries run at the same (model.precision)
     forgotten: list[str] = field(default_factory=list)  # removed with --forget: indexing a folder above skips them
+    offline: list[str] = field(default_factory=list)  # roots and folders unreadable at the last run: items kept
     rerank: str | None = None  # the re-ranking head attached (`finetune --method rerank --index`): a file in model/
 
     def to_json(self) -> dict[str, Any]:
@@ -133,6 +134,7 @@ class Manifest:
             roots=list(data.get("roots") or []),
             precision=str(data.get("precision") or "fp32"),
             forgotten=list(data.get("forgotten") or []),
+            offline=list(data.get("offline") or []),
             rerank=data.get("rerank") or None,
             snapshot=Snapshot(
                 generation=int(snapshot.get("generation", 0)),

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 
 from clipdex.retrieval.config import Kind, sha256_file
 from clipdex.retrieval.errors import IndexFormatError, ItemNotFoundError
+from clipdex.retrieval.paths import under_prefix
 from clipdex.retrieval.store.manifest import MANIFEST, Manifest
 from clipdex.retrieval.store.shards import LiveVectors, gather, shard_path
 from clipdex.retrieval.store.snapshot import ITEMS, parquet_columns, read_parquet
@@ -145,3 +146,17 @@ class PublishedItems:
             )
             self._shards[shard] = vectors
         return vectors
+
+
+def ids_under(table: Any, folders: list[str]) -> frozenset[int]:
+    """Ids of the images of an item table whose file is at or under one of the canonical `folders` (a caption
+    linked to one is not: its text is in a caption file)."""
+    if not folders or table is None:
+        return frozenset()
+    paths = table["path"]
+    hit = None
+    for folder in folders:
+        here = pc.or_(pc.equal(paths, folder), pc.starts_with(paths, under_prefix(folder)))
+        hit = here if hit is None else pc.or_(hit, here)
+    hit = pc.and_(pc.equal(table["kind"], "image"), pc.fill_null(hit, False))
+    return frozenset(int(i) for i in table["id"].filter(hit).to_pylist())

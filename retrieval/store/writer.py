@@ -207,6 +207,10 @@ class IndexWriter:
         """Paths `remove --forget` took out: indexing a folder above them leaves them out (the next publish)."""
         self.manifest.forgotten = paths
 
+    def set_offline(self, paths: list[str]) -> None:
+        """Roots and folders that could not be read: their items are kept, and offline (the next publish)."""
+        self.manifest.offline = paths
+
     def set_ann_settings(self, settings: AnnSettings) -> None:
         """Index type, memory budget and target recall for this and later publishes."""
         self.manifest.ann_settings = settings
