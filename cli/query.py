@@ -68,6 +68,13 @@ def search(
     after: Annotated[str | None, typer.Option(help="Only photos taken (else modified) on or after this date.")] = None,
     before: Annotated[str | None, typer.Option(help="Only photos taken (else modified) before this date.")] = None,
     min_score: Annotated[float | None, typer.Option(help="Only results scoring at least this cosine.")] = None,
+    sort: Annotated[
+        str,
+        typer.Option(
+            help="Order the results found: by score, date (capture time, else modified; -date newest first) or name.",
+            metavar="score|date|-date|name",
+        ),
+    ] = "score",
     offline: Annotated[
         str,
         typer.Option(
@@ -106,6 +113,8 @@ def search(
         )
     if offline not in ("hide", "show"):
         raise ClipdexError(f"--offline is hide or show (got {offline!r})")
+    if sort not in ("score", "date", "-date", "name"):
+        raise ClipdexError(f"--sort is score, date, -date or name (got {sort!r})")
     if paths and as_json:
         raise ClipdexError("--paths and --json are two ways to print the results: choose one")
     from clipdex.retrieval.config import Kind
@@ -128,6 +137,7 @@ def search(
         min_score=min_score,
         rerank=rerank,
         offline=offline,
+        sort=sort,
         image=image,
         add_image=tuple(add_image or ()),
         subtract_image=tuple(subtract_image or ()),

@@ -218,9 +218,9 @@ def test_the_page_runs_under_its_csp(browser, served, tmp_path):
     page.close()
 
 
-def test_the_rerank_toggle_reorders_as_the_library_does(browser, tmp_path, tiny_model):
+def test_the_rerank_toggle_and_sort_reorder_as_the_library_does(browser, tmp_path, tiny_model):
     """An index with a re-ranking head: the page offers the toggle (hidden without a head), and with it on shows
-    the library's re-ranked order, each re-scored result with both scores."""
+    the library's re-ranked order, each re-scored result with both scores; the sort control orders as --sort."""
     root = tmp_path / "lib"
     make_captioned_library(root, 24, 12, seed=93)
     cli = CliRunner()
@@ -247,4 +247,7 @@ def test_the_rerank_toggle_reorders_as_the_library_does(browser, tmp_path, tiny_
         assert first == f"{want[0].score:.3f} · {want[0].rerank:.2f}"
         page.uncheck("#rerank")
         _wait_for(page, [h.id for h in searcher.search_text("a green square", k=K)])
+        for sort in ("-date", "name"):  # the sort control: the same results, in the library's order
+            page.select_option("#sort", sort)
+            _wait_for(page, [h.id for h in searcher.search(Query.build(text="a green square"), k=K, sort=sort)])
         page.close()

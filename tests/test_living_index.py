@@ -531,3 +531,24 @@ def test_an_unplugged_root_is_offline_not_deleted(cli, tmp_path, tiny_model):
     assert counts(back) == {"added": 0, "updated": 0, "removed": 0, "unchanged": 11, "failed": 0}
     assert json.loads(run(cli, "info", "--index", index, "--json"))["offline"]["items"] == 0
     assert search_json(cli, index, "a red circle", "-k", 20)["results"] == everything
+
+
+def test_sort_orders_what_was_found_by_date_and_name(cli, tmp_path, tiny_model):
+    """--sort reorders the k found (the same items as by score) by date (the files' mtimes here: no EXIF) or name,
+    against an order computed from the files themselves."""
+    made = make_images(tmp_path / "photos", 9, seed=71)
+    for n, (path, _) in enumerate(made):
+        when = 1_600_000_000 + ((n * 7) % 9) * 86_400  # shuffled days
+        os.utime(path, (when, when))
+    index = tmp_path / "idx"
+    run(cli, "index", tmp_path / "photos", "--index", index, *tiny_model.cli_args())
+    by_score = search_json(cli, index, "a red circle", "-k", 6)["results"]
+    found = {h["path"] for h in by_score}
+    for sort, key, reverse in (("date", os.path.getmtime, False), ("-date", os.path.getmtime, True),
+                               ("name", lambda p: Path(p).name.casefold(), False)):  # fmt: skip
+        got = search_json(cli, index, "a red circle", "-k", 6, "--sort", sort)["results"]
+        assert {h["path"] for h in got} == found
+        assert [h["path"] for h in got] == sorted(found, key=key, reverse=reverse), sort
+        assert [h["rank"] for h in got] == list(range(1, 7))
+    bad = cli.invoke(app, ["search", "x", "--index", str(index), "--sort", "size"])
+    assert bad.exit_code == 2 and "--sort is score, date, -date or name" in bad.stderr

@@ -64,6 +64,7 @@ class SearchRequest:
     after: str | None = _param(None, "Only photos taken (else modified) on or after this date.")
     before: str | None = _param(None, "Only photos taken (else modified) before this date.")
     min_score: float | None = _param(None, "Only results scoring at least this cosine.")
+    sort: str = _param("score", "Order the results found by score, date (-date: newest first) or name.")
     offline: str = _param(
         "hide", "Items on a drive or folder that could not be read at the last index run: hide, or show (flagged)."
     )

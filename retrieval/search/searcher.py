@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # the encoder pulls in torch and open_clip: imported when a q
 
 log = logging.getLogger(__name__)
 
+SORTS = ("score", "date", "-date", "name")  # how `search` may order what it found
 Target = Kind  # a search's target is a kind of item: `Target.IMAGES is Kind.IMAGE`
 __all__ = ["Hit", "Item", "Searcher", "Target", "results_json"]
 
@@ -249,6 +250,7 @@ class Searcher:
         where: Filter | None = None,
         rerank: int | None = None,
         offline: str = "hide",
+        sort: str = "score",
     ) -> list[Hit]:
         """Rank by cosine with the query's composed vector (see `retrieval.search.query`).
 
@@ -257,7 +259,9 @@ class Searcher:
         whose cosine with a better kept hit reaches it is left out too. With `where`, only items the filter keeps
         are ranked (`retrieval.search.filters`): exactly over them when they are few (`filter_plan` says which way).
         Items on a root or folder that could not be read at the last run (`Manifest.offline`) are left out, unless
-        `offline` is "show": then they are kept, flagged `offline`.
+        `offline` is "show": then they are kept, flagged `offline`. `sort` orders the k found (after retrieval, so
+        it never changes which items are found): by score, date (capture time, else the file's mtime; `-date`
+        newest first; undated last) or name (the file's name, else the text).
         With `rerank` K, the index's re-ranking head re-scores the top K of that ranking and orders them by its score
         (`rerank` on each of them); the hits after K keep their order."""
         if k < 1:
@@ -268,6 +272,8 @@ class Searcher:
             raise InputError(f"the dedup threshold is a cosine between -1 and 1 (got {dedup})")
         if offline not in ("hide", "show"):
             raise InputError(f"offline is hide or show (got {offline!r})")
+        if sort not in SORTS:
+            raise InputError(f"sort is one of {', '.join(SORTS)} (got {sort!r})")
         snap = self._snap
         files = compose.read_query_files(query)  # each query image file read once, to embed it and to recognise it
         reranker = self._reranker_for(query, target) if rerank is not None else None
@@ -294,7 +300,37 @@ class Searcher:
             kept = self._reranked(reranker, query, files, kept[:rerank]) + kept[rerank:]
         if away and offline == "show":
             kept = [replace(h, offline=True) if h.id in away else h for h in kept]
-        return [replace(h, rank=r + 1) for r, h in enumerate(kept[:shown])]
+        return [replace(h, rank=r + 1) for r, h in enumerate(self._sorted(snap, kept[:shown], sort))]
+
+    def _sorted(self, snap: OpenSnapshot, hits: list[Hit], sort: str) -> list[Hit]:
+        """The hits in the order `sort` asks for (stable: equal keys keep their rank order)."""
+        if sort == "score" or not hits:
+            return hits
+        if sort == "name":
+            return sorted(hits, key=lambda h: (Path(h.path).name if h.path else h.text or "").casefold())
+        dates = self.dates([h.id for h in hits])
+        dated = [(d, h) for h in hits if (d := dates.get(h.id)) is not None]
+        undated = [h for h in hits if dates.get(h.id) is None]
+        ordered = sorted(dated, key=lambda pair: pair[0], reverse=sort == "-date")
+        return [h for _, h in ordered] + undated
+
+    def dates(self, ids: list[int]) -> dict[int, float | None]:
+        """Each item's date as seconds since the epoch: the photo's capture time, else its file's mtime (None for a
+        text without an image)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        snap = self._snap
+        if snap.rows is None:
+            snap.rows = read_file(self.dir / snap.manifest.snapshot.files["items"], read_parquet)
+        rows = snap.rows
+        picked = rows.filter(pc.is_in(rows["id"], value_set=pa.array(ids, type=rows["id"].type)))
+        taken = picked["taken_at"].to_pylist() if "taken_at" in picked.column_names else [None] * picked.num_rows
+        mtime = picked["mtime"].to_pylist()
+        out: dict[int, float | None] = {}
+        for i, t, m, kind in zip(picked["id"].to_pylist(), taken, mtime, picked["kind"].to_pylist(), strict=True):
+            out[int(i)] = t if t is not None else (m if kind == "image" else None)
+        return out
 
     def _reranker_for(self, query: Query, target: Kind) -> Reranker:
         """The index's re-ranking head on its torch model, for a query it can re-score: a text against images, or
@@ -349,6 +385,7 @@ class Searcher:
             where=where,
             rerank=request.rerank,
             offline=request.offline,
+            sort=request.sort,
         )
         plan = self.filter_plan(where, request.target) if where is not None else None
         return results_json(label or query.label(), request.target, hits, query.describe(), plan)
