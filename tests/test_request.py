@@ -73,7 +73,7 @@ def test_the_openapi_schema_is_the_request(tmp_path):
 def test_the_page_sends_only_request_fields():
     html = (ROOT / "retrieval/serve/web/index.html").read_text()
     script = (ROOT / "retrieval/serve/web/app.js").read_text()
-    refinements = re.findall(r'<input id="[^"]+" name="([^"]+)" data-refine', html)
+    refinements = re.findall(r'<(?:input|select) id="[^"]+" name="([^"]+)" data-refine', html)
     assert len(refinements) == html.count("data-refine") >= 5
     sent = (
         set(refinements)

@@ -30,8 +30,11 @@ class Wire(str, Enum):
     LOCAL = "local"
 
 
-def _param(default: Any, help: str, *, wire: Wire = Wire.PARAM, name: str | None = None, **kw: Any) -> Any:
-    meta = {"help": help, "wire": wire, "name": name}
+def _param(
+    default: Any, help: str, *, wire: Wire = Wire.PARAM, name: str | None = None, choices: tuple[str, ...] = (),
+    **kw: Any,
+) -> Any:  # fmt: skip
+    meta = {"help": help, "wire": wire, "name": name, "choices": choices}
     if callable(default):
         return field(default_factory=default, metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -64,10 +67,14 @@ class SearchRequest:
     after: str | None = _param(None, "Only photos taken (else modified) on or after this date.")
     before: str | None = _param(None, "Only photos taken (else modified) before this date.")
     min_score: float | None = _param(None, "Only results scoring at least this cosine.")
-    sort: str = _param("score", "Order the results found by score, date (-date: newest first) or name.")
+    sort: str = _param(
+        "score", "Order the results found by score, date (-date: newest first) or name.",
+        choices=("score", "date", "-date", "name"),
+    )  # fmt: skip
     offline: str = _param(
-        "hide", "Items on a drive or folder that could not be read at the last index run: hide, or show (flagged)."
-    )
+        "hide", "Items on a drive or folder that could not be read at the last index run: hide, or show (flagged).",
+        choices=("hide", "show"),
+    )  # fmt: skip
     rerank: int | None = _param(
         None, "Re-score the top K results with the index's re-ranking head (`clipdex finetune --method rerank`)."
     )
@@ -222,7 +229,7 @@ def _from_text(f: Any, sent: list[str]) -> Any:
     if kind == "array":
         return tuple(sent)
     if kind == "string":
-        return sent[-1]
+        return _choice(f, sent[-1])
     if kind == "integer":
         if not _INT.fullmatch(text):
             raise InputError(f"{name} must be a whole number (got {sent[-1]!r})")
@@ -261,7 +268,16 @@ def _from_json(f: Any, value: Any) -> Any:
         return tuple(value)
     if kind == "number":
         return float(value)
+    if kind == "string":
+        return _choice(f, value)
     return _target(value) if kind == "target" else value
+
+
+def _choice(f: Any, value: str) -> str:
+    choices = f.metadata["choices"]
+    if choices and value not in choices:
+        raise InputError(f"{wire_name(f)} must be one of {', '.join(choices)} (got {value!r})")
+    return value
 
 
 def _target(text: str) -> Kind:
@@ -319,6 +335,10 @@ def _schema(f: Any) -> dict[str, Any]:
     if kind == "target":
         return {"type": "string", "enum": ["images", "texts"], "default": "images"}
     schema: dict[str, Any] = {"type": kind}
+    if f.metadata["choices"]:
+        schema["enum"] = list(f.metadata["choices"])
+    if f.name == "rerank":
+        schema.update(minimum=1, maximum=MAX_RERANK_K)
     if _default(f) is not None:
         schema["default"] = _default(f)
     return schema
