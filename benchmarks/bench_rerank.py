@@ -164,15 +164,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--single-train", type=int, default=400, help="training images of each single-object domain")
     parser.add_argument("--single-test", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0, help="another starting model and domain sample (0: as before)")
+    parser.add_argument("--skip-extras", action="store_true", help="only the compositional domain and its latency")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     ks = [16, 32]
     with tempfile.TemporaryDirectory(prefix="bench-rerank-") as tmp:
         work = Path(tmp)
         config = write_tiny_config(work)
-        start = train_tiny_model(config, work / "start.pt")
-        train = make_compositional_pairs(work / "domain", args.train, seed=1, twins=False, name="train.csv")
-        test = make_compositional_pairs(work / "domain", args.test, seed=2, twins=True, name="test.csv")
+        start = train_tiny_model(config, work / "start.pt", seed=args.seed)
+        data_seed = 1 + 10 * args.seed
+        train = make_compositional_pairs(work / "domain", args.train, seed=data_seed, twins=False, name="train.csv")
+        test = make_compositional_pairs(work / "domain", args.test, seed=data_seed + 1, twins=True, name="test.csv")
         common = ["--batch-size", 64, "--workers", 1, "--seed", 0]
         rows = [{"system": "contrastive, untuned", **t2i(clipdex("eval", test, "--model", config, "--pretrained", start,
                                                                  "--workers", 1))}]  # fmt: skip
@@ -197,8 +200,12 @@ def main() -> None:
         more, state = itm_alone(tuned, Path(rr["head"]), test, ks)
         rows += more
         timing = latency(state, [16, 32, 128], args.rounds)
-        single = single_object(work, config, start, args.single_train, args.single_test, args.head_epochs)
-    big = vit_b_32_cost([16, 32], max(3, args.rounds // 4))
+        single = (
+            []
+            if args.skip_extras
+            else single_object(work, config, start, args.single_train, args.single_test, args.head_epochs)
+        )
+    big = [] if args.skip_extras else vit_b_32_cost([16, 32], max(3, args.rounds // 4))
     columns = ["system", "R@1", "R@5", "R@10"]
     summary = {
         "head_params": rr["head_params"],
@@ -215,10 +222,9 @@ def main() -> None:
         "re-ranking latency per query (tiny model, 2 cores)",
         markdown_table(timing, ["K", "kept features ms", "recomputed features ms"]),
         markdown_table([summary], list(summary)),
-        "single-object domains: R@1 with and without the head (over the starting model)",
-        markdown_table(single, list(single[0])),
-        "ViT-B-32 (random weights) with a default head, 2 cores",
-        markdown_table(big, list(big[0])),
+        *(["single-object domains: R@1 with and without the head (over the starting model)",
+           markdown_table(single, list(single[0]))] if single else []),
+        *(["ViT-B-32 (random weights) with a default head, 2 cores", markdown_table(big, list(big[0]))] if big else []),
     ])  # fmt: skip
     write_report(args.out, "rerank", {"machine": machine(), "args": vars(args) | {"out": str(args.out)},
                                       "recall": rows, "latency": timing,
