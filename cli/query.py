@@ -23,7 +23,7 @@ from clipdex.cli.common import (
     out,
 )
 from clipdex.retrieval.errors import ClipdexError
-from clipdex.retrieval.search.request import DEFAULT_RERANK_K
+from clipdex.retrieval.search.request import DEFAULT_RERANK_K, OFFLINE, SORTS
 
 
 @app.command(rich_help_panel="Search")
@@ -111,9 +111,9 @@ def search(
         raise ClipdexError(
             "give only one of a text query, --image FILE or --like ID; add more terms with --add/--subtract"
         )
-    if offline not in ("hide", "show"):
+    if offline not in OFFLINE:
         raise ClipdexError(f"--offline is hide or show (got {offline!r})")
-    if sort not in ("score", "date", "-date", "name"):
+    if sort not in SORTS:
         raise ClipdexError(f"--sort is score, date, -date or name (got {sort!r})")
     if paths and as_json:
         raise ClipdexError("--paths and --json are two ways to print the results: choose one")
@@ -175,8 +175,7 @@ def _print_results(answer: dict[str, Any]) -> None:
     reranked = any("rerank" in h for h in results)  # then a last column: the head's score
     if not out.is_terminal:
         for h in results:
-            path = (h["path"] or "") + (" (offline)" if h.get("offline") else "")
-            cells = [str(h["rank"]), f"{h['score']:.4f}", path, (h["text"] or "").replace("\n", " ")]
+            cells = [str(h["rank"]), f"{h['score']:.4f}", _path_cell(h), (h["text"] or "").replace("\n", " ")]
             print("\t".join(cells + ([_rerank_cell(h)] if reranked else [])))
     else:
         table = Table(title=f"{answer['query']!r} → {answer['target']}", show_header=True)
@@ -191,12 +190,16 @@ def _print_results(answer: dict[str, Any]) -> None:
         if reranked:
             table.add_column("re-rank", justify="right")
         for h in results:
-            path = (h["path"] or "") + (" (offline)" if h.get("offline") else "")
-            cells = [path, h["text"] or ""] if images else [h["text"] or "", path]
+            cells = [_path_cell(h), h["text"] or ""] if images else [h["text"] or "", _path_cell(h)]
             table.add_row(str(h["rank"]), f"{h['score']:.4f}", *cells, *([_rerank_cell(h)] if reranked else []))
         out.print(table)
     if not results:
         err.print(_nothing_found(answer))
+
+
+def _path_cell(hit: dict[str, Any]) -> str:
+    """A hit's path, marked when it is on a drive or folder that could not be read (`--offline show`)."""
+    return (hit["path"] or "") + (" (offline)" if hit.get("offline") else "")
 
 
 def _rerank_cell(hit: dict[str, Any]) -> str:

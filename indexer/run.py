@@ -220,12 +220,18 @@ class IndexRun:
             rec.vector = vec
             self.pending.append(rec)
 
-    def _missing_root(self, root: Path) -> None:
-        """A root that is not there (a drive unplugged, a share unmounted): its items stay, offline, until it is back
-        or they are removed. A root the index never held is a mistake (a typo), and an error."""
+    def _indexed_from(self, root: Path) -> list[int]:
+        """The items indexed at or under a root that gave no images this time; a root the index never held is a
+        mistake (a typo), and an error."""
         ids = self.writer.catalog.ids_at_or_under([str(root)])
         if not ids and str(root) not in self.writer.manifest.roots:
             raise no_images_error(root, self.config.exclude)
+        return ids
+
+    def _missing_root(self, root: Path) -> None:
+        """A root that is not there (a drive unplugged, a share unmounted): its items stay, offline, until it is back
+        or they are removed."""
+        self._indexed_from(root)
         self.missing.append(root)
 
     def offline(self, roots: list[Path]) -> None:
@@ -254,11 +260,8 @@ class IndexRun:
         self.writer.set_offline(offline)
 
     def _remove_gone_root(self, root: Path) -> None:
-        """A folder given again that holds no images now: its items go, with a note. A root the index never held is
-        a mistake (a typo), and an error."""
-        ids = self.writer.catalog.ids_at_or_under([str(root)])
-        if not ids and str(root) not in self.writer.manifest.roots:
-            raise no_images_error(root, self.config.exclude)
+        """A folder given again that holds no images now: its items go, with a note."""
+        ids = self._indexed_from(root)
         self.to_delete.extend(ids)
         self.summary.removed += len(ids)
         self.summary.notes.append(f"{root} holds no images now: removed the {len(ids)} items indexed from it")

@@ -68,7 +68,7 @@ def _failures(index_dir: Path, manifest: Manifest) -> list[dict[str, Any]]:
     return [{k: row[k] for k in ("id", "kind", "path", "text", "error")} for row in failed.to_pylist()]
 
 
-def _offline_items(index_dir: Path, manifest: Any) -> int:
+def _offline_items(index_dir: Path, manifest: Manifest) -> int:
     """How many searchable items are offline (kept for a root or folder that could not be read)."""
     if not manifest.offline:
         return 0

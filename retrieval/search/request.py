@@ -43,6 +43,8 @@ def _param(
 MAX_IMAGE_TERMS = 4  # add_image and subtract_image files in one search, each
 DEFAULT_RERANK_K = 16  # candidates the re-ranking head re-scores when no number is given (benchmarks/RESULTS.md)
 MAX_RERANK_K = 256  # the most a server re-scores for one query
+SORTS = ("score", "date", "-date", "name")  # how a search may order what it found
+OFFLINE = ("hide", "show")  # what a search does with items on a drive or folder that cannot be read now
 
 Image = Path | bytes  # a file on this machine, or an upload's bytes
 
@@ -69,11 +71,11 @@ class SearchRequest:
     min_score: float | None = _param(None, "Only results scoring at least this cosine.")
     sort: str = _param(
         "score", "Order the results found by score, date (-date: newest first) or name.",
-        choices=("score", "date", "-date", "name"),
+        choices=SORTS,
     )  # fmt: skip
     offline: str = _param(
         "hide", "Items on a drive or folder that could not be read at the last index run: hide, or show (flagged).",
-        choices=("hide", "show"),
+        choices=OFFLINE,
     )  # fmt: skip
     rerank: int | None = _param(
         None, "Re-score the top K results with the index's re-ranking head (`clipdex finetune --method rerank`)."

@@ -26,6 +26,7 @@ from clipdex.retrieval.search.batching import Batcher, LRUCache
 from clipdex.retrieval.search.hits import Hit, Item, results_json
 from clipdex.retrieval.search.opened import OpenSnapshot
 from clipdex.retrieval.search.query import Query, Term
+from clipdex.retrieval.search.request import OFFLINE, SORTS
 from clipdex.retrieval.store.manifest import Manifest, read_manifest
 from clipdex.retrieval.store.reader import manifest_stamp, read_file
 from clipdex.retrieval.store.snapshot import read_parquet
@@ -38,7 +39,6 @@ if TYPE_CHECKING:  # the encoder pulls in torch and open_clip: imported when a q
 
 log = logging.getLogger(__name__)
 
-SORTS = ("score", "date", "-date", "name")  # how `search` may order what it found
 Target = Kind  # a search's target is a kind of item: `Target.IMAGES is Kind.IMAGE`
 __all__ = ["Hit", "Item", "Searcher", "Target", "results_json"]
 
@@ -270,7 +270,7 @@ class Searcher:
             raise InputError(f"the number of results to re-rank must be at least 1 (got {rerank})")
         if dedup is not None and not -1.0 <= dedup <= 1.0:
             raise InputError(f"the dedup threshold is a cosine between -1 and 1 (got {dedup})")
-        if offline not in ("hide", "show"):
+        if offline not in OFFLINE:
             raise InputError(f"offline is hide or show (got {offline!r})")
         if sort not in SORTS:
             raise InputError(f"sort is one of {', '.join(SORTS)} (got {sort!r})")
@@ -320,10 +320,7 @@ class Searcher:
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        snap = self._snap
-        if snap.rows is None:
-            snap.rows = read_file(self.dir / snap.manifest.snapshot.files["items"], read_parquet)
-        rows = snap.rows
+        rows = self._rows(self._snap)
         picked = rows.filter(pc.is_in(rows["id"], value_set=pa.array(ids, type=rows["id"].type)))
         taken = picked["taken_at"].to_pylist() if "taken_at" in picked.column_names else [None] * picked.num_rows
         mtime = picked["mtime"].to_pylist()
@@ -410,14 +407,18 @@ class Searcher:
         key = (where.where, where.in_folder, where.after, where.before, target)
         found = snap.filtered.get(key)
         if found is None:  # the same filter again (paging, a new query text) costs nothing on the same snapshot
-            if snap.rows is None:
-                snap.rows = read_file(self.dir / snap.manifest.snapshot.files["items"], read_parquet)
-            found = matching_ids(snap.rows, where, target.value)
+            found = matching_ids(self._rows(snap), where, target.value)
             if len(snap.filtered) >= 32:
                 with contextlib.suppress(KeyError, RuntimeError, StopIteration):  # another thread evicted first
                     snap.filtered.pop(next(iter(snap.filtered)))
             snap.filtered[key] = found
         return found
+
+    def _rows(self, snap: OpenSnapshot) -> Any:
+        """Every column of the snapshot's item table (filters, dates), read once per snapshot when first needed."""
+        if snap.rows is None:
+            snap.rows = read_file(self.dir / snap.manifest.snapshot.files["items"], read_parquet)
+        return snap.rows
 
     def filter_plan(self, where: Filter, target: Kind) -> dict[str, Any]:
         """How a filtered search runs: `matched` items, searched `exact`ly (no more of them than exact search
