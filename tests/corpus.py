@@ -11,7 +11,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -250,41 +250,50 @@ def pairs_csv(path: Path) -> Iterator[Any]:
         yield w
 
 
-def make_domain_pairs(folder: Path, n: int, *, seed: int, captions_per_image: int = 2, name: str = "pairs.csv") -> Path:
-    """Product-catalogue pairs in the unseen domain: `folder/images/*.png` and a CSV of (image, caption)."""
+def _one_image_pairs(
+    folder: Path, n: int, name: str, seed: int, make: Callable[[random.Random, int], tuple[Image.Image, str, list[str]]]
+) -> Path:
+    """`folder/images/*.png` and a caption file `name` of (image, caption) rows: `make(rng, i)` gives image i, its
+    file name and its captions, drawing from one seeded `rng` in order."""
     rng = random.Random(seed)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     path = folder / name
     with pairs_csv(path) as w:
         for i in range(n):
-            colour, background = rng.sample(sorted(DOMAIN_COLOURS), 2)
-            shape = rng.choice(DOMAIN_SHAPES)
-            image = folder / "images" / f"{seed}_{i:04d}.png"
-            draw_domain(shape, colour, background, seed * 10_000 + i).save(image)
-            forms = [
-                f"SKU {shape} in {colour}, {background} backdrop",
-                f"{colour} {shape} item on {background}",
-                f"catalogue photo: {shape}, colour {colour}, background {background}",
-            ]
-            rng.shuffle(forms)
-            for caption in forms[:captions_per_image]:
-                w.writerow([f"images/{image.name}", caption])
+            image, file_name, captions = make(rng, i)
+            image.save(folder / "images" / file_name)
+            for caption in captions:
+                w.writerow([f"images/{file_name}", caption])
     return path
+
+
+def make_domain_pairs(folder: Path, n: int, *, seed: int, captions_per_image: int = 2, name: str = "pairs.csv") -> Path:
+    """Product-catalogue pairs in the unseen domain: `folder/images/*.png` and a CSV of (image, caption)."""
+
+    def make(rng: random.Random, i: int) -> tuple[Image.Image, str, list[str]]:
+        colour, background = rng.sample(sorted(DOMAIN_COLOURS), 2)
+        shape = rng.choice(DOMAIN_SHAPES)
+        forms = [
+            f"SKU {shape} in {colour}, {background} backdrop",
+            f"{colour} {shape} item on {background}",
+            f"catalogue photo: {shape}, colour {colour}, background {background}",
+        ]
+        rng.shuffle(forms)
+        image = draw_domain(shape, colour, background, seed * 10_000 + i)
+        return image, f"{seed}_{i:04d}.png", forms[:captions_per_image]
+
+    return _one_image_pairs(folder, n, name, seed, make)
 
 
 def make_shape_pairs(folder: Path, n: int, *, seed: int, captions_per_image: int = 2, name: str = "pairs.csv") -> Path:
     """Pairs in the shapes domain the tiny model was trained on: one coloured shape per image, its captions."""
-    rng = random.Random(seed)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    with pairs_csv(path) as w:
-        for i in range(n):
-            scene = random_scene(rng)
-            image = folder / "images" / f"shape_{seed}_{i:05d}.png"
-            draw(scene, noise_seed=seed * 100_003 + i).save(image)
-            for caption in scene.captions(rng, captions_per_image):
-                w.writerow([f"images/{image.name}", caption])
-    return path
+
+    def make(rng: random.Random, i: int) -> tuple[Image.Image, str, list[str]]:
+        scene = random_scene(rng)
+        captions = scene.captions(rng, captions_per_image)
+        return draw(scene, noise_seed=seed * 100_003 + i), f"shape_{seed}_{i:05d}.png", captions
+
+    return _one_image_pairs(folder, n, name, seed, make)
 
 
 def make_captioned_library(root: Path, n: int, captioned: int, *, seed: int) -> list[tuple[Path, Scene]]:
