@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 
 from clipdex.cli.main import app
 from clipdex.retrieval.config import EncoderConfig, Kind
+from clipdex.retrieval.errors import ModelError
 from clipdex.retrieval.model import export as export_module
 from clipdex.retrieval.model.choose import open_index_encoder
 from clipdex.retrieval.model.encoder import load_encoder
@@ -148,6 +149,42 @@ def test_a_saved_optimised_graph_cut_short_is_made_again(torch_encoder):
     again = OnnxEncoder(folder, torch_encoder.spec).encode_texts(texts)
     np.testing.assert_allclose(again, expect, rtol=0, atol=1e-6)
     assert optimised.stat().st_size > 1000  # saved whole again
+
+
+def test_an_optimised_graph_that_cannot_be_written_is_not_kept_and_a_broken_export_is_one_line(
+    torch_encoder, tmp_path, monkeypatch
+):
+    """A failing disk while the optimised graph is saved (ONNX Runtime's "Protobuf serialization failed"): the
+    session is made again without saving it and encodes as before. An export graph that cannot be read is a
+    one-line ModelError naming it."""
+    import onnxruntime as ort
+
+    folder, _ = export_module.export_encoder(torch_encoder)
+    assert folder is not None
+    copy = tmp_path / "export"
+    copy.mkdir()
+    for f in folder.iterdir():
+        if ".opt." not in f.name:
+            (copy / f.name).write_bytes(f.read_bytes())
+    texts = ["a red circle", "a blue square on a green background"]
+    expect = OnnxEncoder(folder, torch_encoder.spec).encode_texts(texts)
+    real = ort.InferenceSession
+
+    def failing_save(path, sess_options=None, **kwargs):
+        if sess_options is not None and sess_options.optimized_model_filepath:
+            raise RuntimeError("[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Protobuf serialization failed.")
+        return real(path, sess_options=sess_options, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", failing_save)
+    again = OnnxEncoder(copy, torch_encoder.spec).encode_texts(texts)
+    np.testing.assert_allclose(again, expect, rtol=0, atol=1e-6)
+    assert not list(copy.glob("*.opt.onnx*"))
+    monkeypatch.setattr(ort, "InferenceSession", real)
+    graph = copy / "text.onnx"
+    graph.write_bytes(graph.read_bytes()[:500])
+    with pytest.raises(ModelError) as e:
+        OnnxEncoder(copy, torch_encoder.spec).encode_texts(texts)
+    assert str(graph) in str(e.value) and "\n" not in str(e.value)
 
 
 HEAVY = (

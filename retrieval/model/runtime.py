@@ -185,16 +185,29 @@ class OnnxEncoder:
             except Exception:  # a saved graph cut short (a failing disk when it was written): made again
                 with contextlib.suppress(OSError):
                     optimised.unlink()
-        options = self._options(ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
-        tmp = optimised.with_name(f"{optimised.name}.{os.getpid()}.tmp")
-        options.optimized_model_filepath = str(tmp)
         source = self.folder / graph_name(tower, self.precision)
-        session = ort.InferenceSession(str(source), sess_options=options, providers=self.providers)
+        tmp = optimised.with_name(f"{optimised.name}.{os.getpid()}.tmp")
+        options = self._options(ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+        options.optimized_model_filepath = str(tmp)
+        try:
+            session = ort.InferenceSession(str(source), sess_options=options, providers=self.providers)
+        except Exception:  # the optimised graph could not be written (a full or failing disk): not kept this time
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            session = self._unsaved_session(ort, source)
         if tmp.is_file():
             with contextlib.suppress(OSError):  # a read-only cache: optimised again next time
                 os.replace(tmp, optimised)
         self._sessions[tower] = session
         return session
+
+    def _unsaved_session(self, ort: Any, source: Path) -> Any:
+        options = self._options(ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+        try:
+            return ort.InferenceSession(str(source), sess_options=options, providers=self.providers)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"cannot load the exported graph {source}: {first}") from None
 
     def _options(self, level: Any) -> Any:
         import onnxruntime as ort
