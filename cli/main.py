@@ -1,6 +1,7 @@
 """The `clipdex` command. Each subcommand builds a typed config and calls one library function.
 
-The commands live by subject in cli/library.py, cli/query.py, cli/serve.py and cli/models.py; importing them registers them.
+The commands live by subject in cli/library.py, cli/watch.py, cli/query.py, cli/serve.py and cli/models.py; importing
+them registers them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from clipdex.cli import library, models, query, serve  # noqa: F401 (registers the commands)
+from clipdex.cli import library, models, query, serve, watch  # noqa: F401 (registers the commands)
 from clipdex.cli.common import app, version_callback
 
 __all__ = ["app", "main"]

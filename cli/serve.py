@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from clipdex.cli.common import Device, DeviceOpt, IndexDir, RuntimeOpt, app, err, friendly
+from clipdex.cli.watch import PollOpt, said, watch_config
 from clipdex.retrieval.errors import ClipdexError
 
 
@@ -36,6 +37,15 @@ def serve(
     ] = None,
     device: DeviceOpt = Device.auto,
     runtime: RuntimeOpt = None,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            help="Keep the index current while serving: index the folders it holds whenever files in them change "
+            "(as `clipdex watch`); the page shows new results without a reload.",
+        ),
+    ] = False,
+    poll: PollOpt = None,
 ) -> None:
     """Serve the index: an HTTP API (OpenAPI at /api/openapi.json) and a web page at /, the model loaded once."""
     from clipdex.retrieval.config import parse_memory
@@ -47,6 +57,7 @@ def serve(
     except ValueError as e:
         raise ClipdexError(f"--max-upload: {e}") from None
     _check_port_free(host, port)
+    watcher = _watcher(index_dir, device, runtime, poll) if watch else None
     from clipdex.retrieval.serve.app import ServeConfig
     from clipdex.retrieval.serve.app import serve as run_server
 
@@ -59,6 +70,7 @@ def serve(
         runtime=runtime.value if runtime else None,
         max_upload_bytes=upload,
         allowed_hosts=tuple(allowed_host or ()),
+        watch=watcher.status.to_json if watcher is not None else None,
     )
     if not config.is_loopback and not config.token:
         err.print(
@@ -66,7 +78,21 @@ def serve(
             "search the index and see its images",
             highlight=False,
         )
-    run_server(config, on_ready=lambda searcher: _ready(searcher, config))
+    if watcher is not None:
+        watcher.start()
+    try:
+        run_server(config, on_ready=lambda searcher: _ready(searcher, config))
+    finally:
+        if watcher is not None:
+            watcher.stop.set()
+
+
+def _watcher(index_dir: Any, device: Device, runtime: Any, poll: bool | None) -> Any:
+    """The watcher `--watch` runs beside the server, over the folders the index holds, saying each run in a line."""
+    from clipdex.indexer.watch import Watcher
+
+    config = watch_config(index_dir, None, device=device.value, runtime=runtime.value if runtime else None, poll=poll)
+    return Watcher(config, on_run=lambda summary, seconds: said(summary, seconds, as_json=False))
 
 
 def _ready(searcher: Any, config: Any) -> None:

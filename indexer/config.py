@@ -32,6 +32,7 @@ class IndexConfig:
     engine: str = "local"  # where decoding and encoding run: local, or ray (`indexer.engines`)
     ray_address: str | None = None
     prune_missing: bool = False  # remove the items of roots and folders that cannot be read, instead of keeping them
+    defer: frozenset[str] = frozenset()  # canonical paths left as they are this run (a file still being written)
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Summary:
     updated: int = 0
     removed: int = 0
     unchanged: int = 0
+    deferred: int = 0  # files left for a later run (`IndexConfig.defer`)
     failed: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # things the user should know that are not failures

@@ -124,6 +124,9 @@ class IndexRun:
         work: list[FileEntry] = []
         for key, entry in entries.items():
             old = existing.get(key)
+            if key in self.config.defer:  # still being written: its item, if any, stays as it is
+                self.summary.deferred += 1
+                continue
             if old and old["status"] == Status.OK.value and old["size"] == entry.size and old["mtime"] == entry.mtime:
                 self.summary.unchanged += 1
             else:

@@ -251,3 +251,34 @@ def test_the_rerank_toggle_and_sort_reorder_as_the_library_does(browser, tmp_pat
             page.select_option("#sort", sort)
             _wait_for(page, [h.id for h in searcher.search(Query.build(text="a green square"), k=K, sort=sort)])
         page.close()
+
+
+def test_a_watched_library_shows_indexing_and_new_results_without_a_reload(browser, tmp_path, tiny_model):
+    """Under `serve --watch` the page says it is watching; photos copied into the folder appear in the open
+    results (the library's order) without a reload."""
+    from corpus import make_images
+
+    from clipdex.cli.watch import watch_config
+    from clipdex.indexer.watch import Watcher
+
+    photos, index = tmp_path / "photos", tmp_path / "idx"
+    make_images(photos, 6, seed=94)
+    run(CliRunner(), "index", photos, "--index", index, *tiny_model.cli_args())
+    config = watch_config(index, None, workers=0)
+    config.settle_s, config.quiet_ms = 0.5, 150
+    watcher = Watcher(config)
+    watcher.start()
+    searcher = Searcher(index)
+    try:
+        with serving(create_app(searcher, ServeConfig(index, watch=watcher.status.to_json))) as base:
+            page = browser.new_page(viewport={"width": 1280, "height": 900}, bypass_csp=True)
+            page.goto(base + "/?q=a+red+circle")
+            page.wait_for_function("document.querySelector('#watch-state').textContent.includes('watching')")
+            _wait_for(page, [h.id for h in searcher.search_text("a red circle", k=K)])
+            make_images(photos, 5, seed=95, start=20)
+            page.wait_for_function("document.querySelectorAll('#results .card').length === 11", timeout=30_000)
+            searcher.refresh()
+            _wait_for(page, [h.id for h in searcher.search_text("a red circle", k=K)])
+            page.close()
+    finally:
+        watcher.stop.set()

@@ -22,6 +22,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 SKIPPED = [
     ("pip install", "installs packages"),
     ("clipdex serve", "runs until stopped (tests/test_server.py runs the server)"),
+    ("clipdex watch", "runs until stopped (tests/test_watch.py runs the watcher)"),
     ("--engine ray", "Ray is an optional extra (tests/test_ray.py, where it is installed)"),
     ("/data/", "a folder on the user's machine"),
     ("s3-copy-of-emb", "a folder on the user's machine"),
@@ -127,7 +128,7 @@ def test_every_readme_command_runs(cli, tmp_path, tiny_model, monkeypatch):
         assert "Traceback" not in result.stderr, line
         ran.append(line)
     assert len(ran) >= 30, ran
-    assert all(re.search(r"pip install|serve|ray|/data/|s3-copy", s) for s in skipped), skipped
+    assert all(re.search(r"pip install|serve|watch|ray|/data/|s3-copy", s) for s in skipped), skipped
 
 
 @pytest.mark.parametrize("line", [c for c in readme_commands() if c.startswith("clipdex ")])

@@ -7,13 +7,10 @@ handler, with the status each error class declares. This module assembles the ap
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import logging
-import signal
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,6 +25,7 @@ from clipdex.retrieval.serve.deps import ServeConfig
 from clipdex.retrieval.serve.guard import HostGuard
 from clipdex.retrieval.serve.schemas import ErrorModel, error_response
 from clipdex.retrieval.serve.thumbnails import thumbnail_dir
+from clipdex.retrieval.signals import term_as_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -119,28 +117,9 @@ def serve(config: ServeConfig, *, on_ready: Any = None) -> None:
         registered = remote.register(config.index_dir, f"http://{host}:{config.port}", config.token)
     if on_ready is not None:  # said once the socket is bound: a client told "serving" can connect at once
         threading.Thread(target=_when_started, args=(server, lambda: on_ready(searcher)), daemon=True).start()
-    with _term_as_interrupt():
+    with term_as_interrupt():  # uvicorn catches SIGTERM while it serves, then raises it again under our handler
         try:
             server.run()
         finally:
             if registered is not None:
                 remote.unregister(registered)
-
-
-@contextlib.contextmanager
-def _term_as_interrupt() -> Iterator[None]:
-    """SIGTERM (systemd, `docker stop`) stops the server as Ctrl-C does, cleaning up. uvicorn catches both while it
-    serves, then raises the caught signal again under the handler it found: Python's default for SIGTERM kills
-    the process on the spot, before any `finally`."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -4,8 +4,10 @@ checks every route shares."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fastapi import Request
 
@@ -30,6 +32,7 @@ class ServeConfig:
     max_k: int = 1000
     thumbnail_size: int = THUMBNAIL_SIZE
     allowed_hosts: tuple[str, ...] = ()  # names besides loopback ones (or the bound address) that requests may use
+    watch: Callable[[], dict[str, Any]] | None = None  # `serve --watch`: what the watcher is doing now
 
     @property
     def is_loopback(self) -> bool:

@@ -1,5 +1,5 @@
-"""The server itself: `/healthz`, `/api/info` (what the index holds, and this server's limits), and the web page's
-files (nothing is loaded from elsewhere)."""
+"""The server itself: `/healthz`, `/api/info` (what the index holds, and this server's limits), `/api/status` (what
+changes while it runs), and the web page's files (nothing is loaded from elsewhere)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,20 @@ def info(s: Searcher = Depends(searcher), config: ServeConfig = Depends(settings
         "query_chars": config.max_query_chars,
         "upload_bytes": config.max_upload_bytes,
     }
+    if config.watch is not None:
+        data["watch"] = config.watch()
     return data
+
+
+@router.get("/api/status")
+def status(s: Searcher = Depends(searcher), config: ServeConfig = Depends(settings)) -> dict[str, Any]:
+    """What changes while the server runs, cheap enough to ask every few seconds: the snapshot searched (a newer
+    generation means new results), its counts, and under `serve --watch` whether indexing is under way."""
+    return {
+        "generation": s.manifest.snapshot.generation,
+        "counts": s.manifest.counts,
+        "watch": config.watch() if config.watch is not None else None,
+    }
 
 
 def _page_file(name: str, media_type: str) -> Any:

@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { target: "images", query: null, controller: null, timer: null, objectUrl: null, rerankK: null };
+const state = { target: "images", query: null, controller: null, timer: null, objectUrl: null, rerankK: null, model: "" };
 const DEBOUNCE_MS = 250;
 const K = 48;
 
@@ -341,9 +341,48 @@ async function loadSummary() {
       state.rerankK = info.rerank.k;
       $("rerank-toggle").hidden = false;
     }
-    $("index-summary").textContent =
-      `${(counts.images || 0).toLocaleString()} images and ${(counts.texts || 0).toLocaleString()} texts · ${info.model.name}`;
+    state.model = info.model.name;
+    showCounts(counts);
+    if (info.watch) follow(info.watch);
   } catch (_) { /* the summary is a nicety; searches report their own errors */ }
+}
+
+function showCounts(counts) {
+  $("index-summary").textContent =
+    `${(counts.images || 0).toLocaleString()} images and ${(counts.texts || 0).toLocaleString()} texts · ${state.model}`;
+}
+
+// Under `clipdex serve --watch` the index changes while the page is open: say when indexing is under way, and
+// when a run publishes new results, search again so they appear without a reload.
+const FOLLOW_MS = 2000;
+
+function showWatch(watch) {
+  const el = $("watch-state");
+  el.hidden = false;
+  const offline = watch.offline && watch.offline.length ? ` · ${watch.offline.length} folder(s) offline` : "";
+  el.textContent = (watch.indexing ? "indexing new photos…" : "watching for new photos") + offline;
+  el.className = "watch-state" + (watch.indexing ? " busy" : "");
+  el.title = watch.error || "";
+}
+
+function follow(watch) {
+  showWatch(watch);
+  let generation = null;
+  const tick = async () => {
+    try {
+      const response = await fetch("/api/status", { credentials: "same-origin" });
+      if (!response.ok) return;
+      const status = await response.json();
+      if (status.watch) showWatch(status.watch);
+      if (generation !== null && status.generation !== generation) {
+        showCounts(status.counts || {});
+        if (state.query) run(state.query);
+      }
+      generation = status.generation;
+    } catch (_) { /* the next tick tries again */ }
+  };
+  tick();
+  setInterval(tick, FOLLOW_MS);
 }
 
 (function start() {
