@@ -93,6 +93,14 @@ def search(
             show_default=False,
         ),
     ] = None,
+    relevant: Annotated[
+        bool,
+        typer.Option(
+            "--relevant",
+            help="Instead of -k results, every one judged relevant: a cut-off calibrated on this query's own scores "
+            "over the library (at most 1000).",
+        ),
+    ] = False,
     paths: Annotated[bool, typer.Option("--paths", help="Print only the paths, one per line (for xargs).")] = False,
     device: DeviceOpt = Device.auto,
     runtime: RuntimeOpt = None,
@@ -136,6 +144,7 @@ def search(
         before=before,
         min_score=min_score,
         rerank=rerank,
+        relevant=relevant,
         offline=offline,
         sort=sort,
         image=image,

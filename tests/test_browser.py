@@ -282,3 +282,17 @@ def test_a_watched_library_shows_indexing_and_new_results_without_a_reload(brows
             page.close()
     finally:
         watcher.stop.set()
+
+
+def test_the_all_relevant_toggle_shows_the_librarys_relevant_set(browser, served):
+    """ "all relevant" under Refine: the page shows what `search --relevant` returns, not the best 48."""
+    base, searcher, _ = served
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, bypass_csp=True)
+    page.goto(base + "/?q=a+red+circle")
+    _wait_for(page, [h.id for h in searcher.search_text("a red circle", k=K)])
+    page.click("#refine summary")
+    page.check("#relevant")
+    _wait_for(page, [h.id for h in searcher.search(Query.build(text="a red circle"), relevant=True)])
+    page.uncheck("#relevant")
+    _wait_for(page, [h.id for h in searcher.search_text("a red circle", k=K)])
+    page.close()

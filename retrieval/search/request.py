@@ -80,6 +80,11 @@ class SearchRequest:
     rerank: int | None = _param(
         None, "Re-score the top K results with the index's re-ranking head (`clipdex finetune --method rerank`)."
     )
+    relevant: bool = _param(
+        False,
+        "Return every result judged relevant (a cut-off calibrated on this query's scores over the library; at "
+        "most 1000) instead of k.",
+    )
     image: Image | None = _param(None, "Query with an image (image→image by default).", wire=Wire.FILE)  # noqa: RUF009
     add_image: tuple[Image, ...] = _param(tuple, "Images added to the query (repeatable).", wire=Wire.FILE)
     subtract_image: tuple[Image, ...] = _param(tuple, "Images subtracted from the query (repeatable).", wire=Wire.FILE)

@@ -26,6 +26,7 @@ from clipdex.retrieval.search.batching import Batcher, LRUCache
 from clipdex.retrieval.search.hits import Hit, Item, results_json
 from clipdex.retrieval.search.opened import OpenSnapshot
 from clipdex.retrieval.search.query import Query, Term
+from clipdex.retrieval.search.relevant import RELEVANT_MAX, TOP, Cutoff, cutoff, sample_ids
 from clipdex.retrieval.search.request import OFFLINE, SORTS
 from clipdex.retrieval.store.manifest import Manifest, read_manifest
 from clipdex.retrieval.store.reader import manifest_stamp, read_file
@@ -251,6 +252,7 @@ class Searcher:
         rerank: int | None = None,
         offline: str = "hide",
         sort: str = "score",
+        relevant: bool = False,
     ) -> list[Hit]:
         """Rank by cosine with the query's composed vector (see `retrieval.search.query`).
 
@@ -263,7 +265,9 @@ class Searcher:
         it never changes which items are found): by score, date (capture time, else the file's mtime; `-date`
         newest first; undated last) or name (the file's name, else the text).
         With `rerank` K, the index's re-ranking head re-scores the top K of that ranking and orders them by its score
-        (`rerank` on each of them); the hits after K keep their order."""
+        (`rerank` on each of them); the hits after K keep their order.
+        With `relevant`, `k` gives way to a cut-off that adapts to the query (`relevance_cutoff`): every hit scoring at
+        least that, up to RELEVANT_MAX."""
         if k < 1:
             raise InputError(f"k must be at least 1 (got {k})")
         if rerank is not None and rerank < 1:
@@ -274,6 +278,8 @@ class Searcher:
             raise InputError(f"offline is hide or show (got {offline!r})")
         if sort not in SORTS:
             raise InputError(f"sort is one of {', '.join(SORTS)} (got {sort!r})")
+        if relevant and rerank is not None:
+            raise InputError("relevant cuts by the cosine score and rerank orders by another: use one of them")
         snap = self._snap
         files = compose.read_query_files(query)  # each query image file read once, to embed it and to recognise it
         reranker = self._reranker_for(query, target) if rerank is not None else None
@@ -284,16 +290,24 @@ class Searcher:
         if offline == "hide":
             exclude = exclude | away  # not counted in `want`: a large offline drive costs a few doublings, not its size
         allowed = self.filter_ids(where, target) if where is not None and where.selects else None
+        threshold = self.relevance_cutoff(vector, target).threshold if relevant else None
+        if threshold is not None:
+            k = RELEVANT_MAX
         shown, k = k, max(k, rerank or 0)
-        want = k + own
+        want = k + own if threshold is None else min(k + own, 64)  # relevant: as deep as the scores stay above it
         while True:
             found, exhausted = self._candidates(snap, vector, want, target, allowed)
             kept = [h for h in found if h.id not in exclude]
             if dedup is not None:
                 kept = compose.dedup(snap.items, kept, dedup)
-            if len(kept) >= k or exhausted:
+            if threshold is not None:
+                passed = not found or found[-1].score < threshold  # the last one found is below: all are in
+                kept = [h for h in kept if h.score >= threshold]
+                if passed or exhausted or want >= k + own:
+                    break
+            elif len(kept) >= k or exhausted:
                 break
-            want *= 2  # exclusions and collapsed near-duplicates took places: look further down
+            want *= 2  # exclusions and collapsed near-duplicates took places, or the relevant go further down
         if where is not None and where.min_score is not None:
             kept = [h for h in kept if h.score >= where.min_score]
         if reranker is not None and rerank is not None:
@@ -301,6 +315,21 @@ class Searcher:
         if away and offline == "show":
             kept = [replace(h, offline=True) if h.id in away else h for h in kept]
         return [replace(h, rank=r + 1) for r, h in enumerate(self._sorted(snap, kept[:shown], sort))]
+
+    def relevance_cutoff(self, vector: np.ndarray, target: Kind) -> Cutoff:
+        """Where relevance ends for this query vector (`retrieval.search.relevant`): calibrated on its scores over the
+        target's items (a seeded sample of a large library) and its best scores."""
+        ids = self.ids(target)
+        sample = sample_ids(ids)
+        scores = np.concatenate(
+            [self.vectors(sample[i : i + 65536]) @ vector[0] for i in range(0, len(sample), 65536)] or [np.empty(0)]
+        )
+        best = (
+            scores
+            if len(sample) == len(ids)
+            else np.array([h.score for h in self.search_vectors(vector, k=TOP, target=target)[0]])
+        )
+        return cutoff(scores, best)
 
     def _sorted(self, snap: OpenSnapshot, hits: list[Hit], sort: str) -> list[Hit]:
         """The hits in the order `sort` asks for (stable: equal keys keep their rank order)."""
@@ -383,6 +412,7 @@ class Searcher:
             rerank=request.rerank,
             offline=request.offline,
             sort=request.sort,
+            relevant=request.relevant,
         )
         plan = self.filter_plan(where, request.target) if where is not None else None
         return results_json(label or query.label(), request.target, hits, query.describe(), plan)

@@ -57,6 +57,7 @@ function searchFields(query) {
     if (value) fields.push([input.name, value]);
   }
   if (reranking(query)) fields.push(["rerank", String(state.rerankK)]);
+  else if ($("relevant").checked) fields.push(["relevant", "true"]);
   return fields;
 }
 
@@ -93,7 +94,7 @@ function run(query) {
     form.append("image", query.file, query.file.name || "image");
     for (const [name, value] of fields) form.append(name, value);
     request = call("/api/search", { method: "POST", body: form });
-  } else if (query.kind === "text" || refined || reranking(query)) {
+  } else if (query.kind === "text" || refined || reranking(query) || $("relevant").checked) {
     request = call("/api/search?" + new URLSearchParams(fields));
   } else {
     request = call(`/api/items/${query.id}/similar?k=${K}`);
@@ -289,6 +290,7 @@ for (const input of REFINE) {
 }
 
 $("rerank").addEventListener("change", () => { if (state.query) run(state.query); });
+$("relevant").addEventListener("change", () => { if (state.query) run(state.query); });
 
 $("image-button").addEventListener("click", () => $("file").click());
 $("file").addEventListener("change", () => { searchByFile($("file").files[0]); $("file").value = ""; });
