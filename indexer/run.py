@@ -4,6 +4,7 @@ publishes every so often, so a run killed at any moment loses at most the batche
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, fields
@@ -51,6 +52,7 @@ class IndexRun:
         self.unreadable: list[Path] = []  # folders a scan could not list
         self.missing: list[Path] = []  # roots given that do not exist now (an unplugged drive, an unmounted share)
         self.encoded_in_run: dict[str, Record] = {}  # content hash → the record that carries its vector
+        self.devices: dict[str, int] = dict(writer.manifest.devices)  # root folder → its device when it held images
 
     # -- images ---------------------------------------------------------------------------------
 
@@ -94,7 +96,10 @@ class IndexRun:
                 entries.setdefault(str(entry.path), entry)
             if found:
                 scanned.append(str(root))
-            elif not root.exists() and not root.is_symlink():  # gone as a whole: unplugged, unmounted, not deleted
+                self._seen_device(root)
+            elif (not root.exists() and not root.is_symlink()) or self._unmounted(
+                root
+            ):  # gone as a whole: unplugged, unmounted, not deleted
                 self._missing_root(root)
             elif root not in self.unreadable:  # a folder that could not be listed (EIO, permission) lost nothing
                 self._remove_gone_root(root)
@@ -230,6 +235,20 @@ class IndexRun:
         if not ids and str(root) not in self.writer.manifest.roots:
             raise no_images_error(root, self.config.exclude)
         return ids
+
+    def _seen_device(self, root: Path) -> None:
+        with contextlib.suppress(OSError):
+            if root.is_dir():
+                self.devices[str(root)] = root.stat().st_dev
+
+    def _unmounted(self, root: Path) -> bool:
+        """A root folder with no images now, on another device than when it last held some: the folder a drive or
+        share was mounted on, with the drive unmounted (its own files were on the drive)."""
+        held = self.writer.manifest.devices.get(str(root))
+        try:
+            return held is not None and root.is_dir() and root.stat().st_dev != held
+        except OSError:
+            return False
 
     def _missing_root(self, root: Path) -> None:
         """A root that is not there (a drive unplugged, a share unmounted): its items stay, offline, until it is back
@@ -383,6 +402,7 @@ class IndexRun:
         t0 = time.perf_counter()
         known = self.writer.manifest.roots
         self.writer.set_roots(known + [str(r) for r in roots if str(r) not in known])
+        self.writer.set_devices(self.devices)
         self.offline(roots)
         self.writer.commit([], delete_ids=self.to_delete)
         self.writer.publish()

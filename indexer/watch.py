@@ -68,7 +68,7 @@ class WatchStatus:
     runs: int = 0
     last: dict[str, Any] | None = None  # the last run's summary
     last_error: str | None = None
-    offline: list[str] = field(default_factory=list)  # roots that are not there now
+    offline: list[str] = field(default_factory=list)  # roots and folders that are away (kept offline)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -135,9 +135,9 @@ class Watcher:
         import watchfiles
 
         while not self.stop.is_set():
-            present = [r for r in self.roots if r.exists()]
+            present = self._present()
             with self.status.lock:
-                self.status.offline = [str(r) for r in self.roots if r not in present]
+                self.status.offline = [str(r) for r in self.roots if r not in dict(present)]
             if present:
                 self._listen(watchfiles, present)
                 continue
@@ -146,16 +146,28 @@ class Watcher:
                 return
             self._dirty = self._dirty or any(r.exists() for r in self.roots)
 
-    def _listen(self, watchfiles: Any, present: list[Path]) -> None:
+    def _present(self) -> list[tuple[Path, int]]:
+        """The roots that are there, each with its device: a drive mounted on (or unmounted from) a root folder
+        changes the device under the same path, and the watch must then be made again (the old one watches the
+        folder underneath)."""
+        out = []
+        for root in self.roots:
+            try:
+                out.append((root, root.stat().st_dev))
+            except OSError:
+                continue
+        return out
+
+    def _listen(self, watchfiles: Any, present: list[tuple[Path, int]]) -> None:
         """Gather events until a run is due, or the set of roots that are there changes (then watched anew). The
         first run comes once the system watches, so nothing that changed before (while no watcher ran, or between
         two watches) is missed."""
-        poll = self.config.poll if self.config.poll is not None else any(polls(r) for r in present)
+        poll = self.config.poll if self.config.poll is not None else any(polls(r) for r, _ in present)
         first_seen: float | None = None
         self._dirty = True
         try:
             for changes in watchfiles.watch(
-                *present,
+                *(r for r, _ in present),
                 watch_filter=lambda change, path: relevant(path),
                 debounce=self.config.gather_ms,
                 step=self.config.quiet_ms,
@@ -171,7 +183,7 @@ class Watcher:
                     self._pending.setdefault(path, now)
                     self._dirty = True
                     first_seen = first_seen or now
-                if [r for r in self.roots if r.exists()] != present:  # unplugged, or back: watch the new set
+                if self._present() != present:  # unplugged, unmounted or back: watch the new set
                     self._dirty = True
                     self._maybe_index()
                     return
@@ -246,7 +258,9 @@ class Watcher:
         self._pending = {p: t for p, t in self._pending.items() if str(canonical(p)) in busy}
         self._stamps = {p: s for p, s in self._stamps.items() if p in self._pending}
         self._dirty = bool(self._pending)
+        offline = _offline(self.config.index.index_dir)
         with self.status.lock:
+            self.status.offline = offline if offline is not None else self.status.offline
             self.status.runs += 1
             self.status.last = {**summary.to_json(), "deferred": summary.deferred, "seconds": round(seconds, 3)}
             self.status.last_error = None
@@ -272,3 +286,13 @@ class Watcher:
         except Exception as e:  # said on the page and in the log, not lost with the thread
             self._failed(f"the watcher stopped: {e}")
             log.exception("the watcher stopped")
+
+
+def _offline(index_dir: Path) -> list[str] | None:
+    """What the index keeps offline after a run (missing and unmounted roots, unreadable folders)."""
+    from clipdex.retrieval.store.manifest import read_manifest
+
+    try:
+        return list(read_manifest(index_dir).offline)
+    except (ClipdexError, OSError):
+        return None

@@ -296,3 +296,59 @@ def test_a_burst_of_events_in_a_subfolder_that_is_deleted_whole(watched, tmp_pat
     settled(watcher, index, photos)
     assert_exact(index, photos, reference)
     assert os.path.isdir(photos)
+
+
+@pytest.fixture
+def drive(tmp_path) -> Iterator[Callable[[Path], None]]:
+    """A real mount on `tmp_path/drive` (a small tmpfs), and a function that plugs it in again holding a copy of a
+    folder (filled first on the side, then moved onto the folder, as a drive comes with its files). Skipped where
+    `mount` is refused (not root, a container without the capability)."""
+    point, side = tmp_path / "drive", tmp_path / "side"
+    point.mkdir()
+    side.mkdir()
+
+    def mount(where: Path) -> None:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(where)], check=True,
+                       capture_output=True)  # fmt: skip
+
+    def plug(contents: Path) -> None:
+        mount(side)
+        shutil.copytree(contents, side, dirs_exist_ok=True)  # copy2: the same bytes and mtimes
+        subprocess.run(["mount", "--move", str(side), str(point)], check=True, capture_output=True)
+
+    try:
+        mount(point)
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"mount is refused here: {e}")
+    yield plug
+    for where in (point, side):
+        while os.path.ismount(where):
+            subprocess.run(["umount", str(where)], check=False, capture_output=True)
+
+
+def test_a_drive_unmounted_from_the_root_folder_is_offline_and_comes_back_as_it_was(drive, tmp_path, tiny_model):
+    """The root is the folder a drive is mounted on: unmounted, it is an empty folder, not a deleted library. `index`
+    and `watch` keep its items offline; mounted again, nothing is encoded and new photos on it are seen."""
+    point, index = tmp_path / "drive", tmp_path / "idx"
+    make_images(point, 5, seed=720)
+    backup = tmp_path / "backup"
+    shutil.copytree(point, backup)  # copy2: the same bytes and mtimes when the drive comes back
+    run(CliRunner(), "index", point, "--index", index, *tiny_model.cli_args())
+    before = rows(index)
+    subprocess.run(["umount", str(point)], check=True)
+    summary = json.loads(run(CliRunner(), "index", point, "--index", index, "--json"))
+    assert summary["removed"] == 0 and rows(index) == before
+    assert any("kept, offline" in n for n in summary["notes"])
+    config = WatchConfig(IndexConfig(paths=(point,), index_dir=index, workers=0), poll=False, **FAST)
+    watcher = Watcher(config)
+    watcher.start()
+    try:
+        wait_for(lambda: watcher.status.runs >= 1, what="the catch-up run", watcher=watcher)
+        assert watcher.status.to_json()["offline"] == [str(point)] and rows(index) == before
+        drive(backup)  # plugged in again, its files as they were
+        wait_for(lambda: watcher.status.to_json()["offline"] == [], what="back online", watcher=watcher)
+        assert rows(index) == before  # nothing encoded again
+        make_images(point, 2, seed=721, start=40)  # the watch follows the new mount
+        settled(watcher, index, point)
+    finally:
+        watcher.stop.set()

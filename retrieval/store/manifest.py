@@ -108,6 +108,7 @@ class Manifest:
     precision: str = "fp32"  # what the model ran at to make the vectors: queries run at the same (model.precision)
     forgotten: list[str] = field(default_factory=list)  # removed with --forget: indexing a folder above skips them
     offline: list[str] = field(default_factory=list)  # roots and folders unreadable at the last run: items kept
+    devices: dict[str, int] = field(default_factory=dict)  # a root folder → its device when it last held images
     rerank: str | None = None  # the re-ranking head attached (`finetune --method rerank --index`): a file in model/
 
     def to_json(self) -> dict[str, Any]:
@@ -135,6 +136,7 @@ class Manifest:
             precision=str(data.get("precision") or "fp32"),
             forgotten=list(data.get("forgotten") or []),
             offline=list(data.get("offline") or []),
+            devices={str(k): int(v) for k, v in (data.get("devices") or {}).items()},
             rerank=data.get("rerank") or None,
             snapshot=Snapshot(
                 generation=int(snapshot.get("generation", 0)),

@@ -207,6 +207,11 @@ class IndexWriter:
         """Paths `remove --forget` took out: indexing a folder above them leaves them out (the next publish)."""
         self.manifest.forgotten = paths
 
+    def set_devices(self, devices: dict[str, int]) -> None:
+        """Each root folder's device when it last held images: an empty one on another device now was unmounted
+        (the next publish)."""
+        self.manifest.devices = devices
+
     def set_offline(self, paths: list[str]) -> None:
         """Roots and folders that could not be read: their items are kept, and offline (the next publish)."""
         self.manifest.offline = paths
