@@ -296,3 +296,31 @@ def test_the_all_relevant_toggle_shows_the_librarys_relevant_set(browser, served
     page.uncheck("#relevant")
     _wait_for(page, [h.id for h in searcher.search_text("a red circle", k=K)])
     page.close()
+
+
+def test_all_relevant_newest_first_is_grouped_by_month(browser, tmp_path, tiny_model):
+    """ "all relevant" with "newest first": the library's relevant set in its date order, under one heading per
+    month (the files' dates are spread over several months)."""
+    import datetime as dt
+
+    from corpus import make_images
+
+    photos, index = tmp_path / "photos", tmp_path / "idx"
+    made = make_images(photos, 24, seed=96)
+    for i, (path, _) in enumerate(made):
+        when = dt.datetime(2023, 1 + i % 5, 3 + i, 12, tzinfo=dt.UTC).timestamp()
+        os.utime(path, (when, when))
+    run(CliRunner(), "index", photos, "--index", index, *tiny_model.cli_args())
+    searcher = Searcher(index)
+    want = searcher.search(Query.build(text="a red circle"), relevant=True, sort="-date")
+    months = list(dict.fromkeys(dt.datetime.fromtimestamp(h.date, dt.UTC).strftime("%B %Y") for h in want))
+    assert len(months) > 1
+    with serving(create_app(searcher, ServeConfig(index))) as base:
+        page = browser.new_page(viewport={"width": 1280, "height": 900}, bypass_csp=True, locale="en-US")
+        page.goto(base + "/?q=a+red+circle")
+        page.click("#refine summary")
+        page.check("#relevant")
+        page.select_option("#sort", "-date")
+        _wait_for(page, [h.id for h in want])
+        assert page.eval_on_selector_all("#results .month", "hs => hs.map(h => h.textContent)") == months
+        page.close()

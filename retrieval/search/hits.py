@@ -29,11 +29,14 @@ class Hit:
     text: str | None
     rerank: float | None = None  # the re-ranking head's score (`--rerank`), for the hits it re-scored
     offline: bool = False  # on a drive or folder that could not be read at the last run (`--offline show`)
+    date: float | None = None  # sorted by date: the capture time, else the file's mtime (seconds since the epoch)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         if self.rerank is None:
             del out["rerank"]
+        if self.date is None:
+            del out["date"]
         if not self.offline:
             del out["offline"]
         return out

@@ -263,7 +263,7 @@ class Searcher:
         Items on a root or folder that could not be read at the last run (`Manifest.offline`) are left out, unless
         `offline` is "show": then they are kept, flagged `offline`. `sort` orders the k found (after retrieval, so
         it never changes which items are found): by score, date (capture time, else the file's mtime; `-date`
-        newest first; undated last) or name (the file's name, else the text).
+        newest first; undated last; each dated hit carries its `date`) or name (the file's name, else the text).
         With `rerank` K, the index's re-ranking head re-scores the top K of that ranking and orders them by its score
         (`rerank` on each of them); the hits after K keep their order.
         With `relevant`, `k` gives way to a cut-off that adapts to the query (`relevance_cutoff`): every hit scoring at
@@ -338,7 +338,7 @@ class Searcher:
         if sort == "name":
             return sorted(hits, key=lambda h: (Path(h.path).name if h.path else h.text or "").casefold())
         dates = self.dates([h.id for h in hits])
-        dated = [(d, h) for h in hits if (d := dates.get(h.id)) is not None]
+        dated = [(d, replace(h, date=d)) for h in hits if (d := dates.get(h.id)) is not None]
         undated = [h for h in hits if dates.get(h.id) is None]
         ordered = sorted(dated, key=lambda pair: pair[0], reverse=sort == "-date")
         return [h for _, h in ordered] + undated

@@ -121,7 +121,32 @@ function fileName(path) {
 function render(results, target) {
   const grid = $("results");
   grid.className = target === "texts" ? "list" : "grid";
-  grid.replaceChildren(...results.map((hit) => (hit.kind === "image" ? imageCard(hit) : textCard(hit))));
+  const cards = results.map((hit) => (hit.kind === "image" ? imageCard(hit) : textCard(hit)));
+  grid.replaceChildren(...(byMonth(results) ? withMonths(results, cards) : cards));
+}
+
+// All relevant results sorted by date are shown under a heading per month (a library's way of browsing a subject).
+function byMonth(results) {
+  return $("relevant").checked && results.some((hit) => hit.date !== undefined);
+}
+
+const MONTH = new Intl.DateTimeFormat(undefined, { year: "numeric", month: "long", timeZone: "UTC" });
+
+function withMonths(results, cards) {
+  const out = [];
+  let last = null;
+  results.forEach((hit, i) => {
+    const month = hit.date === undefined ? "Undated" : MONTH.format(new Date(hit.date * 1000));
+    if (month !== last) {
+      const heading = document.createElement("h2");
+      heading.className = "month";
+      heading.textContent = month;
+      out.push(heading);
+      last = month;
+    }
+    out.push(cards[i]);
+  });
+  return out;
 }
 
 function imageCard(hit) {
