@@ -38,13 +38,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def run_index(config: IndexConfig, *, progress: Progress | None = None) -> Summary:
-    """Bring the index at `config.index_dir` up to date with the given folders and caption file."""
+def run_index(config: IndexConfig, *, progress: Progress | None = None, keep: EncoderCache | None = None) -> Summary:
+    """Bring the index at `config.index_dir` up to date with the given folders and caption file. With `keep`, the
+    model loaded is kept there and used again by the next run that passes it (a watcher's runs), for as long as the
+    index holds the same model."""
     check_index_dir(config.index_dir)
     roots, texts = _sources(config)
     engine_config = EngineConfig(config.engine, config.ray_address, config.workers)
     fresh = FreshIndexDir(config.index_dir)
-    encoder, writer = _open(config, fresh)
+    encoder, writer = _open(config, fresh, keep)
     engine: Engine | None = None
     with writing(writer, fresh):
         try:
@@ -88,16 +90,35 @@ def _sources(config: IndexConfig) -> tuple[list[Path], list[TextSource]]:
     return roots, texts
 
 
-def _open(config: IndexConfig, fresh: FreshIndexDir) -> tuple[Encoder, IndexWriter]:
+class EncoderCache:
+    """The model one run loaded, for the next run over the same index (`run_index(keep=...)`)."""
+
+    def __init__(self) -> None:
+        self.encoder: Any = None
+        self.key: tuple[Any, ...] | None = None
+
+    def get(self, key: tuple[Any, ...], load: Callable[[], Any]) -> Any:
+        if self.encoder is None or self.key != key:
+            self.encoder, self.key = load(), key
+        return self.encoder
+
+
+def _open(config: IndexConfig, fresh: FreshIndexDir, keep: EncoderCache | None = None) -> tuple[Encoder, IndexWriter]:
     """The model and a writer for the index; an existing index is locked before the model loads, so a second
     indexer is refused at once."""
     encoder_config, existing = _encoder_config(config)
     precision = _precision(config, existing is not None)
     lock = acquire_lock(config.index_dir) if existing is not None else None
-    try:
-        encoder = _exported(encoder_config, existing, config, precision) or _runtime(
+
+    def load() -> Any:
+        return _exported(encoder_config, existing, config, precision) or _runtime(
             _load_encoder(encoder_config, existing), config, precision
         )
+
+    try:
+        # kept only while the index holds the very model it was loaded for (a `reindex` to another one loads anew)
+        key = (existing.to_json() if existing is not None else None, encoder_config, precision, config.runtime)
+        encoder = keep.get(key, load) if keep is not None and existing is not None else load()
         if config.ann is not None:
             validate_settings(config.ann, encoder.dim)
         writer = index_writer(config.index_dir, encoder.spec, encoder.dim, lock=lock, precision=precision)

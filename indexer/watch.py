@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from clipdex.indexer.config import IndexConfig, Summary
-from clipdex.indexer.pipeline import run_index
+from clipdex.indexer.pipeline import EncoderCache, run_index
 from clipdex.indexer.sources import IGNORE_FILE
 from clipdex.retrieval.errors import ClipdexError, Interrupted
 from clipdex.retrieval.imaging.files import is_image_file, skipped
@@ -126,6 +126,7 @@ class Watcher:
         self._pending: dict[str, float] = {}  # a changed path → when its change was seen
         self._stamps: dict[str, tuple[tuple[int, int], float]] = {}  # its (size, mtime) → since when it is so
         self._retry_s = RETRY_S
+        self._encoder = EncoderCache()  # the model, loaded by the first run and kept for the next ones
         self._dirty = True  # the first run catches up with what changed while nothing watched
 
     # -- the loop -------------------------------------------------------------------------------------------------
@@ -240,7 +241,7 @@ class Watcher:
             self.status.indexing = True
         t0 = time.monotonic()
         try:
-            summary = run_index(config)
+            summary = run_index(config, keep=self._encoder)
         except Interrupted:
             raise
         except Exception as e:

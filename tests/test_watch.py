@@ -352,3 +352,20 @@ def test_a_drive_unmounted_from_the_root_folder_is_offline_and_comes_back_as_it_
         settled(watcher, index, point)
     finally:
         watcher.stop.set()
+
+
+def test_the_model_is_loaded_once_for_a_watchers_runs_and_again_for_another_model(watched, tmp_path, monkeypatch):
+    from clipdex.indexer import pipeline
+
+    loads: list[int] = []
+    real = pipeline._exported
+    monkeypatch.setattr(pipeline, "_exported", lambda *a, **k: loads.append(1) or real(*a, **k))
+    photos, index = tmp_path / "photos", tmp_path / "idx"
+    watcher = watched()
+    for n in range(3):
+        make_images(photos, 1, seed=730 + n, start=80 + n)
+        settled(watcher, index, photos)
+    assert watcher.status.runs >= 4 and len(loads) == 1
+    cache = pipeline.EncoderCache()
+    assert cache.get(("a",), lambda: 1) == 1 and cache.get(("a",), lambda: 2) == 1
+    assert cache.get(("b",), lambda: 3) == 3  # the index holds another model now: loaded anew
