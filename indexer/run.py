@@ -97,9 +97,7 @@ class IndexRun:
             if found:
                 scanned.append(str(root))
                 self._seen_device(root)
-            elif (not root.exists() and not root.is_symlink()) or self._unmounted(
-                root
-            ):  # gone as a whole: unplugged, unmounted, not deleted
+            elif self._away(root):  # gone as a whole: unplugged, unmounted, not deleted
                 self._missing_root(root)
             elif root not in self.unreadable:  # a folder that could not be listed (EIO, permission) lost nothing
                 self._remove_gone_root(root)
@@ -240,6 +238,10 @@ class IndexRun:
         with contextlib.suppress(OSError):
             if root.is_dir():
                 self.devices[str(root)] = root.stat().st_dev
+
+    def _away(self, root: Path) -> bool:
+        """A root that is missing as a whole, or the empty folder its drive was mounted on."""
+        return (not root.exists() and not root.is_symlink()) or self._unmounted(root)
 
     def _unmounted(self, root: Path) -> bool:
         """A root folder with no images now, on another device than when it last held some: the folder a drive or

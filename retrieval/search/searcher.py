@@ -321,9 +321,7 @@ class Searcher:
         target's items (a seeded sample of a large library) and its best scores."""
         ids = self.ids(target)
         sample = sample_ids(ids)
-        scores = np.concatenate(
-            [self.vectors(sample[i : i + 65536]) @ vector[0] for i in range(0, len(sample), 65536)] or [np.empty(0)]
-        )
+        scores = _exact_scores(self._snap, sample, vector)
         best = (
             scores
             if len(sample) == len(ids)
@@ -477,8 +475,7 @@ class Searcher:
         if not len(allowed):
             return [], True
         if self._filter_exact(target, len(allowed)):
-            chunks = range(0, len(allowed), 65536)
-            scores = np.concatenate([snap.items.vectors(allowed[i : i + 65536]) @ vector[0] for i in chunks])
+            scores = _exact_scores(snap, allowed, vector)
             order = np.argsort(-scores, kind="stable")[:want]
             return opened.hits(snap, scores[order], allowed[order]), len(order) < want
         total = self.count(target)
@@ -500,3 +497,9 @@ def _stack(pixels: list[Any]) -> Any:
     import torch
 
     return torch.stack(pixels)
+
+
+def _exact_scores(snap: OpenSnapshot, ids: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """The cosine of each of `ids`' stored vectors with the query vector (1, d), read 65,536 at a time."""
+    chunks = range(0, len(ids), 65536)
+    return np.concatenate([snap.items.vectors(ids[i : i + 65536]) @ vector[0] for i in chunks] or [np.empty(0)])
