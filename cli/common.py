@@ -252,6 +252,15 @@ PrecisionOpt = Annotated[
 ]
 
 
+OcrOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--ocr/--no-ocr",
+        help="Read the words in images (signs, receipts, screenshots: RapidOCR, offline) so that searches find them; "
+        "the index remembers it for later runs and `watch`. --no-ocr stops reading new images.",
+        show_default="as the index does (off for a new one)",
+    ),
+]
 RuntimeOpt = Annotated[
     Runtime | None,
     typer.Option(

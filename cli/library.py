@@ -24,6 +24,7 @@ from clipdex.cli.common import (
     MemoryOpt,
     ModelAnyOpt,
     ModelOpt,
+    OcrOpt,
     OnDiskOpt,
     PathsArg,
     PrecisionOpt,
@@ -89,6 +90,7 @@ def index(
             "without permission) instead of keeping them offline.",
         ),
     ] = False,
+    ocr: OcrOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Index folders of images and/or a caption file; re-running only encodes what changed.
@@ -117,6 +119,7 @@ def index(
         engine=engine.value,
         ray_address=ray_address,
         prune_missing=prune_missing,
+        ocr=ocr,
     )
     with progress_bar() as bar:
         summary = run_index(config, progress=RichProgress(bar))
@@ -296,6 +299,9 @@ def info(
     table.add_row("runtime", model["runtime"])
     if data["rerank"]:
         table.add_row("re-ranking head", f"{data['rerank']['head']} (search --rerank)")
+    if data["ocr"]:
+        ocr = data["ocr"]
+        table.add_row("words in images", f"{ocr['engine']}: {ocr['images_with_words']} images hold words")
     if data["offline"]["items"]:
         folders = ", ".join(data["offline"]["folders"])
         table.add_row("offline", f"{data['offline']['items']} items, hidden from searches (cannot read {folders})")

@@ -23,7 +23,7 @@ from clipdex.cli.common import (
     out,
 )
 from clipdex.retrieval.errors import ClipdexError
-from clipdex.retrieval.search.request import DEFAULT_RERANK_K, OFFLINE, SORTS
+from clipdex.retrieval.search.request import DEFAULT_RERANK_K, MODES, OFFLINE, SORTS
 
 
 @app.command(rich_help_panel="Search")
@@ -93,6 +93,15 @@ def search(
             show_default=False,
         ),
     ] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            help="Rank by meaning (semantic: CLIP), by the words of captions and of text read in images (lexical: "
+            "every word must appear, as a word, prefix or part of one), or both fused by reciprocal rank (hybrid).",
+            metavar="semantic|lexical|hybrid",
+            show_default="hybrid for a text query when the index reads words in images (index --ocr), else semantic",
+        ),
+    ] = None,
     relevant: Annotated[
         bool,
         typer.Option(
@@ -123,6 +132,8 @@ def search(
         raise ClipdexError(f"--offline is hide or show (got {offline!r})")
     if sort not in SORTS:
         raise ClipdexError(f"--sort is score, date, -date or name (got {sort!r})")
+    if mode is not None and mode not in MODES:
+        raise ClipdexError(f"--mode is semantic, lexical or hybrid (got {mode!r})")
     if paths and as_json:
         raise ClipdexError("--paths and --json are two ways to print the results: choose one")
     from clipdex.retrieval.config import Kind
@@ -145,6 +156,7 @@ def search(
         min_score=min_score,
         rerank=rerank,
         relevant=relevant,
+        mode=mode,
         offline=offline,
         sort=sort,
         image=image,
@@ -184,7 +196,7 @@ def _print_results(answer: dict[str, Any]) -> None:
     reranked = any("rerank" in h for h in results)  # then a last column: the head's score
     if not out.is_terminal:
         for h in results:
-            cells = [str(h["rank"]), f"{h['score']:.4f}", _path_cell(h), (h["text"] or "").replace("\n", " ")]
+            cells = [str(h["rank"]), f"{h['score']:.4f}", _path_cell(h), _words_cell(h).replace("\n", " ")]
             print("\t".join(cells + ([_rerank_cell(h)] if reranked else [])))
     else:
         table = Table(title=f"{answer['query']!r} → {answer['target']}", show_header=True)
@@ -192,14 +204,16 @@ def _print_results(answer: dict[str, Any]) -> None:
         table.add_column("score", justify="right")
         if images:
             table.add_column("path", no_wrap=True, overflow="ellipsis")
-            table.add_column("caption", overflow="fold")
+            table.add_column(
+                "caption / words in it" if any(h.get("ocr") for h in results) else "caption", overflow="fold"
+            )
         else:
             table.add_column("text", overflow="fold")
             table.add_column("image", no_wrap=True, overflow="ellipsis")
         if reranked:
             table.add_column("re-rank", justify="right")
         for h in results:
-            cells = [_path_cell(h), h["text"] or ""] if images else [h["text"] or "", _path_cell(h)]
+            cells = [_path_cell(h), _words_cell(h)] if images else [h["text"] or "", _path_cell(h)]
             table.add_row(str(h["rank"]), f"{h['score']:.4f}", *cells, *([_rerank_cell(h)] if reranked else []))
         out.print(table)
     if not results:
@@ -209,6 +223,12 @@ def _print_results(answer: dict[str, Any]) -> None:
 def _path_cell(hit: dict[str, Any]) -> str:
     """A hit's path, marked when it is on a drive or folder that could not be read (`--offline show`)."""
     return (hit["path"] or "") + (" (offline)" if hit.get("offline") else "")
+
+
+def _words_cell(hit: dict[str, Any]) -> str:
+    """An image hit's caption, and the words read in it (`index --ocr`) in quotes."""
+    words = " ".join((hit.get("ocr") or "").split())
+    return " ".join(part for part in (hit["text"] or "", f"“{words}”" if words else "") if part)
 
 
 def _rerank_cell(hit: dict[str, Any]) -> str:
@@ -233,6 +253,8 @@ def _nothing_found(answer: dict) -> str:
     target, plan = answer["target"], answer.get("filter")
     if plan is not None and not plan.get("matched"):
         return f"no {target.removesuffix('s')} matches the filter ({plan.get('indexed', 0)} {target} indexed)"
+    if answer.get("mode") == "lexical":
+        return f"no {target.removesuffix('s')} holds all the words of {answer['query']!r} (captions and words read in images)"
     return f"no {target} found" if answer.get("terms") or plan is not None else f"the index holds no {target}"
 
 

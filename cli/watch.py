@@ -16,6 +16,7 @@ from clipdex.cli.common import (
     ExcludeOpt,
     IndexDir,
     ModelOpt,
+    OcrOpt,
     PathsArg,
     PretrainedOpt,
     RuntimeOpt,
@@ -57,6 +58,7 @@ def watch(
     exclude: ExcludeOpt = None,
     poll: PollOpt = None,
     settle: SettleOpt = 2.0,
+    ocr: OcrOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print each run's result as one JSON line.")] = False,
 ) -> None:
     """Keep the index current: index the folders now, then again whenever files in them are added, changed,
@@ -75,6 +77,7 @@ def watch(
         batch_size=batch_size,
         workers=workers,
         exclude=tuple(exclude or ()),
+        ocr=ocr,
         poll=poll,
         settle_s=settle,
     )

@@ -32,6 +32,7 @@ class IndexConfig:
     engine: str = "local"  # where decoding and encoding run: local, or ray (`indexer.engines`)
     ray_address: str | None = None
     prune_missing: bool = False  # remove the items of roots and folders that cannot be read, instead of keeping them
+    ocr: bool | None = None  # read the words in images (True), stop (False); None: as the index does
     defer: frozenset[str] = frozenset()  # canonical paths left as they are this run (a file still being written)
 
 

@@ -23,7 +23,7 @@ from clipdex.retrieval.ann.build import index_writer, validate_settings
 from clipdex.retrieval.config import EncoderConfig, ModelSpec
 from clipdex.retrieval.errors import IndexFormatError, InputError, Interrupted
 from clipdex.retrieval.imaging.captions import TextSource, open_texts
-from clipdex.retrieval.model import weights
+from clipdex.retrieval.model import ocr, weights
 from clipdex.retrieval.model.choose import exported_encoder, onnx_or_torch
 from clipdex.retrieval.model.runtime import asked_runtime, check_precision
 from clipdex.retrieval.model.weights import index_encoder_config
@@ -56,6 +56,10 @@ def run_index(config: IndexConfig, *, progress: Progress | None = None, keep: En
                 run.images(roots, texts)
                 for source in texts:
                     run.texts(source)
+                if config.ocr is not None:
+                    writer.set_ocr(ocr.engine_name() if config.ocr else None)
+                if writer.manifest.ocr is not None:
+                    run.read_words(_word_reader(keep))
                 run.finish(roots)
         except KeyboardInterrupt:
             run.flush()
@@ -78,6 +82,8 @@ def _sources(config: IndexConfig) -> tuple[list[Path], list[TextSource]]:
     if not roots and not text_files:
         raise InputError("nothing to index: give folders or image files, and/or --texts FILE")
     check_roots(roots)
+    if config.ocr:
+        ocr.engine_name()  # a missing OCR package is said before any model loads
     is_new = not (config.index_dir / MANIFEST).exists()
     if is_new:  # a root that does not exist is a typo; for an existing index it may be a folder that went away
         for root in roots:
@@ -90,12 +96,22 @@ def _sources(config: IndexConfig) -> tuple[list[Path], list[TextSource]]:
     return roots, texts
 
 
+def _word_reader(keep: EncoderCache | None) -> ocr.WordReader:
+    """The OCR models: loaded once per run, or once for all of a watcher's runs."""
+    if keep is None:
+        return ocr.WordReader()
+    if keep.words is None:
+        keep.words = ocr.WordReader()
+    return keep.words
+
+
 class EncoderCache:
-    """The model one run loaded, for the next run over the same index (`run_index(keep=...)`)."""
+    """The model one run loaded, for the next run over the same index (`run_index(keep=...)`), and the OCR models."""
 
     def __init__(self) -> None:
         self.encoder: Any = None
         self.key: tuple[Any, ...] | None = None
+        self.words: ocr.WordReader | None = None
 
     def get(self, key: tuple[Any, ...], load: Callable[[], Any]) -> Any:
         if self.encoder is None or self.key != key:

@@ -24,6 +24,9 @@ from clipdex.retrieval.store.writer import IndexWriter
 
 if TYPE_CHECKING:
     from clipdex.retrieval.model.encoder import Encoder
+    from clipdex.retrieval.model.ocr import WordReader
+
+WORDS_COMMIT = 16  # images whose words are stored in one transaction
 
 
 class IndexRun:
@@ -187,8 +190,9 @@ class IndexRun:
         if d.hash in known:
             same = known[d.hash]
             rec.shard, rec.row, rec.width, rec.height = same["shard"], same["row"], same["width"], same["height"]
-            for meta in fields(PhotoMeta):  # the same content, the same EXIF
+            for meta in fields(PhotoMeta):  # the same content, the same EXIF and words
                 setattr(rec, meta.name, same.get(meta.name))
+            rec.ocr = same.get("ocr")
         elif d.hash in self.encoded_in_run:  # an identical file earlier in this run: one vector for both
             rec.same_as = self.encoded_in_run[d.hash]
         elif d.vector is not None:  # encoded by the engine
@@ -364,6 +368,43 @@ class IndexRun:
         self.pending.extend(queue)
         self.progress.advance(len(queue))
         self._maybe_commit(force=True)
+
+    # -- words in images (--ocr) -----------------------------------------------------------------
+
+    def read_words(self, reader: WordReader) -> None:
+        """Read the words in every searchable image not read yet: new and changed ones, and all of them the first
+        time OCR is turned on. Stored as it goes (a run stopped part way resumes where it was)."""
+        self.flush()
+        leaving = set(self.to_delete)
+        unread = [r for r in self.writer.catalog.unread() if r["id"] not in leaving]
+        self.progress.start("words", len(unread))
+        done: list[tuple[int, str]] = []
+        failed: list[tuple[str, str]] = []
+        t0 = time.perf_counter()
+        for row in unread:
+            try:
+                done.append((row["id"], reader.read_file(Path(row["path"]), max_pixels=self.config.max_pixels)))
+            except OSError:
+                pass  # gone or unreadable now (deleted, offline): read at a later run
+            except Exception as e:  # one image the OCR cannot read: stored as holding no words, the run goes on
+                done.append((row["id"], ""))
+                failed.append((row["path"], f"{type(e).__name__}: {e}"))
+            self.progress.advance(1)
+            if len(done) >= WORDS_COMMIT:
+                self._store_words(done)
+                done = []
+                self._maybe_commit(force=True)
+        self._store_words(done)
+        self.summary.add_time("ocr", time.perf_counter() - t0)
+        if failed:
+            self.summary.notes.append(
+                f"could not read the words in {len(failed)} images (e.g. {failed[0][0]}: {failed[0][1]}); they are "
+                "searched by their pictures only"
+            )
+
+    def _store_words(self, done: list[tuple[int, str]]) -> None:
+        if done:
+            self.writer.catalog.set_ocr(done)
 
     # -- commits --------------------------------------------------------------------------------
 

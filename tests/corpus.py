@@ -359,3 +359,82 @@ def make_compositional_pairs(folder: Path, n: int, *, seed: int, twins: bool, na
                 for caption in rng.sample(forms, 1 if twins else 2):
                     w.writerow([f"images/{image.name}", caption])
     return path
+
+
+# -- images of words (OCR) ---------------------------------------------------------------------------------------
+
+FONTS = (
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf",
+)
+# Made-up and real words, some sharing parts (substring and prefix matches must tell them apart)
+WORD_POOL = (
+    "INVOICE", "RECEIPT", "HARBOUR", "BAKERY", "MUSEUM", "PHARMACY", "PLATFORM", "EXIT", "PARKING", "LIBRARY",
+    "GARDEN", "STATION", "HOTEL", "CINEMA", "BOOKSHOP", "ZURICH", "KRAKOW", "LISBON", "OSLO", "VALENCIA",
+    "QUARTERLY", "BUDGET", "MEETING", "AGENDA", "TICKET", "BOARDING", "GATE", "SALE", "CLOSED", "OPEN",
+)  # fmt: skip
+
+
+def photo_background(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """A photo-like backdrop: smooth colour gradients (coarse noise, upscaled) and a few soft blobs."""
+    from PIL import ImageFilter
+
+    w, h = size
+    coarse = (rng.random((4, 5, 3)) * 255).astype(np.uint8)
+    image = Image.fromarray(coarse).resize((w, h), Image.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x, y, r = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(10, 60))
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    image = image.filter(ImageFilter.GaussianBlur(3))
+    grain = rng.normal(0, 6, (h, w, 3))
+    return Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) + grain, 0, 255).astype(np.uint8))
+
+
+def draw_words(text: str, seed: int, *, size: tuple[int, int] = (480, 360), angle: float | None = None) -> Image.Image:
+    """`text` written on a sign (a light panel) or straight onto a photo-like background, in one of Debian's
+    DejaVu fonts, turned by `angle` degrees (random within ±25° when None)."""
+    from PIL import ImageFont
+
+    rng = np.random.default_rng(seed)
+    image = photo_background(rng, size)
+    font = ImageFont.truetype(FONTS[int(rng.integers(0, len(FONTS)))], int(rng.integers(34, 46)))
+    left, top, right, bottom = font.getbbox(text)
+    pad = 12
+    layer = Image.new("RGBA", (right - left + 2 * pad, bottom - top + 2 * pad), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    if rng.random() < 0.6:  # a sign: dark letters on a light panel
+        draw.rectangle([0, 0, layer.width - 1, layer.height - 1], fill=(245, 240, 225, 235))
+        ink = (20, 20, 30, 255)
+    else:  # painted straight on: white letters with a dark outline
+        ink = (255, 255, 255, 255)
+    draw.text((pad - left, pad - top), text, font=font, fill=ink, stroke_width=0 if ink[0] < 100 else 2,
+              stroke_fill=(0, 0, 0, 255))  # fmt: skip
+    turn = float(rng.uniform(-25, 25)) if angle is None else angle
+    layer = layer.rotate(turn, expand=True, resample=Image.BICUBIC)
+    scale = min(1.0, 0.9 * size[0] / layer.width, 0.9 * size[1] / layer.height)
+    if scale < 1.0:
+        layer = layer.resize((int(layer.width * scale), int(layer.height * scale)), Image.BICUBIC)
+    x = int(rng.integers(0, size[0] - layer.width + 1))
+    y = int(rng.integers(0, size[1] - layer.height + 1))
+    image.paste(layer, (x, y), layer)
+    return image
+
+
+def make_word_images(folder: Path, n: int, *, seed: int, words_per_image: int = 2) -> list[tuple[Path, str]]:
+    """`n` JPEGs, each showing `words_per_image` words of WORD_POOL (no two images the same words); (path, text)."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    seen: set[str] = set()
+    out = []
+    while len(out) < n:
+        text = " ".join(rng.sample(WORD_POOL, words_per_image))
+        text = rng.choice((str.upper, str.title, str.lower))(text)  # found whatever case it is written in
+        if text.upper() in seen:
+            continue
+        seen.add(text.upper())
+        path = folder / f"words_{seed}_{len(out):04d}.jpg"
+        draw_words(text, seed * 100_003 + len(out)).save(path, quality=90)
+        out.append((path, text))
+    return out

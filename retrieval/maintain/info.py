@@ -12,7 +12,7 @@ from clipdex.retrieval.errors import IndexFormatError
 from clipdex.retrieval.model.runtime import runtime_of
 from clipdex.retrieval.search.request import DEFAULT_RERANK_K
 from clipdex.retrieval.store.manifest import Manifest, read_manifest
-from clipdex.retrieval.store.snapshot import read_parquet
+from clipdex.retrieval.store.snapshot import parquet_columns, read_parquet
 
 
 def index_info(index_dir: Path, *, with_failures: bool = False) -> dict[str, Any]:
@@ -43,6 +43,10 @@ def index_info(index_dir: Path, *, with_failures: bool = False) -> dict[str, Any
         "rerank": {"head": manifest.rerank, "k": DEFAULT_RERANK_K} if manifest.rerank else None,
         # roots and folders unreadable at the last run (an unplugged drive): their items are kept, hidden by search
         "offline": {"folders": list(manifest.offline), "items": _offline_items(index_dir, manifest)},
+        # the OCR engine reading the words in new images (`index --ocr`), and how many images hold words
+        "ocr": {"engine": manifest.ocr, "images_with_words": _with_words(index_dir, manifest)}
+        if manifest.ocr
+        else None,
     }
     if with_failures:
         data["failures"] = _failures(index_dir, manifest)
@@ -66,6 +70,16 @@ def _failures(index_dir: Path, manifest: Manifest) -> list[dict[str, Any]]:
         raise IndexFormatError(f"{index_dir / name} is damaged ({e}); rebuild the index") from e
     failed = table.filter(pc.equal(table["status"], "failed"))
     return [{k: row[k] for k in ("id", "kind", "path", "text", "error")} for row in failed.to_pylist()]
+
+
+def _with_words(index_dir: Path, manifest: Manifest) -> int:
+    """How many searchable images hold words that OCR read."""
+    name = manifest.snapshot.files.get("items")
+    if not name or "ocr" not in parquet_columns(index_dir / name):
+        return 0
+    table = read_parquet(index_dir / name, columns=["kind", "status", "ocr"])
+    image = pc.and_(pc.equal(table["kind"], "image"), pc.equal(table["status"], "ok"))
+    return int(pc.sum(pc.and_(image, pc.greater(pc.utf8_length(table["ocr"]), 0))).as_py() or 0)
 
 
 def _offline_items(index_dir: Path, manifest: Manifest) -> int:

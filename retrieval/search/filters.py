@@ -7,7 +7,8 @@ inclusive, before exclusive), `min_score` (applied to the ranked results). The H
 
 Columns: id, kind ('image' | 'text'), path, folder, name, ext (lower case, no dot), text (an image's caption, or the
 text), source (the folder or caption file it came from), width, height, bytes, mtime and taken_at (TIMESTAMP, UTC),
-camera, lat, lon, label and label_score (what `clipdex classify` stored).
+camera, lat, lon, label and label_score (what `clipdex classify` stored), and ocr (the words read in an image,
+`index --ocr`; "" when it holds none).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ COLUMNS = (
     "lon",
     "label",
     "label_score",
+    "ocr",
 )
 
 _VIEW = """
@@ -51,7 +53,7 @@ SELECT id, kind, path,
        {text} AS text, source, width, height, size AS bytes,
        to_timestamp(mtime)::TIMESTAMP AS mtime,
        {taken_at} AS taken_at, {camera} AS camera, {lat} AS lat, {lon} AS lon,
-       {label} AS label, {label_score} AS label_score
+       {label} AS label, {label_score} AS label_score, {ocr} AS ocr
 FROM _items WHERE status = 'ok'
 """
 
@@ -127,7 +129,7 @@ def matching_ids(table: Any, f: Filter, kind: str) -> np.ndarray:
         con.execute("SET lock_configuration = true")
         view = _VIEW.format(
             text="CASE WHEN kind = 'image' THEN caption ELSE text END" if "caption" in names else "text",
-            **{c: (c if c in names else "NULL") for c in ("camera", "lat", "lon", "label", "label_score")},
+            **{c: (c if c in names else "NULL") for c in ("camera", "lat", "lon", "label", "label_score", "ocr")},
             taken_at="to_timestamp(taken_at)::TIMESTAMP" if "taken_at" in names else "NULL::TIMESTAMP",
         )
         clauses: list[str] = ["kind = ?"]

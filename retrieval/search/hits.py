@@ -30,13 +30,17 @@ class Hit:
     rerank: float | None = None  # the re-ranking head's score (`--rerank`), for the hits it re-scored
     offline: bool = False  # on a drive or folder that could not be read at the last run (`--offline show`)
     date: float | None = None  # sorted by date: the capture time, else the file's mtime (seconds since the epoch)
+    ocr: str | None = None  # the words read in the image (`index --ocr`)
+    semantic: float | None = None  # hybrid search: the cosine, which `score` fused with BM25
+    lexical: float | None = None  # lexical and hybrid search: the BM25 of the words matched (None: not matched)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        if self.rerank is None:
-            del out["rerank"]
-        if self.date is None:
-            del out["date"]
+        for name in ("rerank", "date", "semantic", "lexical"):
+            if out[name] is None:
+                del out[name]
+        if not self.ocr:
+            del out["ocr"]
         if not self.offline:
             del out["offline"]
         return out
@@ -44,7 +48,15 @@ class Hit:
 
 def hits_from_rows(scores: Any, ids: Any, rows: list[dict[str, Any]]) -> list[Hit]:
     return [
-        Hit(rank=r + 1, score=float(s), id=int(i), kind=row["kind"], path=row["path"], text=row["text"])
+        Hit(
+            rank=r + 1,
+            score=float(s),
+            id=int(i),
+            kind=row["kind"],
+            path=row["path"],
+            text=row["text"],
+            ocr=row.get("ocr"),
+        )
         for r, (s, i, row) in enumerate(zip(scores, ids, rows, strict=True))
     ]
 
@@ -55,10 +67,14 @@ def results_json(
     hits: list[Hit],
     terms: list[dict[str, Any]] | None = None,
     filter: dict[str, Any] | None = None,
+    mode: str | None = None,
 ) -> dict[str, Any]:
     """The one shape of a search answer: `clipdex search --json` prints it, the HTTP API returns it. `terms` lists
-    a composed query's parts (`Query.describe`), `filter` how a filter was applied (`Searcher.filter_plan`)."""
+        a composed query's parts (`Query.describe`), `filter` how a filter was applied (`Searcher.filter_plan`), `mode`
+    how the results were ranked (semantic, lexical or hybrid)."""
     out: dict[str, Any] = {"query": query, "target": target.plural}
+    if mode is not None:
+        out["mode"] = mode
     if terms is not None:
         out["terms"] = terms
     if filter is not None:

@@ -45,6 +45,7 @@ DEFAULT_RERANK_K = 16  # candidates the re-ranking head re-scores when no number
 MAX_RERANK_K = 256  # the most a server re-scores for one query
 SORTS = ("score", "date", "-date", "name")  # how a search may order what it found
 OFFLINE = ("hide", "show")  # what a search does with items on a drive or folder that cannot be read now
+MODES = ("semantic", "lexical", "hybrid")  # by meaning (CLIP), by words (full text), or both fused
 
 Image = Path | bytes  # a file on this machine, or an upload's bytes
 
@@ -79,6 +80,12 @@ class SearchRequest:
     )  # fmt: skip
     rerank: int | None = _param(
         None, "Re-score the top K results with the index's re-ranking head (`clipdex finetune --method rerank`)."
+    )
+    mode: str | None = _param(
+        None,
+        "Rank by meaning (semantic: CLIP), by the words of captions and of text read in images (lexical), or both "
+        "fused (hybrid). Default: hybrid for a text query on an index with OCR text, else semantic.",
+        choices=MODES,
     )
     relevant: bool = _param(
         False,

@@ -23,11 +23,13 @@ from clipdex.retrieval.imaging.decode import read_query_image
 from clipdex.retrieval.paths import canonical
 from clipdex.retrieval.search import compose, opened
 from clipdex.retrieval.search.batching import Batcher, LRUCache
+from clipdex.retrieval.search.fusion import HYBRID_DEPTH, reciprocal_rank_fusion
 from clipdex.retrieval.search.hits import Hit, Item, results_json
 from clipdex.retrieval.search.opened import OpenSnapshot
 from clipdex.retrieval.search.query import Query, Term
 from clipdex.retrieval.search.relevant import RELEVANT_MAX, TOP, Cutoff, cutoff, sample_ids
-from clipdex.retrieval.search.request import OFFLINE, SORTS
+from clipdex.retrieval.search.request import MODES, OFFLINE, SORTS
+from clipdex.retrieval.store import words
 from clipdex.retrieval.store.manifest import Manifest, read_manifest
 from clipdex.retrieval.store.reader import manifest_stamp, read_file
 from clipdex.retrieval.store.snapshot import read_parquet
@@ -253,6 +255,7 @@ class Searcher:
         offline: str = "hide",
         sort: str = "score",
         relevant: bool = False,
+        mode: str | None = None,
     ) -> list[Hit]:
         """Rank by cosine with the query's composed vector (see `retrieval.search.query`).
 
@@ -267,7 +270,11 @@ class Searcher:
         With `rerank` K, the index's re-ranking head re-scores the top K of that ranking and orders them by its score
         (`rerank` on each of them); the hits after K keep their order.
         With `relevant`, `k` gives way to a cut-off that adapts to the query (`relevance_cutoff`): every hit scoring at
-        least that, up to RELEVANT_MAX."""
+        least that, up to RELEVANT_MAX.
+        `mode` ranks by meaning (semantic, the above), by the words of captions and of text read in the images
+        (lexical: every word must match, ranked by BM25; `retrieval.store.words`) or by both, fused by reciprocal rank
+        (hybrid: `retrieval.search.fusion`; `score` is the fused one, `semantic` the cosine); `search_mode` says which
+        one runs by default. In lexical mode `relevant` returns every match."""
         if k < 1:
             raise InputError(f"k must be at least 1 (got {k})")
         if rerank is not None and rerank < 1:
@@ -280,20 +287,78 @@ class Searcher:
             raise InputError(f"sort is one of {', '.join(SORTS)} (got {sort!r})")
         if relevant and rerank is not None:
             raise InputError("relevant cuts by the cosine score and rerank orders by another: use one of them")
+        mode = self.search_mode(mode, query, target, rerank)
         snap = self._snap
+        away = opened.offline_ids(snap)
+        hidden = away if offline == "hide" else frozenset()
+        allowed = self.filter_ids(where, target) if where is not None and where.selects else None
+        min_score = where.min_score if where is not None else None
+        if mode == "lexical":
+            if min_score is not None:
+                raise InputError("min_score is a cosine, which lexical search does not compute: use --mode hybrid")
+            want = RELEVANT_MAX if relevant else k
+            kept = self._lexical(snap, _words_of(query), target, want, hidden, allowed)
+            if dedup is not None:
+                kept = compose.dedup(snap.items, kept, dedup)
+        else:
+            depth = k if mode == "semantic" else max(k, HYBRID_DEPTH)
+            kept, vector = self._semantic(
+                snap, query, depth, target, include_self, dedup if mode == "semantic" else None, hidden, allowed,
+                rerank, relevant,
+            )  # fmt: skip
+            if mode == "hybrid":
+                lexical = self._lexical(
+                    snap, _words_of(query), target, RELEVANT_MAX if relevant else depth, hidden, allowed
+                )
+                kept = self._fused(snap, kept, lexical, vector)
+                if dedup is not None:
+                    kept = compose.dedup(snap.items, kept, dedup)
+            if min_score is not None:
+                kept = [h for h in kept if (h.score if h.semantic is None else h.semantic) >= min_score]
+        if away and offline == "show":
+            kept = [replace(h, offline=True) if h.id in away else h for h in kept]
+        shown = RELEVANT_MAX if relevant else k
+        return [replace(h, rank=r + 1) for r, h in enumerate(self._sorted(snap, kept[:shown], sort))]
+
+    def search_mode(self, mode: str | None, query: Query, target: Kind, rerank: int | None = None) -> str:
+        """The mode a search runs in: the one asked for (lexical and hybrid take a plain text query), else hybrid for
+        a text query on an index that reads the words in its images (`index --ocr`), else semantic."""
+        if mode is not None and mode not in MODES:
+            raise InputError(f"mode is one of {', '.join(MODES)} (got {mode!r})")
+        words = _words_of(query)
+        if mode is None:
+            return "hybrid" if words is not None and rerank is None and self.manifest.ocr is not None else "semantic"
+        if mode != "semantic" and words is None:
+            raise InputError(f"{mode} search matches words: it takes one text query (not an image, an id or a sum)")
+        if mode != "semantic" and rerank is not None:
+            raise InputError("rerank re-scores the semantic ranking: use it with mode semantic")
+        return mode
+
+    def _semantic(
+        self,
+        snap: OpenSnapshot,
+        query: Query,
+        k: int,
+        target: Kind,
+        include_self: bool,
+        dedup: float | None,
+        hidden: frozenset[int],
+        allowed: np.ndarray | None,
+        rerank: int | None,
+        relevant: bool,
+    ) -> tuple[list[Hit], np.ndarray]:
+        """The best k by cosine (every one above the relevance cut-off when `relevant`), re-ranked when asked, and
+        the query's vector."""
         files = compose.read_query_files(query)  # each query image file read once, to embed it and to recognise it
         reranker = self._reranker_for(query, target) if rerank is not None else None
         vector = self.embed_query(query, files)
         exclude = set() if include_self else compose.own_items(snap.items, query, files)
-        away = opened.offline_ids(snap)
         own = len(exclude)
-        if offline == "hide":
-            exclude = exclude | away  # not counted in `want`: a large offline drive costs a few doublings, not its size
-        allowed = self.filter_ids(where, target) if where is not None and where.selects else None
+        exclude = exclude | hidden  # not counted in `want`: a large offline drive costs a few doublings, not its size
         threshold = self.relevance_cutoff(vector, target).threshold if relevant else None
         if threshold is not None:
             k = RELEVANT_MAX
-        shown, k = k, max(k, rerank or 0)
+        k = max(k, rerank or 0)
         want = k + own if threshold is None else min(k + own, 64)  # relevant: as deep as the scores stay above it
         while True:
             found, exhausted = self._candidates(snap, vector, want, target, allowed)
@@ -308,13 +373,60 @@ class Searcher:
             elif len(kept) >= k or exhausted:
                 break
             want *= 2  # exclusions and collapsed near-duplicates took places, or the relevant go further down
-        if where is not None and where.min_score is not None:
-            kept = [h for h in kept if h.score >= where.min_score]
         if reranker is not None and rerank is not None:
             kept = self._reranked(reranker, query, files, kept[:rerank]) + kept[rerank:]
-        if away and offline == "show":
-            kept = [replace(h, offline=True) if h.id in away else h for h in kept]
-        return [replace(h, rank=r + 1) for r, h in enumerate(self._sorted(snap, kept[:shown], sort))]
+        return kept, vector
+
+    def _lexical(
+        self,
+        snap: OpenSnapshot,
+        text: str | None,
+        target: Kind,
+        want: int,
+        hidden: frozenset[int],
+        allowed: np.ndarray | None,
+    ) -> list[Hit]:
+        """The best `want` items holding every word of `text` (captions, and words read in images), by BM25."""
+        path = self._words_file(snap)
+        limit = max(want, 16)
+        while True:
+            found = words.match(path, text or "", target.value, limit)
+            keep = np.array([i not in hidden for i in found.ids.tolist()], dtype=bool)
+            if allowed is not None and len(found.ids):
+                keep &= np.isin(found.ids, allowed)
+            if int(keep.sum()) >= want or found.exhausted:
+                break
+            limit *= 4  # hidden or filtered-out items took places
+        ids, scores = found.ids[keep][:want], found.scores[keep][:want]
+        return [replace(h, lexical=h.score) for h in opened.hits(snap, scores, ids)]
+
+    def _words_file(self, snap: OpenSnapshot) -> Path:
+        name = snap.manifest.snapshot.files.get(words.WORDS)
+        if name is None:
+            raise InputError(
+                f"{self.dir} was published before clipdex searched by words: run `clipdex index --index {self.dir}` "
+                "once to add its full-text index"
+            )
+        return self.dir / name
+
+    def _fused(self, snap: OpenSnapshot, semantic: list[Hit], lexical: list[Hit], vector: np.ndarray) -> list[Hit]:
+        """The two rankings fused by reciprocal rank (`retrieval.search.fusion`); each hit keeps its cosine (computed
+        for those only the words found) and its BM25 (for those the words found)."""
+        cosines = {h.id: h.score for h in semantic}
+        by_words = {h.id: h for h in lexical}
+        only_words = np.array([h.id for h in lexical if h.id not in cosines], dtype=np.int64)
+        cosines.update(zip(only_words.tolist(), _exact_scores(snap, only_words, vector).tolist(), strict=True))
+        hits = {h.id: h for h in lexical} | {h.id: h for h in semantic}
+        fused = reciprocal_rank_fusion([[h.id for h in semantic], [h.id for h in lexical]])
+        return [
+            replace(
+                hits[i],
+                score=score,
+                semantic=float(cosines[i]),
+                lexical=by_words[i].lexical if i in by_words else None,
+            )
+            for i, score in fused
+        ]
 
     def relevance_cutoff(self, vector: np.ndarray, target: Kind) -> Cutoff:
         """Where relevance ends for this query vector (`retrieval.search.relevant`): calibrated on its scores over the
@@ -411,9 +523,11 @@ class Searcher:
             offline=request.offline,
             sort=request.sort,
             relevant=request.relevant,
+            mode=request.mode,
         )
         plan = self.filter_plan(where, request.target) if where is not None else None
-        return results_json(label or query.label(), request.target, hits, query.describe(), plan)
+        mode = self.search_mode(request.mode, query, request.target, request.rerank)
+        return results_json(label or query.label(), request.target, hits, query.describe(), plan, mode)
 
     def similar(self, item_id: int, *, k: int = 10) -> list[Hit]:
         """Items of the same kind nearest to this one's stored vector (image→image, text→text), itself left out."""
@@ -497,6 +611,12 @@ def _stack(pixels: list[Any]) -> Any:
     import torch
 
     return torch.stack(pixels)
+
+
+def _words_of(query: Query) -> str | None:
+    """The text of a query that is one text alone (what lexical search can match), else None."""
+    term = query.terms[0] if query.is_plain else None
+    return term.text if term is not None and term.text is not None else None
 
 
 def _exact_scores(snap: OpenSnapshot, ids: np.ndarray, vector: np.ndarray) -> np.ndarray:

@@ -47,6 +47,7 @@ ITEM_COLUMNS: tuple[tuple[str, str, pa.DataType], ...] = (
     ("lon", "DOUBLE", pa.float64()),
     ("label", "VARCHAR", pa.string()),  # images: the zero-shot label `clipdex classify` stored, and its cosine
     ("label_score", "DOUBLE", pa.float64()),
+    ("ocr", "VARCHAR", pa.string()),  # images: the words read in it (`index --ocr`), "" for none; NULL: not read yet
 )
 COLUMNS = tuple(name for name, _, _ in ITEM_COLUMNS)
 _ARROW_SCHEMA = pa.schema([(name, kind) for name, _, kind in ITEM_COLUMNS])
@@ -230,6 +231,36 @@ class Catalog:
             self.con.execute(
                 "UPDATE items SET label = changes.label, label_score = changes.score FROM changes WHERE items.id = changes.id"
             )
+
+    def unread(self) -> list[dict[str, Any]]:
+        """Searchable images whose words have not been read yet (`index --ocr`), by id."""
+        return self.rows("kind = 'image' AND status = 'ok' AND ocr IS NULL ORDER BY id")
+
+    def set_ocr(self, texts: list[tuple[int, str]]) -> None:
+        """Store the words read in these images (id, text); "" says one holds none."""
+        changes = pa.table(  # noqa: F841 (read by DuckDB's replacement scan below)
+            {"id": [x[0] for x in texts], "ocr": [x[1] for x in texts]},
+            schema=pa.schema([("id", pa.int64()), ("ocr", pa.string())]),
+        )
+        with self._transaction():
+            self.con.execute("UPDATE items SET ocr = changes.ocr FROM changes WHERE items.id = changes.id")
+
+    def documents(self) -> list[tuple[int, str, str]]:
+        """What full-text search reads, as (id, kind, body) rows: an image's words and its captions, a
+        text's own words; items with none are left out."""
+        return self.con.execute(
+            """WITH captions AS (
+                   SELECT path, string_agg(text, '\n' ORDER BY id) AS words FROM items
+                   WHERE kind = 'text' AND status = 'ok' AND path IS NOT NULL GROUP BY path
+               )
+               SELECT * FROM (
+                   SELECT i.id, i.kind, concat_ws('\n', nullif(i.ocr, ''), c.words) AS body
+                   FROM items i LEFT JOIN captions c ON c.path = i.path
+                   WHERE i.kind = 'image' AND i.status = 'ok'
+                   UNION ALL
+                   SELECT id, kind, text AS body FROM items WHERE kind = 'text' AND status = 'ok'
+               ) WHERE body IS NOT NULL AND body <> '' ORDER BY id"""
+        ).fetchall()
 
     def state(self, key: str) -> str | None:
         """A value that a resumable job (e.g. an import) committed with its rows."""

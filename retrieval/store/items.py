@@ -43,4 +43,5 @@ class Record:
     camera: str | None = None
     lat: float | None = None
     lon: float | None = None
+    ocr: str | None = None  # the words read in an image (`index --ocr`); None: not read
     same_as: Record | None = None  # share this record's vector (identical content met earlier in the same run)

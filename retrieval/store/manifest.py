@@ -110,6 +110,7 @@ class Manifest:
     offline: list[str] = field(default_factory=list)  # roots and folders unreadable at the last run: items kept
     devices: dict[str, int] = field(default_factory=dict)  # a root folder → its device when it last held images
     rerank: str | None = None  # the re-ranking head attached (`finetune --method rerank --index`): a file in model/
+    ocr: str | None = None  # the OCR engine that reads the words in new images (`index --ocr`); None: off
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -138,6 +139,7 @@ class Manifest:
             offline=list(data.get("offline") or []),
             devices={str(k): int(v) for k, v in (data.get("devices") or {}).items()},
             rerank=data.get("rerank") or None,
+            ocr=data.get("ocr") or None,
             snapshot=Snapshot(
                 generation=int(snapshot.get("generation", 0)),
                 files=dict(snapshot.get("files") or {}),
@@ -150,7 +152,7 @@ class Manifest:
 # What clipdex itself writes in an index folder: a folder holding only these (a run killed before its first
 # manifest, say) may become an index; one holding anything else is someone's folder.
 _OWN = re.compile(
-    r"(manifest\.json|catalog\.duckdb|write\.lock|vectors|model)(\..*)?|(images|texts|items)-\d+\..+|\..*"
+    r"(manifest\.json|catalog\.duckdb|write\.lock|vectors|model)(\..*)?|(images|texts|items|words)-\d+\..+|\..*"
 )
 
 

@@ -21,7 +21,7 @@ from clipdex.retrieval.store.shards import LiveVectors, gather, shard_path
 from clipdex.retrieval.store.snapshot import ITEMS, parquet_columns, read_parquet
 
 HIT_COLUMNS = ("id", "kind", "path", "text", "status", "shard", "row")
-_OPTIONAL_COLUMNS = ("hash", "size", "link")
+_OPTIONAL_COLUMNS = ("hash", "size", "link", "ocr")
 _VERIFY_BELOW = 512 << 20  # larger files are left to `clipdex check`, so that opening stays fast
 
 

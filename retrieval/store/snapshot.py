@@ -1,7 +1,8 @@
 """Publishing: turn the committed catalog into an immutable, checksummed snapshot that readers open.
 
-A snapshot of generation G is `images-G.faiss`, `texts-G.faiss` and `items-G.parquet` (every catalog row), and
-for an index built on disk its inverted lists, `images-G.ivfdata`.
+A snapshot of generation G is `images-G.faiss`, `texts-G.faiss`, `items-G.parquet` (every catalog row) and
+`words-G.sqlite` (full-text search over captions and the words read in images: store/words.py), and for an index
+built on disk its inverted lists, `images-G.ivfdata`.
 The new files are written first; replacing manifest.json makes them current; older generations are deleted
 after. How each kind's ANN index is chosen and built is not decided here: the writer is handed an
 `IndexBuilder` (retrieval.build), so storage knows files, not index policy.
@@ -20,6 +21,8 @@ from clipdex.retrieval.config import Kind, sha256_file
 from clipdex.retrieval.store.atomic import TMP_SUFFIX, replace_with
 from clipdex.retrieval.store.manifest import MANIFEST, AnnRecord, AnnSettings, Manifest
 from clipdex.retrieval.store.shards import LiveVectors
+from clipdex.retrieval.store.words import SUFFIX as WORDS_SUFFIX
+from clipdex.retrieval.store.words import WORDS
 
 ITEMS = "items"
 LISTS_SUFFIX = ".ivfdata"  # an on-disk index's inverted lists (FAISS OnDiskInvertedLists)
@@ -58,8 +61,8 @@ class IndexBuilder(Protocol):
 
 
 def snapshot_name(kind_or_items: str, generation: int) -> str:
-    suffix = "parquet" if kind_or_items == ITEMS else "faiss"
-    return f"{kind_or_items}-{generation:06d}.{suffix}"
+    suffix = {ITEMS: ".parquet", WORDS: WORDS_SUFFIX}.get(kind_or_items, ".faiss")
+    return f"{kind_or_items}-{generation:06d}{suffix}"
 
 
 def read_parquet(path: Path, columns: list[str] | None = None) -> Any:
@@ -96,6 +99,7 @@ def write_index_files(
     previous: dict[Kind, PreviousIndex | None],
     builder: IndexBuilder,
     export_items: Any,
+    export_words: Any,
 ) -> tuple[dict[str, str], dict[str, str], dict[str, int], dict[str, AnnRecord]]:
     """Build generation G+1's files; return (files, index types, counts, ann info). Nothing is current yet."""
     generation = manifest.snapshot.generation + 1
@@ -118,6 +122,9 @@ def write_index_files(
     items = snapshot_name(ITEMS, generation)
     replace_with(index_dir / items, export_items)
     files[ITEMS] = items
+    words = snapshot_name(WORDS, generation)
+    replace_with(index_dir / words, export_words)
+    files[WORDS] = words
     return files, index_types, counts, ann
 
 
@@ -132,6 +139,6 @@ def make_current(manifest: Manifest, files: dict[str, str], index_dir: Path) -> 
 def remove_stale(index_dir: Path, keep: set[str]) -> None:
     """Delete snapshot files of other generations, and temp files a crash left."""
     for p in index_dir.iterdir():
-        stale = p.name.endswith(TMP_SUFFIX) or p.suffix in (".faiss", ".parquet", LISTS_SUFFIX)
+        stale = p.name.endswith(TMP_SUFFIX) or p.suffix in (".faiss", ".parquet", WORDS_SUFFIX, LISTS_SUFFIX)
         if p.is_file() and stale and p.name not in keep and p.name != MANIFEST:
             p.unlink(missing_ok=True)

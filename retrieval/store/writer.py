@@ -21,7 +21,7 @@ import numpy as np
 from clipdex.retrieval.config import Kind, ModelSpec
 from clipdex.retrieval.errors import IndexFormatError
 from clipdex.retrieval.paths import canonical
-from clipdex.retrieval.store import reader, snapshot
+from clipdex.retrieval.store import reader, snapshot, words
 from clipdex.retrieval.store.atomic import atomic_write_bytes
 from clipdex.retrieval.store.catalog import Catalog
 from clipdex.retrieval.store.items import Record
@@ -216,6 +216,10 @@ class IndexWriter:
         """Roots and folders that could not be read: their items are kept, and offline (the next publish)."""
         self.manifest.offline = paths
 
+    def set_ocr(self, engine: str | None) -> None:
+        """The OCR engine that reads the words in new images from now on, or None to stop (the next publish)."""
+        self.manifest.ocr = engine
+
     def set_ann_settings(self, settings: AnnSettings) -> None:
         """Index type, memory budget and target recall for this and later publishes."""
         self.manifest.ann_settings = settings
@@ -244,7 +248,7 @@ class IndexWriter:
         live = {kind: self.live_vectors(kind) for kind in Kind}
         previous = {kind: None if rebuild else self._previous_index(kind) for kind in Kind}
         files, index_types, counts, ann = snapshot.write_index_files(
-            self.dir, self.manifest, live, previous, self.builder, self.catalog.export
+            self.dir, self.manifest, live, previous, self.builder, self.catalog.export, self._export_words
         )
         counts["failed"] = self.catalog.failed_count()
         counts["unlinked_texts"] = self.catalog.unlinked_count()
@@ -255,6 +259,9 @@ class IndexWriter:
         self.committed = True  # the folder is an index now: a failure after this keeps it
         self._remove_orphans()
         return self.manifest
+
+    def _export_words(self, path: Path) -> None:
+        words.build(path, self.catalog.documents())
 
     def _previous_index(self, kind: Kind) -> PreviousIndex | None:
         name = self.manifest.snapshot.files.get(kind.plural)

@@ -54,6 +54,7 @@ function searchFields(query) {
   if (query.kind === "similar") fields.unshift(["like", String(query.id)]);
   for (const input of REFINE) {
     const value = input.value.trim();
+    if (input.dataset.textOnly !== undefined && query.kind !== "text") continue;  // words match only a text query
     if (value) fields.push([input.name, value]);
   }
   if (reranking(query)) fields.push(["rerank", String(state.rerankK)]);
@@ -67,11 +68,15 @@ function reranking(query) {
   return (query.kind === "text" && state.target === "images") || (query.kind === "image" && state.target === "texts");
 }
 
+// The cosine (in a hybrid search, beside "words" when its words matched too), or a lexical match's BM25.
 function scoreText(hit) {
-  return hit.rerank === undefined ? hit.score.toFixed(3) : `${hit.score.toFixed(3)} · ${hit.rerank.toFixed(2)}`;
+  let text = (hit.semantic === undefined ? hit.score : hit.semantic).toFixed(3);
+  if (hit.lexical !== undefined) text = hit.semantic === undefined ? `words ${hit.lexical.toFixed(2)}` : `${text} · words`;
+  return hit.rerank === undefined ? text : `${text} · ${hit.rerank.toFixed(2)}`;
 }
 
-const SCORE_TITLE = "cosine similarity (· the re-ranking head's score, for re-ranked results)";
+const SCORE_TITLE = "cosine similarity (· words: its words matched too; words N: the BM25 of a match by words; " +
+  "· the re-ranking head's score, for re-ranked results)";
 
 function run(query) {
   state.query = query;
@@ -182,6 +187,13 @@ function imageCard(hit) {
     caption.className = "caption";
     caption.textContent = hit.text;
     card.append(caption);
+  }
+  if (hit.ocr) {
+    const words = document.createElement("p");
+    words.className = "words";
+    words.title = "the words read in this picture";
+    words.textContent = "“" + hit.ocr.split(/\s+/).join(" ") + "”";
+    card.append(words);
   }
   card.append(actions(hit, link.href));
   return card;

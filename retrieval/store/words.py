@@ -1,0 +1,103 @@
+"""The snapshot's full-text index, `words-G.sqlite`: the words of each item (an image's OCR text and captions, a
+text's own) in SQLite's FTS5, ranked by its BM25.
+
+Two FTS5 tables over the same documents: `grams` (the trigram tokenizer) finds a query word anywhere inside a
+document's words, so a prefix, a suffix or part of a compound matches ("voice" finds "INVOICE"); `terms` (unicode61)
+finds words of one or two characters, which trigrams cannot hold, as word prefixes. Text is case-folded and its
+accents removed on both sides, so "zurich" finds "Zürich". A query matches a document that holds every one of its
+words; those are ranked by BM25 over the trigram table (over the word table when every word is short).
+
+Like the rest of a snapshot, the file is written once, beside the others, and only read after: readers open it
+read-only and immutable, so no journal or lock file is ever made next to it.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+WORDS = "words"
+SUFFIX = ".sqlite"
+_WORD = re.compile(r"\w+", re.UNICODE)
+_SCHEMA = (
+    "CREATE VIRTUAL TABLE grams USING fts5(kind UNINDEXED, body, tokenize = 'trigram')",
+    "CREATE VIRTUAL TABLE terms USING fts5(kind UNINDEXED, body, tokenize = 'unicode61 remove_diacritics 2')",
+)
+
+
+def fold(text: str) -> str:
+    """Case-folded, accents removed (NFKD, combining marks dropped): how documents and queries are compared."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
+def query_words(text: str) -> list[str]:
+    """The words of a query, folded, each once, in order."""
+    return list(dict.fromkeys(_WORD.findall(fold(text))))
+
+
+def build(path: Path, documents: list[tuple[int, str, str]]) -> int:
+    """Write the full-text index of `documents` ((id, kind, body) rows) to `path`; return how many."""
+    rows = [(int(i), kind, fold(body)) for i, kind, body in documents]
+    con = sqlite3.connect(path)
+    try:
+        con.execute("PRAGMA journal_mode = OFF")  # written once, to a temp file that only a finished write replaces
+        con.execute("PRAGMA synchronous = OFF")  # the caller fsyncs it before it becomes current
+        for statement in _SCHEMA:
+            con.execute(statement)
+        con.executemany("INSERT INTO grams (rowid, kind, body) VALUES (?, ?, ?)", rows)
+        con.executemany("INSERT INTO terms (rowid, kind, body) VALUES (?, ?, ?)", rows)
+        for table in ("grams", "terms"):
+            con.execute(f"INSERT INTO {table} ({table}) VALUES ('optimize')")
+        con.commit()
+    finally:
+        con.close()
+    return len(rows)
+
+
+@dataclass(frozen=True)
+class Matches:
+    ids: np.ndarray  # best first
+    scores: np.ndarray  # BM25, higher is better (FTS5's own is negated)
+    exhausted: bool  # no more documents match
+
+
+def match(path: Path, text: str, kind: str, limit: int) -> Matches:
+    """The documents of `kind` holding every word of `text` (as a substring; a word under three characters as a
+    word prefix), best BM25 first, at most `limit`."""
+    words = query_words(text)
+    if not words:
+        return Matches(np.zeros(0, dtype=np.int64), np.zeros(0), True)
+    long = [w for w in words if len(w) >= 3]
+    short = [w for w in words if len(w) < 3]
+    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+    try:
+        if long:
+            sql = "SELECT rowid, bm25(grams) FROM grams WHERE grams MATCH ? AND kind = ?"
+            params: list[Any] = [_all(long, prefix=False), kind]
+            if short:
+                sql += " AND rowid IN (SELECT rowid FROM terms WHERE terms MATCH ?)"
+                params.append(_all(short, prefix=True))
+            sql += " ORDER BY bm25(grams), rowid LIMIT ?"
+        else:
+            sql = "SELECT rowid, bm25(terms) FROM terms WHERE terms MATCH ? AND kind = ? ORDER BY bm25(terms), rowid LIMIT ?"
+            params = [_all(short, prefix=True), kind]
+        found = con.execute(sql, [*params, limit + 1]).fetchall()
+    finally:
+        con.close()
+    exhausted = len(found) <= limit
+    found = found[:limit]
+    ids = np.array([int(r[0]) for r in found], dtype=np.int64)
+    return Matches(ids, -np.array([float(r[1]) for r in found], dtype=np.float64), exhausted)
+
+
+def _all(words: list[str], *, prefix: bool) -> str:
+    """An FTS5 query that every word must match: each one quoted (so none is read as an operator)."""
+    star = "*" if prefix else ""
+    return " AND ".join('"' + w.replace('"', '""') + '"' + star for w in words)
