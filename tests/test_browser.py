@@ -324,3 +324,34 @@ def test_all_relevant_newest_first_is_grouped_by_month(browser, tmp_path, tiny_m
         _wait_for(page, [h.id for h in want])
         assert page.eval_on_selector_all("#results .month", "hs => hs.map(h => h.textContent)") == months
         page.close()
+
+
+def test_words_in_photos_are_shown_and_the_match_control_ranks_as_the_library_does(browser, tmp_path, tiny_model):
+    """An index that reads words (`index --ocr`): a word typed finds its photo (hybrid by default), each card shows
+    the words read in it, and "match: words / meaning" give the library's lexical and semantic rankings."""
+    from corpus import make_images, make_word_images
+
+    photos, index = tmp_path / "photos", tmp_path / "idx"
+    made = make_word_images(photos, 6, seed=97)
+    make_images(photos, 6, seed=98)
+    run(CliRunner(), "index", photos, "--index", index, "--ocr", *tiny_model.cli_args())
+    searcher = Searcher(index)
+    path, text = made[0]
+    word = text.split()[0].lower()
+    with serving(create_app(searcher, ServeConfig(index))) as base:
+        page = browser.new_page(viewport={"width": 1280, "height": 900}, bypass_csp=True)
+        page.goto(base + "/")
+        page.fill("#q", word)
+        hybrid = searcher.search(Query.build(text=word), k=K)
+        assert str(path) in [h.path for h in hybrid[:3]]
+        _wait_for(page, [h.id for h in hybrid])
+        card = page.locator(f"#results .card[data-id='{hybrid[0].id}']")
+        assert word in card.locator(".words").inner_text().lower()
+        page.click("#refine summary")
+        page.select_option("#mode", "lexical")
+        lexical = searcher.search(Query.build(text=word), k=K, mode="lexical")
+        _wait_for(page, [h.id for h in lexical])
+        assert page.locator("#results .card").first.locator(".score").inner_text() == f"words {lexical[0].score:.2f}"
+        page.select_option("#mode", "semantic")
+        _wait_for(page, [h.id for h in searcher.search(Query.build(text=word), k=K, mode="semantic")])
+        page.close()

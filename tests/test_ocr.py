@@ -14,6 +14,7 @@ import json
 import math
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -183,7 +184,7 @@ def test_full_text_matches_equal_brute_force_on_generated_documents(tmp_path_fac
                 for i, d in mine.items()
                 if all(w in d if len(w) >= 3 else any(t.startswith(w) for t in words.query_words(d)) for w in qwords)
             }
-        got = words.match(path, query, kind, 1000)
+        got = words.WordIndex(path).match(query, kind, 1000)
         assert set(got.ids.tolist()) == want
         assert list(got.scores) == sorted(got.scores, reverse=True)
         assert got.exhausted
@@ -192,10 +193,11 @@ def test_full_text_matches_equal_brute_force_on_generated_documents(tmp_path_fac
 def test_accents_and_case_fold_on_both_sides(tmp_path):
     path = tmp_path / "w.sqlite"
     words.build(path, [(1, "image", "ZÜRICH Hauptbahnhof"), (2, "image", "Zurich"), (3, "image", "Bern")])
-    assert set(words.match(path, "zurich", "image", 10).ids.tolist()) == {1, 2}
-    assert set(words.match(path, "Zürich", "image", 10).ids.tolist()) == {1, 2}
-    assert set(words.match(path, "hauptbahn", "image", 10).ids.tolist()) == {1}
-    assert not len(words.match(path, '"; DROP TABLE grams; --', "image", 10).ids)  # quoted, never an operator
+    index = words.WordIndex(path)
+    assert set(index.match("zurich", "image", 10).ids.tolist()) == {1, 2}
+    assert set(index.match("Zürich", "image", 10).ids.tolist()) == {1, 2}
+    assert set(index.match("hauptbahn", "image", 10).ids.tolist()) == {1}
+    assert not len(index.match('"; DROP TABLE grams; --', "image", 10).ids)  # quoted, never an operator
 
 
 def test_hybrid_is_reciprocal_rank_fusion_of_the_two_rankings(library):
@@ -345,3 +347,32 @@ def test_a_snapshot_without_a_full_text_index_says_how_to_add_one(library, tmp_p
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(Exception, match="clipdex index --index"):
         Searcher(copy).search(Query.build(text="sale"), mode="lexical")
+
+
+def test_a_watcher_reads_the_words_of_photos_copied_in(tmp_path, tiny_model):
+    """`watch` on an index that reads words: a photo of words copied into the folder is found by them."""
+    from clipdex.indexer.watch import WatchConfig, Watcher
+
+    photos, index = tmp_path / "photos", tmp_path / "idx"
+    make_images(photos, 3, seed=75)
+    run(CliRunner(), "index", photos, "--index", index, "--ocr", *tiny_model.cli_args())
+    config = WatchConfig(IndexConfig(paths=(photos,), index_dir=index, workers=0), settle_s=0.5, quiet_ms=150)
+    watcher = Watcher(config)
+    watcher.start()
+    try:
+        deadline = time.monotonic() + 30
+        while watcher.status.runs < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        draw_words("Valencia Bakery", 76).save(tmp_path / "incoming.jpg", quality=90)
+        (tmp_path / "incoming.jpg").rename(photos / "sign.jpg")
+        s = Searcher(index)
+        while not s.search(Query.build(text="valencia"), mode="lexical"):
+            s.refresh()
+            assert time.monotonic() < deadline + 30, watcher.status.to_json()
+            time.sleep(0.2)
+        assert [h.path for h in s.search(Query.build(text="bakery valencia"), mode="lexical")] == [
+            str(photos / "sign.jpg")
+        ]
+    finally:
+        watcher.stop.set()

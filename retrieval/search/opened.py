@@ -14,6 +14,7 @@ from clipdex.retrieval.model.choose import device_name
 from clipdex.retrieval.search.hits import Hit, hits_from_rows
 from clipdex.retrieval.store.manifest import Manifest
 from clipdex.retrieval.store.reader import PublishedItems, ids_under, read_file, verify
+from clipdex.retrieval.store.words import WORDS, WordIndex
 
 
 @dataclass
@@ -28,6 +29,7 @@ class OpenSnapshot:
     rows: Any = None  # every column of the item table, read when a filter first needs it
     filtered: dict[Any, np.ndarray] = field(default_factory=dict)  # recent filters' matching ids
     offline: frozenset[int] | None = None  # ids of items under the manifest's offline folders, once asked
+    words: WordIndex | None = None  # the full-text index (None in a snapshot published before there was one)
 
 
 def offline_ids(snap: OpenSnapshot) -> frozenset[int]:
@@ -50,7 +52,10 @@ def open_snapshot(index_dir: Path, manifest: Manifest, stamp: tuple[int, int, in
             params = record.params if record is not None else ""
             index = read_file(index_dir / name, lambda p, params=params: ann.read_index(p, params=params))
             indexes[target] = ann.place(index, device_name(device))
-    return OpenSnapshot(manifest, stamp, indexes, PublishedItems.open(index_dir, manifest))
+    items = PublishedItems.open(index_dir, manifest)
+    name = files.get(WORDS)  # opened now: the file is read through this descriptor after a publish deletes it
+    found = read_file(index_dir / name, WordIndex) if name else None
+    return OpenSnapshot(manifest, stamp, indexes, items, words=found)
 
 
 def search(snap: OpenSnapshot, queries: np.ndarray, k: int, target: Kind) -> list[list[Hit]]:

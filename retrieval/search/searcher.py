@@ -29,10 +29,10 @@ from clipdex.retrieval.search.opened import OpenSnapshot
 from clipdex.retrieval.search.query import Query, Term
 from clipdex.retrieval.search.relevant import RELEVANT_MAX, TOP, Cutoff, cutoff, sample_ids
 from clipdex.retrieval.search.request import MODES, OFFLINE, SORTS
-from clipdex.retrieval.store import words
 from clipdex.retrieval.store.manifest import Manifest, read_manifest
 from clipdex.retrieval.store.reader import manifest_stamp, read_file
 from clipdex.retrieval.store.snapshot import read_parquet
+from clipdex.retrieval.store.words import WordIndex
 
 if TYPE_CHECKING:  # the encoder pulls in torch and open_clip: imported when a query first needs it
     from clipdex.retrieval.model.encoder import Encoder
@@ -387,10 +387,10 @@ class Searcher:
         allowed: np.ndarray | None,
     ) -> list[Hit]:
         """The best `want` items holding every word of `text` (captions, and words read in images), by BM25."""
-        path = self._words_file(snap)
+        index = self._words(snap)
         limit = max(want, 16)
         while True:
-            found = words.match(path, text or "", target.value, limit)
+            found = index.match(text or "", target.value, limit)
             keep = np.array([i not in hidden for i in found.ids.tolist()], dtype=bool)
             if allowed is not None and len(found.ids):
                 keep &= np.isin(found.ids, allowed)
@@ -400,14 +400,13 @@ class Searcher:
         ids, scores = found.ids[keep][:want], found.scores[keep][:want]
         return [replace(h, lexical=h.score) for h in opened.hits(snap, scores, ids)]
 
-    def _words_file(self, snap: OpenSnapshot) -> Path:
-        name = snap.manifest.snapshot.files.get(words.WORDS)
-        if name is None:
+    def _words(self, snap: OpenSnapshot) -> WordIndex:
+        if snap.words is None:
             raise InputError(
                 f"{self.dir} was published before clipdex searched by words: run `clipdex index --index {self.dir}` "
                 "once to add its full-text index"
             )
-        return self.dir / name
+        return snap.words
 
     def _fused(self, snap: OpenSnapshot, semantic: list[Hit], lexical: list[Hit], vector: np.ndarray) -> list[Hit]:
         """The two rankings fused by reciprocal rank (`retrieval.search.fusion`); each hit keeps its cosine (computed

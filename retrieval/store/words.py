@@ -8,13 +8,15 @@ accents removed on both sides, so "zurich" finds "Zürich". A query matches a do
 words; those are ranked by BM25 over the trigram table (over the word table when every word is short).
 
 Like the rest of a snapshot, the file is written once, beside the others, and only read after: readers open it
-read-only and immutable, so no journal or lock file is ever made next to it.
+read-only and immutable, so no journal or lock file is ever made next to it, and keep it open for as long as they
+search that snapshot (a newer publish deletes the file; the open descriptor still reads it).
 """
 
 from __future__ import annotations
 
 import re
 import sqlite3
+import threading
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,23 +63,23 @@ def build(path: Path, documents: list[tuple[int, str, str]]) -> int:
     return len(rows)
 
 
-@dataclass(frozen=True)
-class Matches:
-    ids: np.ndarray  # best first
-    scores: np.ndarray  # BM25, higher is better (FTS5's own is negated)
-    exhausted: bool  # no more documents match
+class WordIndex:
+    """A snapshot's full-text index, open for searching (any thread; one query at a time)."""
 
+    def __init__(self, path: Path):
+        self.path = path
+        uri = f"{path.resolve().as_uri()}?mode=ro&immutable=1"
+        self._con = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        self._lock = threading.Lock()
 
-def match(path: Path, text: str, kind: str, limit: int) -> Matches:
-    """The documents of `kind` holding every word of `text` (as a substring; a word under three characters as a
-    word prefix), best BM25 first, at most `limit`."""
-    words = query_words(text)
-    if not words:
-        return Matches(np.zeros(0, dtype=np.int64), np.zeros(0), True)
-    long = [w for w in words if len(w) >= 3]
-    short = [w for w in words if len(w) < 3]
-    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
-    try:
+    def match(self, text: str, kind: str, limit: int) -> Matches:
+        """The documents of `kind` holding every word of `text` (as a substring; a word under three characters as a
+        word prefix), best BM25 first, at most `limit`."""
+        words = query_words(text)
+        if not words:
+            return Matches(np.zeros(0, dtype=np.int64), np.zeros(0), True)
+        long = [w for w in words if len(w) >= 3]
+        short = [w for w in words if len(w) < 3]
         if long:
             sql = "SELECT rowid, bm25(grams) FROM grams WHERE grams MATCH ? AND kind = ?"
             params: list[Any] = [_all(long, prefix=False), kind]
@@ -88,13 +90,22 @@ def match(path: Path, text: str, kind: str, limit: int) -> Matches:
         else:
             sql = "SELECT rowid, bm25(terms) FROM terms WHERE terms MATCH ? AND kind = ? ORDER BY bm25(terms), rowid LIMIT ?"
             params = [_all(short, prefix=True), kind]
-        found = con.execute(sql, [*params, limit + 1]).fetchall()
-    finally:
-        con.close()
-    exhausted = len(found) <= limit
-    found = found[:limit]
-    ids = np.array([int(r[0]) for r in found], dtype=np.int64)
-    return Matches(ids, -np.array([float(r[1]) for r in found], dtype=np.float64), exhausted)
+        with self._lock:
+            found = self._con.execute(sql, [*params, limit + 1]).fetchall()
+        exhausted = len(found) <= limit
+        found = found[:limit]
+        ids = np.array([int(r[0]) for r in found], dtype=np.int64)
+        return Matches(ids, -np.array([float(r[1]) for r in found], dtype=np.float64), exhausted)
+
+    def close(self) -> None:
+        self._con.close()
+
+
+@dataclass(frozen=True)
+class Matches:
+    ids: np.ndarray  # best first
+    scores: np.ndarray  # BM25, higher is better (FTS5's own is negated)
+    exhausted: bool  # no more documents match
 
 
 def _all(words: list[str], *, prefix: bool) -> str:
