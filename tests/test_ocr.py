@@ -208,7 +208,7 @@ def test_hybrid_is_reciprocal_rank_fusion_of_the_two_rankings(library):
         semantic = s.search(q, k=100, mode="semantic")
         lexical = s.search(q, k=100, mode="lexical")
         hybrid = s.search(q, k=10, mode="hybrid")
-        want = reciprocal_rank_fusion([[h.id for h in semantic], [h.id for h in lexical]])[:10]
+        want = reciprocal_rank_fusion([[h.id for h in lexical], [h.id for h in semantic]])[:10]
         assert [h.id for h in hybrid] == [i for i, _ in want]
         np.testing.assert_allclose([h.score for h in hybrid], [f for _, f in want])
         cos = {h.id: h.score for h in s.search(q, k=1000, mode="semantic")}
@@ -376,3 +376,25 @@ def test_a_watcher_reads_the_words_of_photos_copied_in(tmp_path, tiny_model):
         ]
     finally:
         watcher.stop.set()
+
+
+@given(
+    st.lists(st.text(ALPHABET, min_size=1, max_size=30), min_size=1, max_size=25),
+    st.lists(st.text(ALPHABET, min_size=1, max_size=30), min_size=1, max_size=25),
+    st.randoms(use_true_random=False),
+)
+def test_a_full_text_index_brought_up_to_date_equals_one_built_anew(tmp_path_factory, before, after, rng):
+    """Publishing copies the last generation's index and re-indexes what changed: the same matches, the same BM25."""
+    folder = tmp_path_factory.mktemp("fts-update")
+    old = [(i, "image", b) for i, b in enumerate(before)]
+    new = [(i + rng.randint(0, 5), rng.choice(("image", "text")), b) for i, b in enumerate(after)]
+    new = list({i: (i, k, b) for i, k, b in new}.values())
+    words.build(folder / "old.sqlite", old)
+    words.build(folder / "updated.sqlite", new, previous=folder / "old.sqlite")
+    words.build(folder / "fresh.sqlite", new)
+    updated, fresh = words.WordIndex(folder / "updated.sqlite"), words.WordIndex(folder / "fresh.sqlite")
+    for query in {*(b[:4] for b in after), *(b[:2] for b in before), "a", "abc"}:
+        for kind in ("image", "text"):
+            u, f = updated.match(query, kind, 100), fresh.match(query, kind, 100)
+            assert u.ids.tolist() == f.ids.tolist() or set(u.ids.tolist()) == set(f.ids.tolist())
+            np.testing.assert_allclose(np.sort(u.scores), np.sort(f.scores), rtol=1e-9)

@@ -3,7 +3,8 @@ Clarke and Büttcher, 2009): an item scores the sum over the rankings that hold 
 
 Ranks, not scores, are fused: a cosine and a BM25 are on scales that share nothing. An item both rankings put near
 the top comes first; an item only one of them found keeps its place among that ranking's others, so a query whose
-words appear nowhere ranks exactly as semantic search does.
+words appear nowhere ranks exactly as semantic search does. Hybrid search passes the ranking by words first, so that
+on a tie (the first by words against the first by meaning) the photo that holds the words asked for comes first.
 """
 
 from __future__ import annotations

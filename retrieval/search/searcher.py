@@ -416,7 +416,7 @@ class Searcher:
         only_words = np.array([h.id for h in lexical if h.id not in cosines], dtype=np.int64)
         cosines.update(zip(only_words.tolist(), _exact_scores(snap, only_words, vector).tolist(), strict=True))
         hits = {h.id: h for h in lexical} | {h.id: h for h in semantic}
-        fused = reciprocal_rank_fusion([[h.id for h in semantic], [h.id for h in lexical]])
+        fused = reciprocal_rank_fusion([[h.id for h in lexical], [h.id for h in semantic]])  # ties: words first
         return [
             replace(
                 hits[i],

@@ -15,6 +15,7 @@ search that snapshot (a newer publish deletes the file; the open descriptor stil
 from __future__ import annotations
 
 import re
+import shutil
 import sqlite3
 import threading
 import unicodedata
@@ -44,23 +45,44 @@ def query_words(text: str) -> list[str]:
     return list(dict.fromkeys(_WORD.findall(fold(text))))
 
 
-def build(path: Path, documents: list[tuple[int, str, str]]) -> int:
-    """Write the full-text index of `documents` ((id, kind, body) rows) to `path`; return how many."""
+def build(path: Path, documents: list[tuple[int, str, str]], previous: Path | None = None) -> int:
+    """Write the full-text index of `documents` ((id, kind, body) rows) to `path`; return how many. With the
+    `previous` generation's file, a copy of it is brought up to date (only the documents that changed are indexed
+    again; BM25's statistics follow the deletions exactly), else it is built from nothing."""
     rows = [(int(i), kind, fold(body)) for i, kind, body in documents]
+    if previous is not None and previous.is_file():
+        try:
+            shutil.copyfile(previous, path)
+            _write(path, rows, update=True)
+            return len(rows)
+        except (OSError, sqlite3.Error):  # a damaged or unreadable previous file: build it whole instead
+            path.unlink(missing_ok=True)
+    _write(path, rows, update=False)
+    return len(rows)
+
+
+def _write(path: Path, rows: list[tuple[int, str, str]], *, update: bool) -> None:
     con = sqlite3.connect(path)
     try:
-        con.execute("PRAGMA journal_mode = OFF")  # written once, to a temp file that only a finished write replaces
+        con.execute("PRAGMA journal_mode = OFF")  # a temp file that only a finished write makes current
         con.execute("PRAGMA synchronous = OFF")  # the caller fsyncs it before it becomes current
-        for statement in _SCHEMA:
-            con.execute(statement)
-        con.executemany("INSERT INTO grams (rowid, kind, body) VALUES (?, ?, ?)", rows)
-        con.executemany("INSERT INTO terms (rowid, kind, body) VALUES (?, ?, ?)", rows)
+        if update:
+            held = {int(i): (k, b) for i, k, b in con.execute("SELECT rowid, kind, body FROM grams")}
+            wanted = {i: (k, b) for i, k, b in rows}
+            gone = [(i,) for i, doc in held.items() if wanted.get(i) != doc]
+            rows = [(i, k, b) for i, k, b in rows if held.get(i) != (k, b)]
+            for table in ("grams", "terms"):
+                con.executemany(f"DELETE FROM {table} WHERE rowid = ?", gone)
+        else:
+            for statement in _SCHEMA:
+                con.execute(statement)
         for table in ("grams", "terms"):
-            con.execute(f"INSERT INTO {table} ({table}) VALUES ('optimize')")
+            con.executemany(f"INSERT INTO {table} (rowid, kind, body) VALUES (?, ?, ?)", rows)
+            if not update:
+                con.execute(f"INSERT INTO {table} ({table}) VALUES ('optimize')")
         con.commit()
     finally:
         con.close()
-    return len(rows)
 
 
 class WordIndex:

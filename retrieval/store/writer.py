@@ -261,7 +261,9 @@ class IndexWriter:
         return self.manifest
 
     def _export_words(self, path: Path) -> None:
-        words.build(path, self.catalog.documents())
+        """The next generation's full-text index: the current one's, with what changed since (store/words.py)."""
+        current = self.manifest.snapshot.files.get(words.WORDS)
+        words.build(path, self.catalog.documents(), previous=self.dir / current if current else None)
 
     def _previous_index(self, kind: Kind) -> PreviousIndex | None:
         name = self.manifest.snapshot.files.get(kind.plural)
