@@ -399,9 +399,10 @@ def draw_words(text: str, seed: int, *, size: tuple[int, int] = (480, 360), angl
 
     rng = np.random.default_rng(seed)
     image = photo_background(rng, size)
-    font = ImageFont.truetype(FONTS[int(rng.integers(0, len(FONTS)))], int(rng.integers(34, 46)))
+    scale = size[0] / 480  # the same share of the picture at any size
+    font = ImageFont.truetype(FONTS[int(rng.integers(0, len(FONTS)))], int(rng.integers(34, 46) * scale))
     left, top, right, bottom = font.getbbox(text)
-    pad = 12
+    pad = int(12 * scale)
     layer = Image.new("RGBA", (right - left + 2 * pad, bottom - top + 2 * pad), (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
     if rng.random() < 0.6:  # a sign: dark letters on a light panel
@@ -422,7 +423,9 @@ def draw_words(text: str, seed: int, *, size: tuple[int, int] = (480, 360), angl
     return image
 
 
-def make_word_images(folder: Path, n: int, *, seed: int, words_per_image: int = 2) -> list[tuple[Path, str]]:
+def make_word_images(
+    folder: Path, n: int, *, seed: int, words_per_image: int = 2, size: tuple[int, int] = (480, 360)
+) -> list[tuple[Path, str]]:
     """`n` JPEGs, each showing `words_per_image` words of WORD_POOL (no two images the same words); (path, text)."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -435,6 +438,6 @@ def make_word_images(folder: Path, n: int, *, seed: int, words_per_image: int = 
             continue
         seen.add(text.upper())
         path = folder / f"words_{seed}_{len(out):04d}.jpg"
-        draw_words(text, seed * 100_003 + len(out)).save(path, quality=90)
+        draw_words(text, seed * 100_003 + len(out), size=size).save(path, quality=90)
         out.append((path, text))
     return out

@@ -6,7 +6,8 @@ rotated): RapidOCR read all of them at 0.15-0.22 s an image on 2 cores, Tesserac
 (see the note of issue 20). Photos are read at most OCR_SIDE pixels on their long side, and smaller ones as they
 are (RapidOCR's own default enlarges every image to 736 pixels on its short side): on 2 cores a 1600x1200 frame
 took 0.95 s and a 1024x768 one 0.12 s, and text in 480x360 images was read as well at 0.12 s an image as at 0.19 s
-enlarged. Lines without a letter or digit (a "+" read in a drawing of a cross) are left out.
+enlarged. Lines without a letter or digit (a "+" read in a drawing of a cross) are left out, and so are lone
+characters read with less than LONE_CONFIDENCE (a round blob read as "O"; 19 such in 150 photo-like pictures).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from clipdex.retrieval.imaging.decode import decode_image
 
 OCR_SIDE = 1280  # pixels on the long side an image is read at (at most)
 MIN_CONFIDENCE = 0.5  # recognised lines scoring less are left out
+LONE_CONFIDENCE = 0.9  # a line of one character needs this much: a round blob is read as "O" at 0.5-0.75
 PACKAGE = "rapidocr-onnxruntime"
 _WORDLIKE = re.compile(r"\w")
 
@@ -66,5 +68,10 @@ class WordReader:
     def read(self, rgb: np.ndarray) -> str:
         """The words in an RGB array (height, width, 3)."""
         found, _ = self._load()(np.ascontiguousarray(rgb[:, :, ::-1]))  # OpenCV's order: BGR
-        lines = [str(text).strip() for _, text, score in found or () if float(score) >= MIN_CONFIDENCE]
-        return "\n".join(line for line in lines if _WORDLIKE.search(line))
+        lines = [(str(text).strip(), float(score)) for _, text, score in found or ()]
+        kept = [
+            line
+            for line, score in lines
+            if _WORDLIKE.search(line) and score >= (MIN_CONFIDENCE if len(line) > 1 else LONE_CONFIDENCE)
+        ]
+        return "\n".join(kept)
