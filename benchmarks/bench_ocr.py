@@ -42,7 +42,11 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=20, help="camera-sized (4032x3024) photos of words, timed apart")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--fts", type=int, help="only time the full-text index: build, update, query, N documents")
     args = parser.parse_args()
+    if args.fts:
+        full_text(args.fts, args.out)
+        return
     import open_clip
     import torch
 
@@ -99,6 +103,37 @@ def main() -> None:
     payload = {"machine": machine(), "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "timing": timing, "reading": read, "reading_large": large, "results": results}  # fmt: skip
     write_report(args.out, f"ocr_seed{args.seed}", payload, md)
+
+
+def full_text(n: int, out: Path) -> None:
+    """The snapshot's full-text index over `n` documents of eight random 3-9 letter words: built anew, brought up to
+    date from the previous file with 20 documents changed, and queried by whole words and by 3-letter prefixes."""
+    from clipdex.retrieval.store import words
+
+    rng = random.Random(0)
+    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(5000)]
+    docs = [(i, "image", " ".join(rng.choice(vocab) for _ in range(8))) for i in range(n)]
+    changed = docs[10:] + [(n + i, "image", "new words here") for i in range(10)]
+    with tempfile.TemporaryDirectory(prefix="bench-fts-") as tmp:
+        first, second = Path(tmp) / "a.sqlite", Path(tmp) / "b.sqlite"
+        t0 = time.perf_counter()
+        words.build(first, docs)
+        built = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        words.build(second, changed, previous=first)
+        updated = time.perf_counter() - t0
+        index = words.WordIndex(second)
+        timings = {}
+        for name, queries in (("a word", vocab[:200]), ("a 3-letter prefix", [w[:3] for w in vocab[:200]])):
+            t0 = time.perf_counter()
+            for q in queries:
+                index.match(q, "image", 100)
+            timings[name] = (time.perf_counter() - t0) / len(queries) * 1000
+        size = first.stat().st_size
+    rows = [{"documents": n, "build s": built, "update s (20 changed)": updated, "MB": size / 1e6,
+             **{f"query ms ({k})": v for k, v in timings.items()}}]  # fmt: skip
+    columns = list(rows[0])
+    write_report(out, f"fts_{n}", {"machine": machine(), "results": rows}, markdown_table(rows, columns))
 
 
 def reading(index: Path, made: list[tuple[Path, str]]) -> dict[str, float]:
