@@ -159,7 +159,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=1500, help="training images (two captions each)")
     parser.add_argument("--test", type=int, default=100, help="test images, each with its twin")
     parser.add_argument("--ft-epochs", type=int, default=10)
-    parser.add_argument("--head-epochs", type=int, default=40)
+    parser.add_argument("--head-epochs", type=int, default=80)
     parser.add_argument("--head-lr", type=float, default=2e-3)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--single-train", type=int, default=400, help="training images of each single-object domain")

@@ -200,7 +200,7 @@ def finetune(
     keep: Annotated[
         Path | None, typer.Option(help="A general pairs file measured before and after (forgetting).")
     ] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 5,
+    epochs: Annotated[int | None, typer.Option(min=1, show_default="5; rerank 80")] = None,
     batch_size: Annotated[int, typer.Option(min=2, help="Pairs per contrastive batch.")] = 64,
     lr: Annotated[
         float | None, typer.Option(help="Peak learning rate (default: 1e-5; lora 1e-4; rerank 2e-3).")

@@ -61,7 +61,7 @@ def train_rerank(config: FinetuneConfig, note: Callable[[str], None]) -> Finetun
     head = RerankHead(head_config_for(loaded.model))
     batch_size = min(config.batch_size, len(data.train.images))
     steps = len(epoch_batches(data.train, batch_size, np.random.default_rng(0)))
-    total = max(1, steps * config.epochs)
+    total = max(1, steps * config.total_epochs)
     optimizer = make_optimizer(list(head.named_parameters()), lr=config.lr or DEFAULT_LR[Method.RERANK],
                                weight_decay=config.weight_decay)  # fmt: skip
     schedule = make_schedule(optimizer, warmup=max(1, int(config.warmup * total)), total=total)
@@ -74,7 +74,7 @@ def train_rerank(config: FinetuneConfig, note: Callable[[str], None]) -> Finetun
     before = reranked_recall(None, val, k)
     history: list[dict[str, Any]] = [{"epoch": 0, "val": before}]
     best_epoch, best_score, best = 0, -1.0, {n: v.clone() for n, v in head.state_dict().items()}
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(1, config.total_epochs + 1):
         head.train()
         losses = []
         rng = np.random.default_rng(config.seed * 100_003 + epoch)

@@ -126,7 +126,7 @@ class _Session:
             progress.note(f"{len(data.train.images)} training images: the batch shrinks to {batch_size}")
         mine_neighbours(config, data, loaded, batch_size)  # before any weight changes: the starting model's view
         steps_per_epoch = math.ceil(math.ceil(len(data.train.images) / batch_size) / config.accum_freq)
-        total = steps_per_epoch * config.epochs
+        total = steps_per_epoch * config.total_epochs
         lr = config.lr or DEFAULT_LR[config.method]
         trainable = prepared.trainable()
         optimizer = make_optimizer(trainable, lr=lr, weight_decay=config.weight_decay)
@@ -164,14 +164,14 @@ class _Session:
         first = int(state["epoch"]) + 1
         history = _History(state["history"], int(state["best_epoch"]), state["best"], first, state.get("keep_before"))
         self.log = TrainLog(self.config.out, keep_epochs_below=first)
-        self.progress.note(f"resuming after epoch {first - 1} of {self.config.epochs}")
+        self.progress.note(f"resuming after epoch {first - 1} of {self.config.total_epochs}")
         return history
 
     def train(self, history: _History) -> float:
         """Epochs from `history.first` on, each validated and saved for resuming; the seconds it took."""
         config, started = self.config, time.perf_counter()
-        for epoch in range(history.first, config.epochs + 1):
-            self.progress.start(epoch, config.epochs, self.steps_per_epoch)
+        for epoch in range(history.first, config.total_epochs + 1):
+            self.progress.start(epoch, config.total_epochs, self.steps_per_epoch)
             self.prepared.train_mode()
             batches = epoch_pairs(config, self.data, self.loaded, self.batch_size, epoch)
             self.trainer.epoch(epoch, batches, self._on_step)
