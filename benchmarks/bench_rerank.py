@@ -166,6 +166,7 @@ def main() -> None:
     parser.add_argument("--single-test", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0, help="another starting model and domain sample (0: as before)")
     parser.add_argument("--skip-extras", action="store_true", help="only the compositional domain and its latency")
+    parser.add_argument("--only-single", action="store_true", help="only the single-object domains")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     ks = [16, 32]
@@ -173,6 +174,13 @@ def main() -> None:
         work = Path(tmp)
         config = write_tiny_config(work)
         start = train_tiny_model(config, work / "start.pt", seed=args.seed)
+        if args.only_single:
+            single = single_object(work, config, start, args.single_train, args.single_test, args.head_epochs)
+            md = "single-object domains: R@1 with and without the head (over the starting model)\n\n"
+            write_report(args.out, "rerank_single", {"machine": machine(), "args": vars(args) | {"out": str(args.out)},
+                                                     "single_object": single},
+                         md + markdown_table(single, list(single[0])))  # fmt: skip
+            return
         data_seed = 1 + 10 * args.seed
         train = make_compositional_pairs(work / "domain", args.train, seed=data_seed, twins=False, name="train.csv")
         test = make_compositional_pairs(work / "domain", args.test, seed=data_seed + 1, twins=True, name="test.csv")

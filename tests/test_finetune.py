@@ -299,6 +299,36 @@ def test_resume_after_sigkill_finishes_where_an_uninterrupted_run_does(tmp_path,
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # deterministic on CPU, resumed or not
 
 
+def test_a_rerank_run_killed_mid_way_resumes_to_the_same_head(tmp_path, tiny_model, domain):
+    """`--method rerank --resume`: the head, its validation recall and best epoch equal an uninterrupted run's."""
+
+    def cmd(out: Path, *extra: str) -> list[str]:
+        return [
+            sys.executable, "-m", "clipdex", "finetune", str(domain[0]), "--method", "rerank", "--out", str(out),
+            *tiny_model.cli_args(), "--epochs", "5", "--batch-size", "16", "--workers", "0", "--seed", "3", "--json",
+            *extra,
+        ]  # fmt: skip
+
+    whole = subprocess.run(cmd(tmp_path / "whole"), cwd=REPO, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    proc = subprocess.Popen(cmd(tmp_path / "killed"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    state = tmp_path / "killed" / "state" / "resume.pt"
+    deadline = time.monotonic() + 120
+    while not state.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.exists(), "the run ended before its first epoch was saved"
+    resumed = subprocess.run(cmd(tmp_path / "killed", "--resume"), cwd=REPO, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = json.loads(whole.stdout), json.loads(resumed.stdout)
+    assert "resuming after epoch" in resumed.stderr
+    assert a["after"] == b["after"] and a["best_epoch"] == b["best_epoch"] and b["epochs"] == 5
+    wa, wb = load_file(a["head"]), load_file(b["head"])
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # deterministic on CPU, resumed or not
+    assert not state.parent.exists()
+
+
 def test_bad_input_gets_one_line(cli, tmp_path, tiny_model, domain):
     args = [*tiny_model.cli_args(), "--workers", "0", "--epochs", "1"]
     broken = tmp_path / "broken.csv"

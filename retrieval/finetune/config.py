@@ -142,7 +142,6 @@ def check_config(config: FinetuneConfig) -> None:
         given = [
             option
             for option, used in (
-                ("--resume", config.resume),
                 ("--wise", config.wise is not None),
                 ("--hard-negatives", config.hard_negatives is not None),
                 ("--keep", config.keep is not None),

@@ -1,12 +1,13 @@
 """`finetune --method rerank`: a cross-attention re-ranking head trained over frozen towers.
 
-The towers do not change, so each image's and caption's features are computed once (no augmentation: the index
-sees its images as they are). Each epoch deals the training pairs into batches as contrastive fine-tuning does
-(one caption per image), mines hard negative images and captions for every pair from the whole training set by
-contrastive similarity, and takes the ITM loss (finetune/rerank.py). Validation recall is measured before (the contrastive space alone) and after every epoch (its
-top-K re-scored by the head), by the same recall code as `clipdex eval`; the best epoch is kept (early stopping with
-`patience`). The head is saved as `rerank-<sha256>.safetensors`, with the encoder it was trained over named in its
-metadata so that it can be refused for another.
+The towers do not change, so each image's and caption's features are computed once (no augmentation: the index sees
+its images as they are). Each epoch deals the training pairs into batches as contrastive fine-tuning does (one
+caption per image), mines hard negative images and captions for every pair from the whole training set by
+contrastive similarity, and takes the ITM loss (finetune/rerank.py). Validation recall is measured before (the
+contrastive space alone) and after every epoch (its top-K re-scored by the head), by the same recall code as
+`clipdex eval`; the best epoch is kept (early stopping with `patience`); each epoch ends with what `--resume` needs,
+saved atomically. The head is saved as `rerank-<sha256>.safetensors`, with the encoder it was trained over named in
+its metadata so that it can be refused for another.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +27,7 @@ from safetensors.torch import save_file
 
 from clipdex.retrieval.errors import InputError
 from clipdex.retrieval.evaluation.datasets import RetrievalDataset
-from clipdex.retrieval.finetune.config import DEFAULT_LR, FinetuneConfig, FinetuneResult, Method
+from clipdex.retrieval.finetune.config import DEFAULT_LR, STATE, FinetuneConfig, FinetuneResult, Method
 from clipdex.retrieval.finetune.data import read_data
 from clipdex.retrieval.finetune.loop import make_optimizer, make_schedule
 from clipdex.retrieval.finetune.pairs import epoch_batches
@@ -40,7 +42,7 @@ from clipdex.retrieval.search.rerank import (
     head_config_for,
     reranked_recall,
 )
-from clipdex.retrieval.store.atomic import replace_with
+from clipdex.retrieval.store.atomic import atomic_file, replace_with
 from clipdex.retrieval.store.heads import HEAD_FORMAT
 
 log = logging.getLogger(__name__)
@@ -71,10 +73,22 @@ def train_rerank(config: FinetuneConfig, note: Callable[[str], None]) -> Finetun
     if negatives < 1:
         raise InputError("a re-ranking head learns from mismatched pairs: the training pairs need at least two images")
     generator = torch.Generator().manual_seed(config.seed)
-    before = reranked_recall(None, val, k)
-    history: list[dict[str, Any]] = [{"epoch": 0, "val": before}]
-    best_epoch, best_score, best = 0, -1.0, {n: v.clone() for n, v in head.state_dict().items()}
-    for epoch in range(1, config.total_epochs + 1):
+    state_path = config.out / STATE / "resume.pt"
+    if config.resume:
+        state = torch.load(state_path, weights_only=True)
+        head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history, best_epoch, best = state["history"], int(state["best_epoch"]), state["best"]
+        best_score = _mean(history[best_epoch]["val"]) if best_epoch else -1.0
+        note(f"resuming after epoch {history[-1]['epoch']} of {config.total_epochs}")
+    else:
+        history = [{"epoch": 0, "val": reranked_recall(None, val, k)}]
+        best_epoch, best_score, best = 0, -1.0, {n: v.clone() for n, v in head.state_dict().items()}
+    before = history[0]["val"]
+    for epoch in range(int(history[-1]["epoch"]) + 1, config.total_epochs + 1):
         head.train()
         losses = []
         rng = np.random.default_rng(config.seed * 100_003 + epoch)
@@ -92,6 +106,11 @@ def train_rerank(config: FinetuneConfig, note: Callable[[str], None]) -> Finetun
         if score > best_score:
             best_epoch, best_score = epoch, score
             best = {n: v.clone() for n, v in head.state_dict().items()}
+        _save_state(state_path, {
+            "head": head.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+            "best_epoch": best_epoch, "best": best,
+        })  # fmt: skip
         if config.patience is not None and epoch - best_epoch >= config.patience:
             note(f"no better validation recall for {config.patience} epochs: stopping after epoch {epoch}")
             break
@@ -123,7 +142,15 @@ def train_rerank(config: FinetuneConfig, note: Callable[[str], None]) -> Finetun
     details["plot"] = str(plot(config.out, train_log.records(), title="clipdex finetune: rerank", loss="ITM loss"))
     details["report"] = str(config.out / REPORT)
     write_report(config.out, result.to_json())
+    shutil.rmtree(config.out / STATE, ignore_errors=True)
     return result
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    """What resuming needs, written atomically at the end of each epoch (loaded with weights_only=True)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as f:  # a file object: a full disk surfaces as ENOSPC
+        torch.save(state, f)
 
 
 CONTRASTIVE_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0)  # times the model's logit scale: tried on validation recall
