@@ -46,6 +46,15 @@ def serve(
         ),
     ] = False,
     poll: PollOpt = None,
+    ocr: Annotated[
+        bool | None,
+        typer.Option(
+            "--ocr/--no-ocr",
+            help="With --watch: read the words in the photos it indexes (as `clipdex index --ocr`, remembered by the "
+            "index).",
+            show_default="as the index does",
+        ),
+    ] = None,
 ) -> None:
     """Serve the index: an HTTP API (OpenAPI at /api/openapi.json) and a web page at /, the model loaded once."""
     from clipdex.retrieval.config import parse_memory
@@ -56,8 +65,10 @@ def serve(
         upload = parse_memory(max_upload)
     except ValueError as e:
         raise ClipdexError(f"--max-upload: {e}") from None
+    if ocr is not None and not watch:
+        raise ClipdexError("--ocr/--no-ocr change what indexing reads: use them with --watch, or with clipdex index")
     _check_port_free(host, port)
-    watcher = _watcher(index_dir, device, runtime, poll) if watch else None
+    watcher = _watcher(index_dir, device, runtime, poll, ocr) if watch else None
     from clipdex.retrieval.serve.app import ServeConfig
     from clipdex.retrieval.serve.app import serve as run_server
 
@@ -87,11 +98,13 @@ def serve(
             watcher.stop.set()
 
 
-def _watcher(index_dir: Any, device: Device, runtime: Any, poll: bool | None) -> Any:
+def _watcher(index_dir: Any, device: Device, runtime: Any, poll: bool | None, ocr: bool | None = None) -> Any:
     """The watcher `--watch` runs beside the server, over the folders the index holds, saying each run in a line."""
     from clipdex.indexer.watch import Watcher
 
-    config = watch_config(index_dir, None, device=device.value, runtime=runtime.value if runtime else None, poll=poll)
+    config = watch_config(
+        index_dir, None, device=device.value, runtime=runtime.value if runtime else None, poll=poll, ocr=ocr
+    )
     return Watcher(config, on_run=lambda summary, seconds: said(summary, seconds, as_json=False))
 
 

@@ -398,3 +398,14 @@ def test_a_full_text_index_brought_up_to_date_equals_one_built_anew(tmp_path_fac
             u, f = updated.match(query, kind, 100), fresh.match(query, kind, 100)
             assert u.ids.tolist() == f.ids.tolist() or set(u.ids.tolist()) == set(f.ids.tolist())
             np.testing.assert_allclose(np.sort(u.scores), np.sort(f.scores), rtol=1e-9)
+
+
+def test_serve_watch_takes_ocr_and_serve_alone_refuses_it(library, cli):
+    from clipdex.cli.common import Device
+    from clipdex.cli.serve import _watcher
+
+    root, _ = library
+    assert _watcher(root / "idx", Device.auto, None, None, True).config.index.ocr is True
+    assert _watcher(root / "idx", Device.auto, None, None).config.index.ocr is None  # as the index does
+    refused = cli.invoke(app, ["serve", "--index", str(root / "idx"), "--ocr"])
+    assert refused.exit_code == 2 and "use them with --watch" in refused.stderr
