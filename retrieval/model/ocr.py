@@ -2,12 +2,13 @@
 recognition models (and a 0°/180° text-direction classifier) and runs them on ONNX Runtime, offline.
 
 Chosen over Tesseract (Debian's 5.3) on this project's test images (words rendered on photo-like backgrounds,
-rotated): RapidOCR read all of them at 0.15-0.22 s an image on 2 cores, Tesseract none, at about the same time
-(see the note of issue 20). Photos are read at most OCR_SIDE pixels on their long side, and smaller ones as they
-are (RapidOCR's own default enlarges every image to 736 pixels on its short side): on 2 cores a 1600x1200 frame
-took 0.95 s and a 1024x768 one 0.12 s, and text in 480x360 images was read as well at 0.12 s an image as at 0.19 s
-enlarged. Lines without a letter or digit (a "+" read in a drawing of a cross) are left out, and so are lone
-characters read with less than LONE_CONFIDENCE (a round blob read as "O"; 19 such in 150 photo-like pictures).
+rotated): RapidOCR read every one whose words were in the frame, at 0.14-0.22 s an image on 2 cores, Tesseract none,
+at about the same time (benchmarks/RESULTS.md). Photos are read at most OCR_SIDE pixels on their long side, and
+smaller ones as they are (RapidOCR's own default enlarges every image to 736 pixels on its short side): on 2 cores a
+1600x1200 frame took 0.95 s and a 1024x768 one 0.12 s, and text in 480x360 images was read as well at 0.12 s an
+image as at 0.19 s enlarged. Lines without a letter or digit (a "+" read in a drawing of a cross) are left out, and
+so are lone characters read with less than LONE_CONFIDENCE (a round blob read as "O": 13 times in 150 photo-like
+pictures without words).
 """
 
 from __future__ import annotations
