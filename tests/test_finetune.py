@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -272,13 +273,9 @@ def test_wise_interpolates_and_keep_shows_forgetting(cli, tmp_path, tiny_model, 
     assert set(full["keep"]) == {"before", "after"} and full["keep"]["before"]["text_to_image"]["R@5"] > 0
 
 
-def test_resume_after_sigkill_finishes_where_an_uninterrupted_run_does(tmp_path, tiny_model, domain):
-    def cmd(out: Path, *extra: str) -> list[str]:
-        return [
-            sys.executable, "-m", "clipdex", "finetune", str(domain[0]), "--out", str(out), *tiny_model.cli_args(),
-            "--epochs", "4", "--lr", "1e-3", "--batch-size", "32", "--workers", "0", "--seed", "7", "--json", *extra,
-        ]  # fmt: skip
-
+def _whole_and_killed(cmd: Callable[..., list[str]], tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """Run `cmd(tmp_path / "whole")` to the end, and `cmd(tmp_path / "killed")` until its first epoch's resume state
+    is saved, then SIGKILL it; (the whole run, the killed run's state file)."""
     whole = subprocess.run(cmd(tmp_path / "whole"), cwd=REPO, capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr
     proc = subprocess.Popen(cmd(tmp_path / "killed"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -289,6 +286,17 @@ def test_resume_after_sigkill_finishes_where_an_uninterrupted_run_does(tmp_path,
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert state.exists(), "the run ended before its first epoch was saved"
+    return whole, state
+
+
+def test_resume_after_sigkill_finishes_where_an_uninterrupted_run_does(tmp_path, tiny_model, domain):
+    def cmd(out: Path, *extra: str) -> list[str]:
+        return [
+            sys.executable, "-m", "clipdex", "finetune", str(domain[0]), "--out", str(out), *tiny_model.cli_args(),
+            "--epochs", "4", "--lr", "1e-3", "--batch-size", "32", "--workers", "0", "--seed", "7", "--json", *extra,
+        ]  # fmt: skip
+
+    whole, _ = _whole_and_killed(cmd, tmp_path)
     again = subprocess.run(cmd(tmp_path / "killed"), cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 2 and "--resume" in again.stderr  # an unfinished run is never overwritten
     resumed = subprocess.run(cmd(tmp_path / "killed", "--resume"), cwd=REPO, capture_output=True, text=True)
@@ -309,16 +317,7 @@ def test_a_rerank_run_killed_mid_way_resumes_to_the_same_head(tmp_path, tiny_mod
             *extra,
         ]  # fmt: skip
 
-    whole = subprocess.run(cmd(tmp_path / "whole"), cwd=REPO, capture_output=True, text=True)
-    assert whole.returncode == 0, whole.stderr
-    proc = subprocess.Popen(cmd(tmp_path / "killed"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    state = tmp_path / "killed" / "state" / "resume.pt"
-    deadline = time.monotonic() + 120
-    while not state.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert state.exists(), "the run ended before its first epoch was saved"
+    whole, state = _whole_and_killed(cmd, tmp_path)
     resumed = subprocess.run(cmd(tmp_path / "killed", "--resume"), cwd=REPO, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     a, b = json.loads(whole.stdout), json.loads(resumed.stdout)

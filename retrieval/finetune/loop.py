@@ -13,12 +13,22 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import open_clip
 import torch
 
+from clipdex.retrieval.store.atomic import atomic_file
+
 _NO_DECAY = ("bias", "logit_scale", "logit_bias", "ln_", ".ln", "norm", "bn")
+
+
+def save_resume_state(path: Path, state: dict[str, Any]) -> None:
+    """What `--resume` needs, written atomically at the end of an epoch (loaded with weights_only=True)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as f:  # a file object: a full disk surfaces as ENOSPC, not torch's "unexpected pos"
+        torch.save(state, f)
 
 
 def make_loss(model: torch.nn.Module) -> torch.nn.Module:

@@ -19,7 +19,6 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ from clipdex.retrieval.errors import InputError
 from clipdex.retrieval.evaluation.datasets import RetrievalDataset
 from clipdex.retrieval.finetune.config import DEFAULT_LR, STATE, FinetuneConfig, FinetuneResult, Method
 from clipdex.retrieval.finetune.data import read_data
-from clipdex.retrieval.finetune.loop import make_optimizer, make_schedule
+from clipdex.retrieval.finetune.loop import make_optimizer, make_schedule, save_resume_state
 from clipdex.retrieval.finetune.pairs import epoch_batches
 from clipdex.retrieval.finetune.report import REPORT, TrainLog, plot, write_report
 from clipdex.retrieval.finetune.rerank import NEGATIVES, itm_loss
@@ -42,7 +41,7 @@ from clipdex.retrieval.search.rerank import (
     head_config_for,
     reranked_recall,
 )
-from clipdex.retrieval.store.atomic import atomic_file, replace_with
+from clipdex.retrieval.store.atomic import replace_with
 from clipdex.retrieval.store.heads import HEAD_FORMAT
 
 log = logging.getLogger(__name__)
@@ -106,7 +105,7 @@ def train_rerank(config: FinetuneConfig, note: Callable[[str], None]) -> Finetun
         if score > best_score:
             best_epoch, best_score = epoch, score
             best = {n: v.clone() for n, v in head.state_dict().items()}
-        _save_state(state_path, {
+        save_resume_state(state_path, {
             "head": head.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
             "best_epoch": best_epoch, "best": best,
@@ -144,13 +143,6 @@ def train_rerank(config: FinetuneConfig, note: Callable[[str], None]) -> Finetun
     write_report(config.out, result.to_json())
     shutil.rmtree(config.out / STATE, ignore_errors=True)
     return result
-
-
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    """What resuming needs, written atomically at the end of each epoch (loaded with weights_only=True)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as f:  # a file object: a full disk surfaces as ENOSPC
-        torch.save(state, f)
 
 
 CONTRASTIVE_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0)  # times the model's logit scale: tried on validation recall

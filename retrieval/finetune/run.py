@@ -35,11 +35,11 @@ from clipdex.retrieval.finetune.config import (
     check_out,
 )
 from clipdex.retrieval.finetune.data import Data, epoch_pairs, mine_neighbours, read_data
-from clipdex.retrieval.finetune.loop import Step, Trainer, make_optimizer, make_schedule
+from clipdex.retrieval.finetune.loop import Step, Trainer, make_optimizer, make_schedule, save_resume_state
 from clipdex.retrieval.finetune.methods import Prepared, prepare
 from clipdex.retrieval.finetune.report import TrainLog, plot, write_report
 from clipdex.retrieval.model.encoder import Encoder, LoadedModel, load_model
-from clipdex.retrieval.store.atomic import atomic_file, replace_with
+from clipdex.retrieval.store.atomic import replace_with
 
 log = logging.getLogger(__name__)
 
@@ -209,11 +209,7 @@ class _Session:
             "best": history.best,
             "keep_before": history.keep_before,
         }
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(
-            self.state_path
-        ) as f:  # a file object: a full disk surfaces as ENOSPC, not torch's "unexpected pos"
-            torch.save(state, f)
+        save_resume_state(self.state_path, state)
 
     def finish(self, history: _History, seconds: float) -> FinetuneResult:
         """The best epoch's weights (interpolated with the start for WiSE-FT) saved, measured and reported."""
