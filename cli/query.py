@@ -176,7 +176,9 @@ def search(
         lean_model_imports(manifest.model)
         from clipdex.retrieval.search.searcher import Searcher
 
-        answer = Searcher(index_dir, device=device.value, runtime=runtime.value if runtime else None).answer(asked)
+        warm = () if mode == "lexical" else q.towers()  # opened beside reading the snapshot
+        chosen = runtime.value if runtime else None
+        answer = Searcher(index_dir, device=device.value, runtime=chosen, warm=warm).answer(asked)
     answer["query"] = q.label()  # an image sent to a server is named there by its bytes only
     if q.describe() is not None:  # the terms as this command names them (a server saw the image as bytes)
         answer["terms"] = q.describe()

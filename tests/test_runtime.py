@@ -238,6 +238,55 @@ def test_search_serve_info_and_check_import_no_torch_and_rank_as_torch(library, 
     assert info["model"]["runtime"].startswith("onnx")
 
 
+def test_a_cold_search_imports_no_pandas_and_opens_the_tower_while_the_snapshot_is_read(library, tmp_path):
+    """pyarrow imports pandas (0.15 s) on its first conversion wherever pandas is installed: a cold search by
+    text, image, filter, folder and composition converts through Arrow's buffers instead (store/columns.py). The
+    towers a query needs are opened by the thread that warms them beside the snapshot's reading."""
+    pytest.importorskip("pandas")  # otherwise there is nothing to keep out
+    photo = next((library.parent / "photos").iterdir())
+    code = (
+        "import json, sys, threading\n"
+        "from clipdex.cli.main import main\n"
+        "from clipdex.retrieval.model import runtime\n"
+        "opened = []\n"
+        "real_open = runtime.OnnxEncoder._open_session\n"
+        "def spy(self, tower):\n"
+        "    opened.append([tower, threading.current_thread().name])\n"
+        "    return real_open(self, tower)\n"
+        "runtime.OnnxEncoder._open_session = spy\n"
+        "def cli(*argv):\n"
+        "    sys.argv = ['clipdex', *argv, '--index', " + repr(str(library)) + ", '--no-server', '--json']\n"
+        "    try:\n        main()\n    except SystemExit as e:\n        assert not e.code, e.code\n"
+        "cli('search', 'a red circle')\n"
+        f"cli('search', '--image', {str(photo)!r}, '--add', 'blue', '--in', {str(photo.parent)!r})\n"
+        "cli('search', '--like', '1', '--where', 'width > 0', '--sort', 'date')\n"
+        "print(json.dumps(opened))\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'pandas')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert json.loads(lines[-1]) == []
+    warm = [["text", "clipdex-warm"], *sorted([["image", "clipdex-warm"], ["text", "clipdex-warm"]])]
+    opened = json.loads(lines[-2])
+    assert opened[:1] + sorted(opened[1:3]) == warm and len(opened) == 3  # --like embeds nothing
+    cli_hits = json.loads(lines[0])["results"]
+    expect = Searcher(library, device="cpu").search(Query.build(text="a red circle"), k=10)
+    assert [h["id"] for h in cli_hits] == [h.id for h in expect]
+
+
+def test_a_warmed_searcher_answers_as_a_cold_one_and_a_failed_warm_is_said_by_the_query(library, tmp_path, monkeypatch):
+    query = Query.build(text="a blue square")
+    want = Searcher(library, device="cpu").search(query, k=8)
+    warmed = Searcher(library, device="cpu", warm=("text", "image"))
+    assert [(h.id, h.score) for h in warmed.search(query, k=8)] == [(h.id, h.score) for h in want]
+    monkeypatch.setenv("CLIPDEX_CACHE", str(tmp_path / "empty-cache"))  # no export: nothing to warm, torch later
+    monkeypatch.setenv("CLIPDEX_RUNTIME", "onnx")
+    monkeypatch.setattr(export_module, "MIN_COSINE", 1.5)  # the export the query makes is refused
+    with pytest.raises(ModelError, match="no usable ONNX export"):
+        Searcher(library, device="cpu", warm=("text",)).search(query, k=8)
+
+
 def test_an_export_that_disagrees_is_refused_and_torch_answers(library, tmp_path, monkeypatch):
     monkeypatch.setenv("CLIPDEX_CACHE", str(tmp_path / "fresh-cache"))  # no export there yet
     monkeypatch.setattr(export_module, "MIN_COSINE", 1.5)  # no export can pass this bar

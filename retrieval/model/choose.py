@@ -22,15 +22,14 @@ def open_index_encoder(index_dir: Path, *, device: str = "auto", runtime: str | 
 
     chosen = asked_runtime(runtime)
     manifest = read_manifest(index_dir)
-    spec, precision = manifest.model, manifest.precision
+    precision = manifest.precision
     lowered = precision != "fp32"
     if lowered and chosen == "torch":
         raise ModelError(f"{index_dir} holds {precision} vectors, which ONNX Runtime makes: leave out --runtime torch")
     on_gpu = device.startswith("cuda") and not lowered
-    if chosen != "torch" and not on_gpu:
-        folder = find_export(spec, precision)
-        if folder is not None:
-            return OnnxEncoder(folder, spec, device=device, precision=precision)
+    exported = exported_index_encoder(index_dir, device=device, runtime=runtime)
+    if exported is not None:
+        return exported
     from clipdex.retrieval.model.encoder import load_encoder
     from clipdex.retrieval.model.weights import index_encoder_config
 
@@ -39,6 +38,20 @@ def open_index_encoder(index_dir: Path, *, device: str = "auto", runtime: str | 
     if chosen == "torch" or on_gpu:
         return encoder
     return onnx_or_torch(encoder, required=chosen == "onnx", precision=precision)
+
+
+def exported_index_encoder(index_dir: Path, *, device: str = "auto", runtime: str | None = None) -> OnnxEncoder | None:
+    """The index's model on ONNX Runtime when its export exists (and neither torch nor a GPU is asked for); None
+    otherwise. Never exports, never imports torch."""
+    from clipdex.retrieval.store.manifest import read_manifest
+
+    manifest = read_manifest(index_dir)
+    spec, precision = manifest.model, manifest.precision
+    lowered = precision != "fp32"
+    if asked_runtime(runtime) == "torch" or (device.startswith("cuda") and not lowered):
+        return None
+    folder = find_export(spec, precision)
+    return None if folder is None else OnnxEncoder(folder, spec, device=device, precision=precision)
 
 
 def exported_encoder(

@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +180,12 @@ class OnnxEncoder:
             max_aspect=MAX_ASPECT if self.crops_center else None,
             draft=self.preprocess.draft,
         )
+
+    def warm(self, towers: Iterable[str]) -> None:
+        """Open these towers' sessions now ("text", "image"). ONNX Runtime releases the GIL while it makes a session,
+        so a thread warming the towers runs beside whatever the caller does meanwhile."""
+        for tower in towers:
+            self._session(tower)
 
     def _session(self, tower: str) -> Any:
         """The tower's session, made on first use. The graph is optimised once and kept beside the export."""

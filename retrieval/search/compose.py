@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipdex.retrieval.config import Kind
@@ -14,6 +13,7 @@ from clipdex.retrieval.imaging.decode import read_query_image
 from clipdex.retrieval.paths import canonical, content_hash
 from clipdex.retrieval.search.hits import Hit
 from clipdex.retrieval.search.query import Query
+from clipdex.retrieval.store.columns import equals, strings
 from clipdex.retrieval.store.reader import PublishedItems
 
 QueryFiles = dict[Path, tuple[Path, bytes]]  # an image file as the query names it → (its canonical path, its bytes)
@@ -45,11 +45,11 @@ def own_items(items: PublishedItems, query: Query, files: QueryFiles) -> set[int
             hashes.add(content_hash(data))
         else:
             hashes.add(content_hash(t.data))  # type: ignore[arg-type]
-    same = pc.is_in(table["path"], value_set=pa.array(sorted(paths), pa.string()))
+    same = pc.is_in(table["path"], value_set=strings(sorted(paths), table["path"].type))
     if hashes and "hash" in table.column_names:
-        same = pc.or_kleene(same, pc.is_in(table["hash"], value_set=pa.array(sorted(hashes), pa.string())))
-    same = pc.and_kleene(same, pc.equal(table["kind"], Kind.IMAGE.value))
-    own.update(table.filter(pc.fill_null(same, False))["id"].to_pylist())
+        same = pc.or_kleene(same, pc.is_in(table["hash"], value_set=strings(sorted(hashes), table["hash"].type)))
+    same = pc.and_kleene(same, equals(table["kind"], Kind.IMAGE.value))
+    own.update(table.filter(same)["id"].to_pylist())  # a null is not the same: filter drops it
     return own
 
 

@@ -94,6 +94,11 @@ class Query:
         """One term of weight 1 and nothing to compose: searched with its embedding exactly as it is."""
         return len(self.terms) == 1 and self.terms[0].weight == 1.0
 
+    def towers(self) -> frozenset[str]:
+        """The model's towers embedding this query takes ("text", "image"); an indexed item needs neither."""
+        needs = {"text" if t.text is not None else "image" for t in self.terms if t.item is None}
+        return frozenset(needs)
+
     def label(self) -> str:
         """What search results name as their query: the first positive term."""
         first = next(t for t in self.terms if t.weight > 0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ from clipdex.retrieval.search.opened import OpenSnapshot
 from clipdex.retrieval.search.query import Query, Term
 from clipdex.retrieval.search.relevant import RELEVANT_MAX, TOP, Cutoff, cutoff, sample_ids
 from clipdex.retrieval.search.request import MODES, OFFLINE, SORTS
+from clipdex.retrieval.store.columns import integers
 from clipdex.retrieval.store.manifest import Manifest, read_manifest
 from clipdex.retrieval.store.reader import manifest_stamp, read_file
 from clipdex.retrieval.store.snapshot import read_parquet
@@ -54,18 +56,47 @@ class Searcher:
     """
 
     def __init__(
-        self, index_dir: str | Path, *, device: str = "auto", encoder: Encoder | None = None, runtime: str | None = None
+        self,
+        index_dir: str | Path,
+        *,
+        device: str = "auto",
+        encoder: Encoder | None = None,
+        runtime: str | None = None,
+        warm: Iterable[str] = (),
     ):
+        """`warm`: the model's towers ("text", "image") the first query will need, opened in a background thread
+        while the snapshot is read (`_warm`)."""
         self.dir = Path(index_dir)
         self.device = device
         self.runtime = runtime  # auto, onnx or torch (retrieval.model.runtime); None: $CLIPDEX_RUNTIME, else auto
         self._encoder = encoder
         self._own_encoder = encoder is None
-        self._lock = threading.RLock()  # reloads and loading the encoder
+        self._lock = threading.RLock()  # reloads
+        self._encoder_lock = threading.Lock()  # loading the encoder (never taken before `_lock`)
         self._snap: OpenSnapshot
         self._batching: tuple[Any, Batcher[str], Batcher[Any], LRUCache] | None = None
         self._reranker: tuple[str, Reranker] | None = None  # (the head's file, the head on the torch model)
+        if warm and self._own_encoder:
+            threading.Thread(target=self._warm, args=(tuple(warm),), name="clipdex-warm", daemon=True).start()
         self.reload()
+
+    def _warm(self, towers: tuple[str, ...]) -> None:
+        """Load an exported model and open its towers' sessions, beside the caller reading the snapshot: what a
+        cold `clipdex search` would otherwise do after it. Only a model already exported for ONNX Runtime is
+        warmed here; torch, an export still to make, or any error is left to the first query, which says it."""
+        from clipdex.retrieval.model.choose import exported_index_encoder
+
+        try:
+            with self._encoder_lock:
+                if self._encoder is None:
+                    self._encoder = exported_index_encoder(  # type: ignore[assignment]  # the same interface
+                        self.dir, device=self.device, runtime=self.runtime
+                    )
+                encoder = self._encoder
+            if encoder is not None and hasattr(encoder, "warm"):
+                encoder.warm(towers)
+        except Exception:  # the first query meets it again and reports it
+            log.debug("warming the encoder failed", exc_info=True)
 
     @property
     def manifest(self) -> Manifest:
@@ -92,7 +123,8 @@ class Searcher:
                         ) from None
             previous = getattr(self, "_snap", None)
             if previous is not None and self._own_encoder and not previous.manifest.model.same_model(manifest.model):
-                self._encoder = None  # `clipdex reindex` swapped the model: queries need the new one
+                with self._encoder_lock:
+                    self._encoder = None  # `clipdex reindex` swapped the model: queries need the new one
             if self._reranker is not None and previous is not None:
                 if self._reranker[0] != manifest.rerank or not previous.manifest.model.same_model(manifest.model):
                     self._reranker = None  # another head, or another model
@@ -112,7 +144,7 @@ class Searcher:
 
     @property
     def encoder(self) -> Encoder:
-        with self._lock:
+        with self._encoder_lock:
             if self._encoder is None:
                 from clipdex.retrieval.model.choose import open_index_encoder
 
@@ -136,7 +168,7 @@ class Searcher:
     def rows(self, ids: np.ndarray) -> list[dict[str, Any]]:
         """`id`, `kind`, `path`, `text`, `size` (bytes) and `link` (a caption's image) of these ids."""
         items = self._snap.items
-        table = items.table.take(items.positions(np.asarray(ids, dtype=np.int64)))
+        table = items.table.take(integers(items.positions(np.asarray(ids, dtype=np.int64))))
         keep = [c for c in ("id", "kind", "path", "text", "size", "link") if c in table.column_names]
         return table.select(keep).to_pylist()
 
@@ -455,11 +487,10 @@ class Searcher:
     def dates(self, ids: list[int]) -> dict[int, float | None]:
         """Each item's date as seconds since the epoch: the photo's capture time, else its file's mtime (None for a
         text without an image)."""
-        import pyarrow as pa
         import pyarrow.compute as pc
 
         rows = self._rows(self._snap)
-        picked = rows.filter(pc.is_in(rows["id"], value_set=pa.array(ids, type=rows["id"].type)))
+        picked = rows.filter(pc.is_in(rows["id"], value_set=integers(np.asarray(ids, dtype=np.int64))))
         taken = picked["taken_at"].to_pylist() if "taken_at" in picked.column_names else [None] * picked.num_rows
         mtime = picked["mtime"].to_pylist()
         out: dict[int, float | None] = {}

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from clipdex.retrieval.config import Kind, sha256_file
 from clipdex.retrieval.errors import IndexFormatError, ItemNotFoundError
 from clipdex.retrieval.paths import under_prefix
+from clipdex.retrieval.store.columns import equals, integers, numbers
 from clipdex.retrieval.store.manifest import MANIFEST, Manifest
 from clipdex.retrieval.store.shards import LiveVectors, gather, shard_path
 from clipdex.retrieval.store.snapshot import ITEMS, parquet_columns, read_parquet
@@ -62,7 +63,7 @@ def read_items(
     caption = "text" in wanted and "caption" in names
     table = read_parquet(path, columns=wanted + (["caption"] if caption else []))
     if caption:  # format 1 stored the caption in `text` already
-        text = pc.if_else(pc.equal(table["kind"], Kind.IMAGE.value), table["caption"], table["text"])
+        text = pc.if_else(equals(table["kind"], Kind.IMAGE.value), table["caption"], table["text"])
         table = table.set_column(wanted.index("text"), "text", text).drop_columns(["caption"])
     return table
 
@@ -76,8 +77,8 @@ def read_locations(index_dir: Path, manifest: Manifest, kind: Kind, load: Any) -
         table = read_items(index_dir / name, ("id", "kind", "status", "shard", "row"), optional=())
     except Exception:  # a damaged snapshot: build afresh instead of updating it
         return None
-    table = table.filter(pc.and_(pc.equal(table["kind"], kind.value), pc.equal(table["status"], "ok")))
-    ids, shards, rows = (table[c].to_numpy(zero_copy_only=False).astype(np.int64) for c in ("id", "shard", "row"))
+    table = table.filter(pc.and_(equals(table["kind"], kind.value), equals(table["status"], "ok")))
+    ids, shards, rows = (numbers(table[c]).astype(np.int64) for c in ("id", "shard", "row"))
     return LiveVectors(ids, shards, rows, load, manifest.dim)
 
 
@@ -102,15 +103,15 @@ class PublishedItems:
         if not name:
             return cls(index_dir, manifest.dim, None, empty, empty, empty)
         table = read_file(index_dir / name, read_items)
-        table = table.filter(pc.equal(table["status"], "ok"))
-        column = lambda c: table[c].to_numpy(zero_copy_only=False)  # noqa: E731
-        return cls(index_dir, manifest.dim, table, column("id"), column("shard"), column("row"))
+        table = table.filter(equals(table["status"], "ok"))
+        ids, shards, rows = (numbers(table[c]) for c in ("id", "shard", "row"))
+        return cls(index_dir, manifest.dim, table, ids, shards, rows)
 
     def of_kind(self, kind: Kind) -> np.ndarray:
         """Ids of the items of a kind, ascending."""
         if self.table is None:
             return np.zeros(0, dtype=np.int64)
-        return self.ids[self.table["kind"].to_numpy(zero_copy_only=False) == kind.value]
+        return numbers(self.table["id"].filter(equals(self.table["kind"], kind.value)))
 
     def position(self, item_id: int) -> int:
         pos = int(np.searchsorted(self.ids, item_id))
@@ -136,7 +137,7 @@ class PublishedItems:
     def rows(self, ids: np.ndarray) -> list[dict[str, Any]]:
         if not len(ids):
             return []
-        return self.table.take(self.positions(np.asarray(ids, dtype=np.int64))).to_pylist()
+        return self.table.take(integers(self.positions(np.asarray(ids, dtype=np.int64)))).to_pylist()
 
     def _shard(self, shard: int) -> np.ndarray:
         vectors = self._shards.get(shard)
@@ -156,7 +157,7 @@ def ids_under(table: Any, folders: list[str]) -> frozenset[int]:
     paths = table["path"]
     hit = None
     for folder in folders:
-        here = pc.or_(pc.equal(paths, folder), pc.starts_with(paths, under_prefix(folder)))
+        here = pc.or_(equals(paths, folder), pc.starts_with(paths, under_prefix(folder)))
         hit = here if hit is None else pc.or_(hit, here)
-    hit = pc.and_(pc.equal(table["kind"], "image"), pc.fill_null(hit, False))
+    hit = pc.and_(equals(table["kind"], "image"), hit)  # a null (no path) is not a hit: filter drops it
     return frozenset(int(i) for i in table["id"].filter(hit).to_pylist())

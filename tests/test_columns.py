@@ -1,0 +1,61 @@
+"""Arrow ↔ numpy through buffers (store/columns.py) against pyarrow's own conversions: chunked, sliced, with
+nulls, of every integer and float width, and strings with any Unicode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from hypothesis import given
+from hypothesis import strategies as st
+
+from clipdex.retrieval.store.columns import equals, integers, numbers, strings
+
+TYPES = [
+    pa.int8(),
+    pa.int16(),
+    pa.int32(),
+    pa.int64(),
+    pa.uint8(),
+    pa.uint32(),
+    pa.uint64(),
+    pa.float32(),
+    pa.float64(),
+]
+
+
+@given(
+    type=st.sampled_from(TYPES),
+    chunks=st.lists(st.lists(st.integers(0, 100) | st.none(), max_size=20), max_size=4),
+    start=st.integers(0, 5),
+)
+def test_numbers_equal_pyarrows_to_numpy(type, chunks, start):
+    column = pa.chunked_array([pa.array(c, type) for c in chunks], type=type)
+    column = column.slice(min(start, len(column)))
+    got = numbers(column)
+    want = column.to_numpy()
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    if not column.null_count:
+        assert got.dtype == want.dtype
+    for chunk in column.chunks:  # an Array as well as a ChunkedArray
+        np.testing.assert_array_equal(numbers(chunk), chunk.to_numpy(zero_copy_only=False))
+
+
+@given(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=50))
+def test_integers_equal_pa_array(values):
+    got = integers(np.array(values, dtype=np.int64))
+    assert got.equals(pa.array(values, pa.int64()))
+
+
+@given(
+    values=st.lists(st.text(max_size=12), max_size=20),
+    probe=st.text(max_size=12),
+    large=st.booleans(),
+)
+def test_strings_and_equals_match_pyarrow(values, probe, large):
+    type = pa.large_string() if large else pa.string()
+    got = strings(values, type)
+    assert got.equals(pa.array(values, type))
+    column = pa.chunked_array([pa.array([*values, None], type)])
+    assert equals(column, probe).equals(pc.equal(column, pa.scalar(probe, type)))
