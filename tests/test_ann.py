@@ -215,3 +215,35 @@ def test_float16_shards_only_past_exact_size_per_kind(tmp_path, tiny_model, monk
         assert add(Kind.TEXT, 10, 4) == np.float32
     finally:
         writer.close()
+
+
+def test_a_few_queries_search_in_their_own_thread_alone_and_rank_as_brute_force():
+    """A search of fewer queries than FAISS's BLAS threshold runs with one OpenMP thread (its team's spinning
+    workers would compete with ONNX Runtime's), only in the calling thread and only while it searches; results
+    equal brute force whatever the number of queries."""
+    import threading
+
+    import faiss
+
+    from clipdex.retrieval.ann.tune import search_reranked, threads_for
+
+    before = faiss.omp_get_max_threads()
+    seen: dict[str, int] = {}
+    with threads_for(1):
+        seen["few"] = faiss.omp_get_max_threads()
+        other = threading.Thread(target=lambda: seen.setdefault("other thread", faiss.omp_get_max_threads()))
+        other.start()
+        other.join()
+    with threads_for(64):
+        seen["many"] = faiss.omp_get_max_threads()
+    assert seen == {"few": 1, "other thread": before, "many": before} and faiss.omp_get_max_threads() == before
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((500, 16)).astype(np.float32)
+    index = faiss.IndexIDMap(faiss.IndexFlatIP(16))
+    index.add_with_ids(x, np.arange(500, dtype=np.int64) * 3)
+    for n in (1, 5, 40):
+        q = rng.standard_normal((n, 16)).astype(np.float32)
+        scores, ids = search_reranked(index, q, 10, None)
+        want = np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :10]
+        np.testing.assert_array_equal(ids, want * 3)
+        np.testing.assert_allclose(scores, np.take_along_axis(q @ x.T, want, axis=1), rtol=1e-5, atol=1e-5)

@@ -3,8 +3,9 @@ exact search on held-out queries reaches the target (both stored in the manifest
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,12 +44,38 @@ RERANK_FACTOR = 4  # an approximate index proposes 4k candidates; stored vectors
 _RERANK_CHUNK = 64
 
 
+# Fewer queries than this (FAISS's own threshold for computing distances with BLAS) are searched by the calling
+# thread alone: FAISS parallelises over queries, so a few gain nothing from OpenMP's team, whose spinning workers
+# then compete with ONNX Runtime's for the cores. A served text query took 17 ms instead of 10 (RESULTS.md).
+_FEW_QUERIES = 20
+
+
+@contextlib.contextmanager
+def threads_for(queries: int) -> Iterator[None]:
+    """FAISS's OpenMP threads for a search of this many queries, in this thread only (libgomp keeps the setting per
+    thread): one for a few, as configured otherwise."""
+    if queries >= _FEW_QUERIES:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def search_reranked(
     index: faiss.Index, queries: np.ndarray, k: int, fetch: Fetch | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k by exact score among the approximate index's top RERANK_FACTOR*k candidates (queries a chunk at a
     time, so the candidates' vectors fetched at once stay few)."""
     q = np.ascontiguousarray(queries, dtype=np.float32)
+    with threads_for(len(q)):
+        return _search_reranked(index, q, k, fetch)
+
+
+def _search_reranked(index: faiss.Index, q: np.ndarray, k: int, fetch: Fetch | None) -> tuple[np.ndarray, np.ndarray]:
     if fetch is None or is_exact(index):
         return index.search(q, k)
     if len(q) > _RERANK_CHUNK:
