@@ -67,6 +67,8 @@ class IndexRun:
         self._drop_missing(entries, existing, scanned, sources)
         known = _by_hash(existing.values())
         self.summary.add_time("scan", time.perf_counter() - t0)
+        if work and hasattr(self.encoder, "warm_later"):  # the image tower opens while the first photos decode
+            self.encoder.warm_later(("image",))
         self.progress.start("images", len(work))
         touched: list[tuple[int, int, float]] = []
         batches = self.engine.images(

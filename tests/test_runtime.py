@@ -331,15 +331,26 @@ def test_indexing_with_an_export_imports_no_torch_and_stores_torchs_vectors(libr
     without torch; the vectors they store are torch's (cosine 0.99999 each, same decoding)."""
     make_images(tmp_path / "more", 6, seed=411)
     index = tmp_path / "idx-onnx"
-    for args in ([tmp_path / "more", *tiny_model.cli_args()], [tmp_path / "more"]):  # new, then an update
+    spy = (  # which sessions open, and in which thread: the image tower's opens beside the first photos' decoding
+        "import threading\nfrom clipdex.retrieval.model import runtime\nopened = []\n"
+        "real = runtime.OnnxEncoder._open_session\n"
+        "runtime.OnnxEncoder._open_session = lambda self, tower: opened.append([tower, "
+        "threading.current_thread().name]) or real(self, tower)\n"
+    )
+    for args, opens in (
+        ([tmp_path / "more", *tiny_model.cli_args()], [["image", "clipdex-warm"]]),
+        ([tmp_path / "more"], []),  # nothing changed: no session opens
+    ):  # new, then an update
         argv = ["clipdex", "index", *map(str, args), "--index", str(index), "--workers", "1"]
         code = (
-            "import json, sys\nfrom clipdex.cli.main import main\n"
-            f"sys.argv = {argv!r}\ntry:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n" + HEAVY
-        )
+            "import json, sys\nfrom clipdex.cli.main import main\n" + spy
+            + f"sys.argv = {argv!r}\ntry:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            + "print(json.dumps(opened))\n" + HEAVY
+        )  # fmt: skip
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
         assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+        assert json.loads(done.stdout.strip().splitlines()[-2]) == opens
     vectors, paths = _stored(index)
     assert len(paths) == 6
     torch_encoder = load_encoder(EncoderConfig(str(tiny_model.config), str(tiny_model.weights), device="cpu"))

@@ -76,8 +76,8 @@ class Searcher:
         self._snap: OpenSnapshot
         self._batching: tuple[Any, Batcher[str], Batcher[Any], LRUCache] | None = None
         self._reranker: tuple[str, Reranker] | None = None  # (the head's file, the head on the torch model)
-        if warm and self._own_encoder:
-            threading.Thread(target=self._warm, args=(tuple(warm),), name="clipdex-warm", daemon=True).start()
+        if warm and self._own_encoder:  # not a daemon: see OnnxEncoder.warm_later
+            threading.Thread(target=self._warm, args=(tuple(warm),), name="clipdex-warm").start()
         self.reload()
 
     def _warm(self, towers: tuple[str, ...]) -> None:
