@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clipdex.retrieval.store.columns import equals, integers, numbers, strings
+from clipdex.retrieval.store.columns import equals, flags, integers, matches, numbers, strings
 
 TYPES = [
     pa.int8(),
@@ -38,6 +38,9 @@ def test_numbers_equal_pyarrows_to_numpy(type, chunks, start):
     np.testing.assert_array_equal(got, want)
     if not column.null_count:
         assert got.dtype == want.dtype
+    filled = numbers(column, fill=7)
+    assert filled.dtype == np.dtype(type.to_pandas_dtype())
+    assert filled.tolist() == [7 if v is None else v for v in column.to_pylist()]
     for chunk in column.chunks:  # an Array as well as a ChunkedArray
         np.testing.assert_array_equal(numbers(chunk), chunk.to_numpy(zero_copy_only=False))
 
@@ -59,3 +62,29 @@ def test_strings_and_equals_match_pyarrow(values, probe, large):
     assert got.equals(pa.array(values, type))
     column = pa.chunked_array([pa.array([*values, None], type)])
     assert equals(column, probe).equals(pc.equal(column, pa.scalar(probe, type)))
+
+
+@given(
+    chunks=st.lists(
+        st.lists(st.sampled_from(["ok", "failed", "image", "text", "é"]) | st.none(), max_size=12), max_size=4
+    ),
+    probe=st.sampled_from(["ok", "failed", "é", "missing"]),
+    coded=st.booleans(),
+    start=st.integers(0, 4),
+)
+def test_matches_equals_pyarrows_equal_with_nulls_as_no_match(chunks, probe, coded, start):
+    column = pa.chunked_array([pa.array(c, pa.string()) for c in chunks], type=pa.string())
+    if coded:
+        column = pa.chunked_array(
+            [c.dictionary_encode() for c in column.chunks], type=pa.dictionary(pa.int32(), pa.string())
+        )
+    column = column.slice(min(start, len(column)))
+    want = [v == probe for v in column.to_pylist()]
+    assert matches(column, probe).tolist() == want
+
+
+@given(chunks=st.lists(st.lists(st.booleans() | st.none(), max_size=40), max_size=4), start=st.integers(0, 9))
+def test_flags_equal_the_booleans_with_nulls_false(chunks, start):
+    column = pa.chunked_array([pa.array(c, pa.bool_()) for c in chunks], type=pa.bool_()).slice(0)
+    column = column.slice(min(start, len(column)))
+    assert flags(column).tolist() == [bool(v) for v in column.to_pylist()]

@@ -88,4 +88,4 @@ def _offline_items(index_dir: Path, manifest: Manifest) -> int:
         return 0
     from clipdex.retrieval.store.reader import PublishedItems, ids_under
 
-    return len(ids_under(PublishedItems.open(index_dir, manifest).table, manifest.offline))
+    return len(ids_under(PublishedItems.open(index_dir, manifest), manifest.offline))

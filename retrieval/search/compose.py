@@ -6,14 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 
 from clipdex.retrieval.config import Kind
 from clipdex.retrieval.imaging.decode import read_query_image
 from clipdex.retrieval.paths import canonical, content_hash
 from clipdex.retrieval.search.hits import Hit
 from clipdex.retrieval.search.query import Query
-from clipdex.retrieval.store.columns import equals, strings
+from clipdex.retrieval.store.columns import flags, strings
 from clipdex.retrieval.store.reader import PublishedItems
 
 QueryFiles = dict[Path, tuple[Path, bytes]]  # an image file as the query names it → (its canonical path, its bytes)
@@ -45,11 +44,15 @@ def own_items(items: PublishedItems, query: Query, files: QueryFiles) -> set[int
             hashes.add(content_hash(data))
         else:
             hashes.add(content_hash(t.data))  # type: ignore[arg-type]
+    if not paths and not hashes:  # a text or an id: nothing to look for
+        return own
+    import pyarrow.compute as pc
+
     same = pc.is_in(table["path"], value_set=strings(sorted(paths), table["path"].type))
     if hashes and "hash" in table.column_names:
         same = pc.or_kleene(same, pc.is_in(table["hash"], value_set=strings(sorted(hashes), table["hash"].type)))
-    same = pc.and_kleene(same, equals(table["kind"], Kind.IMAGE.value))
-    own.update(table.filter(same)["id"].to_pylist())  # a null is not the same: filter drops it
+    mine = flags(same)[items.at] & items.kinds[Kind.IMAGE.value]  # searchable images; a null is not the same
+    own.update(int(i) for i in items.ids[mine])
     return own
 
 

@@ -35,7 +35,7 @@ class OpenSnapshot:
 def offline_ids(snap: OpenSnapshot) -> frozenset[int]:
     """Items whose file is at or under a root or folder that could not be read at the last run (kept, offline)."""
     if snap.offline is None:
-        snap.offline = ids_under(snap.items.table, snap.manifest.offline)
+        snap.offline = ids_under(snap.items, snap.manifest.offline)
     return snap.offline
 
 

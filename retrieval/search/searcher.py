@@ -167,10 +167,8 @@ class Searcher:
 
     def rows(self, ids: np.ndarray) -> list[dict[str, Any]]:
         """`id`, `kind`, `path`, `text`, `size` (bytes) and `link` (a caption's image) of these ids."""
-        items = self._snap.items
-        table = items.table.take(integers(items.positions(np.asarray(ids, dtype=np.int64))))
-        keep = [c for c in ("id", "kind", "path", "text", "size", "link") if c in table.column_names]
-        return table.select(keep).to_pylist()
+        keep = ("id", "kind", "path", "text", "size", "link")
+        return [{c: row[c] for c in keep if c in row} for row in self._snap.items.rows(ids)]
 
     def ann_index(self, target: Kind) -> Any:
         """The FAISS index searches of a kind use (for range searches); None when the kind is empty."""
@@ -178,8 +176,7 @@ class Searcher:
 
     def item(self, item_id: int) -> Item:
         """The item with this id, as search results show it."""
-        items = self._snap.items
-        row = items.table.slice(items.position(item_id), 1).to_pylist()[0]
+        row = self._snap.items.row_of(item_id)
         return Item(id=item_id, kind=row["kind"], path=row["path"], text=row["text"])
 
     # -- embedding ------------------------------------------------------------------------------------------------
@@ -564,7 +561,7 @@ class Searcher:
         if k < 1:
             raise InputError(f"k must be at least 1 (got {k})")
         items = self._snap.items
-        target = Kind(items.table["kind"][items.position(item_id)].as_py())
+        target = Kind(items.row_of(item_id)["kind"])
         return self.search(Query.build(like=item_id), k=k, target=target)
 
     # -- filters --------------------------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ import numpy as np
 import pyarrow as pa
 
 
-def numbers(column: Any) -> np.ndarray:
-    """An integer or floating-point column (Array or ChunkedArray) as one numpy array of its own dtype."""
+def numbers(column: Any, fill: float | None = None) -> np.ndarray:
+    """An integer or floating-point column (Array or ChunkedArray) as one numpy array of its own dtype; its nulls
+    read as `fill` when one is given (else pyarrow converts a chunk with nulls, as floats with NaN)."""
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     dtype = _numpy_dtype(column.type)
     if dtype is None:
@@ -27,11 +28,14 @@ def numbers(column: Any) -> np.ndarray:
     for chunk in chunks:
         if not len(chunk):
             continue
-        if chunk.null_count:
+        if chunk.null_count and fill is None:
             parts.append(np.asarray(chunk.to_numpy(zero_copy_only=False)))
-        else:
-            data = chunk.buffers()[1]
-            parts.append(np.frombuffer(data, dtype, count=len(chunk), offset=chunk.offset * dtype.itemsize))
+            continue
+        validity, data = chunk.buffers()[:2]
+        values = np.frombuffer(data, dtype, count=len(chunk), offset=chunk.offset * dtype.itemsize)
+        if chunk.null_count:
+            values = np.where(_bits(validity, chunk.offset, len(chunk)), values, np.asarray(fill).astype(dtype))
+        parts.append(values)
     if not parts:
         return np.zeros(0, dtype)
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -58,6 +62,41 @@ def equals(column: Any, value: str) -> Any:
     import pyarrow.compute as pc
 
     return pc.equal(column, strings([value], column.type)[0])
+
+
+def matches(column: Any, value: str) -> np.ndarray:
+    """Where a string column (plain or dictionary-encoded) equals `value`, as numpy booleans (a null is no match).
+    A dictionary is compared once per distinct value and its codes looked up, so a column of a few values (an item
+    table's `kind` or `status`) needs no Arrow compute function."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = [np.zeros(0, dtype=bool)]
+    for chunk in chunks:
+        if pa.types.is_dictionary(chunk.type) and not chunk.null_count:
+            hit = np.array([v == value for v in chunk.dictionary.to_pylist()], dtype=bool)
+            parts.append(hit[numbers(chunk.indices)] if len(hit) else np.zeros(len(chunk), dtype=bool))
+        else:
+            parts.append(np.array([v == value for v in chunk.to_pylist()], dtype=bool))
+    return np.concatenate(parts)
+
+
+def flags(column: Any) -> np.ndarray:
+    """A boolean column as numpy booleans, a null as False (Arrow packs booleans, and validity, into bits)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = [np.zeros(0, dtype=bool)]
+    for chunk in chunks:
+        validity, data = chunk.buffers()[:2]
+        values = _bits(data, chunk.offset, len(chunk))
+        if validity is not None and chunk.null_count:
+            values &= _bits(validity, chunk.offset, len(chunk))
+        parts.append(values)
+    return np.concatenate(parts)
+
+
+def _bits(buffer: Any, offset: int, length: int) -> np.ndarray:
+    if buffer is None or not length:
+        return np.zeros(length, dtype=bool)
+    bits = np.unpackbits(np.frombuffer(buffer, dtype=np.uint8), bitorder="little")
+    return bits[offset : offset + length].astype(bool)
 
 
 def _numpy_dtype(type: pa.DataType) -> np.dtype | None:
