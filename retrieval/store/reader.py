@@ -106,8 +106,8 @@ class PublishedItems:
     """The searchable (status ok) items of one published snapshot, sorted by id, and their stored vectors.
 
     `table` holds every row of the snapshot's item table, failed ones too; `at` is where each searchable item's row
-    is in it. Opening and looking rows up use no Arrow compute function: pyarrow.compute takes 0.07 s to import, a
-    tenth of a cold search. Only the cache of memory-mapped shards changes after opening; two threads may both map a
+    is in it. Opening it and looking up a page of rows use no Arrow compute function: pyarrow.compute takes 0.07 s to
+    import, a tenth of a cold search. Only the cache of memory-mapped shards changes after opening; two threads may both map a
     shard, either kept."""
 
     index_dir: Path
