@@ -154,6 +154,35 @@ def test_a_saved_optimised_graph_cut_short_is_made_again(torch_encoder):
     assert not [f for f in folder.iterdir() if f.name.endswith(".tmp")]
 
 
+def test_two_encoders_opening_a_tower_at_once_make_its_optimised_graph_once(torch_encoder, monkeypatch):
+    """Two encoders (two processes, or a server's and a watcher's) needing the same tower's optimised graph: one
+    makes the graph and its weights under an flock, the other waits and maps what it made; both encode alike."""
+    import threading
+
+    folder, _ = export_module.export_encoder(torch_encoder)
+    assert folder is not None
+    for f in folder.glob("text.mapped.*"):
+        f.unlink()
+    made = []
+    real = OnnxEncoder._optimised_session
+    monkeypatch.setattr(OnnxEncoder, "_optimised_session", lambda self, *a: made.append(a[1]) or real(self, *a))
+    texts = ["a red circle", "two blue squares"]
+    out: dict[int, np.ndarray] = {}
+    threads = [
+        threading.Thread(
+            target=lambda i=i: out.setdefault(i, OnnxEncoder(folder, torch_encoder.spec).encode_texts(texts))
+        )
+        for i in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert made == ["text"]
+    np.testing.assert_array_equal(out[0], out[1])
+    assert (folder / "text.mapped.onnx").is_file() and (folder / "text.mapped.weights").is_file()
+
+
 def test_an_optimised_graph_that_cannot_be_written_is_not_kept_and_a_broken_export_is_one_line(
     torch_encoder, tmp_path, monkeypatch
 ):
@@ -181,7 +210,8 @@ def test_an_optimised_graph_that_cannot_be_written_is_not_kept_and_a_broken_expo
     monkeypatch.setattr(ort, "InferenceSession", failing_save)
     again = OnnxEncoder(copy, torch_encoder.spec).encode_texts(texts)
     np.testing.assert_allclose(again, expect, rtol=0, atol=1e-6)
-    assert not list(copy.glob("*.mapped.*")) and not list(copy.glob("*.tmp"))
+    kept = [copy / "text.mapped.onnx", copy / "text.mapped.weights"]
+    assert not any(f.exists() for f in kept) and not list(copy.glob("*.tmp"))
     monkeypatch.setattr(ort, "InferenceSession", real)
     graph = copy / "text.onnx"
     graph.write_bytes(graph.read_bytes()[:500])

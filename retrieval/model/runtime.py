@@ -10,6 +10,7 @@ runtime uses. `retrieval.model.choose` picks the runtime: `--runtime` / `$CLIPDE
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -17,7 +18,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,20 @@ def graph_name(tower: str, precision: str, *, optimised: bool = False) -> str:
 
 def _weights_of(graph: Path) -> Path:
     return graph.with_suffix(".weights")
+
+
+@contextlib.contextmanager
+def _making(optimised: Path) -> Iterator[None]:
+    """Hold the lock on making this optimised graph (an flock the kernel drops if its holder dies); on a read-only
+    cache, where nothing is kept anyway, go on without it."""
+    try:
+        f = optimised.with_name(f".{optimised.name}.lock").open("a")
+    except OSError:
+        yield
+        return
+    with f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        yield
 
 
 def _publish_optimised(work: Path, optimised: Path) -> None:
@@ -223,22 +238,35 @@ class OnnxEncoder:
         import onnxruntime as ort
 
         optimised = self.folder / graph_name(tower, self.precision, optimised=True)
-        # The saved graph has the portable fusions (attention, layer norm, GELU: "extended"); the layout ones
-        # ("all") depend on this CPU, so they are redone at each start, which is quick. Its weights are a file of
-        # their own, which ONNX Runtime maps into memory instead of parsing and copying them out of the graph: a
-        # ViT-B-32 text tower's session opens in 0.12 s instead of 0.35 s, and its pages are the page cache's.
-        if optimised.is_file():
-            try:
-                session = ort.InferenceSession(
-                    str(optimised), sess_options=self._options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
-                    providers=self.providers,
-                )  # fmt: skip
-                self._sessions[tower] = session
-                return session
-            except Exception:  # a saved graph or its weights cut short (a failing disk when written): made again
-                for path in (optimised, _weights_of(optimised)):
-                    with contextlib.suppress(OSError):
-                        path.unlink()
+        session = self._saved_session(ort, optimised)
+        if session is None:
+            with _making(optimised):  # one process at a time writes a graph and its weights: never a mismatched pair
+                session = self._saved_session(ort, optimised) or self._optimised_session(ort, tower, optimised)
+        self._sessions[tower] = session
+        return session
+
+    def _saved_session(self, ort: Any, optimised: Path) -> Any:
+        """A session on the optimised graph kept beside the export, or None when there is none (or it was damaged).
+
+        The saved graph has the portable fusions (attention, layer norm, GELU: "extended"); the layout ones ("all")
+        depend on this CPU, so they are redone at each start, which is quick. Its weights are a file of their own,
+        which ONNX Runtime maps into memory instead of parsing and copying them out of the graph: a ViT-B-32 text
+        tower's session opens in 0.12 s instead of 0.35 s, and its pages are the page cache's."""
+        if not optimised.is_file():
+            return None
+        try:
+            return ort.InferenceSession(
+                str(optimised), sess_options=self._options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+                providers=self.providers,
+            )  # fmt: skip
+        except Exception:  # a saved graph or its weights cut short (a failing disk when written): made again
+            for path in (optimised, _weights_of(optimised)):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            return None
+
+    def _optimised_session(self, ort: Any, tower: str, optimised: Path) -> Any:
+        """A session on the export's graph, optimised now and kept as `optimised` with its weights beside it."""
         source = self.folder / graph_name(tower, self.precision)
         work = self.folder / f".{optimised.name}.{os.getpid()}.{threading.get_ident()}.tmp"
         options = self._options(ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
@@ -258,8 +286,9 @@ class OnnxEncoder:
                 _publish_optimised(work, optimised)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        self._sessions[tower] = session
-        return session
+        # the graph as every later session loads it, so that this run's vectors are theirs to the last bit (the
+        # layout optimisations redone at load change a convolution's rounding)
+        return self._saved_session(ort, optimised) or session
 
     def _unsaved_session(self, ort: Any, source: Path) -> Any:
         options = self._options(ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
