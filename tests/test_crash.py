@@ -222,3 +222,37 @@ def test_a_forked_child_does_not_keep_the_lock(tmp_path):
     finally:
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
+
+
+def test_a_held_lock_excludes_others_and_a_forked_child_does_not_keep_it(tmp_path):
+    """`held` (the lock on making an export's optimised graph) excludes other holders; a child forked meanwhile (a
+    decode worker) does not keep it once the holder leaves; an unwritable place runs the block unlocked."""
+    import fcntl
+
+    from clipdex.retrieval.store.lock import held
+
+    def free(path: Path) -> bool:
+        with open(path, "a") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+
+    path = tmp_path / ".graph.lock"
+    ready, told = os.pipe()
+    with held(path) as locked:
+        assert locked and not free(path)
+        child = os.fork()
+        if child == 0:  # a worker that lives on
+            os.write(told, b"x")
+            time.sleep(30)
+            os._exit(0)
+        os.read(ready, 1)  # its fork handlers have run
+    try:
+        assert free(path)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    with held(tmp_path / "missing" / "x.lock") as locked:
+        assert not locked

@@ -10,7 +10,6 @@ runtime uses. `retrieval.model.choose` picks the runtime: `--runtime` / `$CLIPDE
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -18,7 +17,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from clipdex.retrieval.imaging.decode import DEFAULT_MAX_PIXELS, MAX_ASPECT, Dec
 from clipdex.retrieval.model.preprocess import Preprocess
 from clipdex.retrieval.model.tokenizer import ClipTokenizer
 from clipdex.retrieval.model.weights import cache_root
+from clipdex.retrieval.store.lock import held
 
 log = logging.getLogger(__name__)
 
@@ -94,20 +94,6 @@ def graph_name(tower: str, precision: str, *, optimised: bool = False) -> str:
 
 def _weights_of(graph: Path) -> Path:
     return graph.with_suffix(".weights")
-
-
-@contextlib.contextmanager
-def _making(optimised: Path) -> Iterator[None]:
-    """Hold the lock on making this optimised graph (an flock the kernel drops if its holder dies); on a read-only
-    cache, where nothing is kept anyway, go on without it."""
-    try:
-        f = optimised.with_name(f".{optimised.name}.lock").open("a")
-    except OSError:
-        yield
-        return
-    with f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        yield
 
 
 def _publish_optimised(work: Path, optimised: Path) -> None:
@@ -240,7 +226,9 @@ class OnnxEncoder:
         optimised = self.folder / graph_name(tower, self.precision, optimised=True)
         session = self._saved_session(ort, optimised)
         if session is None:
-            with _making(optimised):  # one process at a time writes a graph and its weights: never a mismatched pair
+            # one process at a time writes a graph and its weights, so they always match (a read-only cache keeps
+            # nothing, and goes on without the lock)
+            with held(optimised.with_name(f".{optimised.name}.lock")):
                 session = self._saved_session(ort, optimised) or self._optimised_session(ort, tower, optimised)
         self._sessions[tower] = session
         return session

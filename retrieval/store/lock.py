@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -61,3 +63,25 @@ def acquire_lock(index_dir: Path, *, holder: str = "") -> WriteLock:
     f.write(f"{holder + ' ' if holder else ''}pid {os.getpid()}\n")
     f.flush()
     return WriteLock(f)
+
+
+@contextlib.contextmanager
+def held(path: Path) -> Iterator[bool]:
+    """Wait for an exclusive flock on `path` (made if missing) and hold it for the block; a child forked meanwhile
+    drops its copy, as for the write lock. Where the file cannot be opened (a read-only folder) the block runs
+    without it: yields whether the lock is held."""
+    try:
+        f = path.open("a")
+    except OSError:
+        yield False
+        return
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        lock = WriteLock(f)
+    except BaseException:
+        f.close()
+        raise
+    try:
+        yield True
+    finally:
+        lock.close()
