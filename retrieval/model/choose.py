@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clipdex.retrieval.config import EncoderConfig, ModelSpec
 from clipdex.retrieval.errors import ModelError
 from clipdex.retrieval.model.runtime import OnnxEncoder, asked_runtime, find_export
+
+if TYPE_CHECKING:
+    from clipdex.retrieval.store.manifest import Manifest
 
 
 def open_index_encoder(index_dir: Path, *, device: str = "auto", runtime: str | None = None) -> Any:
@@ -26,10 +29,10 @@ def open_index_encoder(index_dir: Path, *, device: str = "auto", runtime: str | 
     lowered = precision != "fp32"
     if lowered and chosen == "torch":
         raise ModelError(f"{index_dir} holds {precision} vectors, which ONNX Runtime makes: leave out --runtime torch")
-    on_gpu = device.startswith("cuda") and not lowered
-    exported = exported_index_encoder(index_dir, device=device, runtime=runtime)
+    exported = _exported(manifest, device, chosen)
     if exported is not None:
         return exported
+    on_gpu = device.startswith("cuda") and not lowered
     from clipdex.retrieval.model.encoder import load_encoder
     from clipdex.retrieval.model.weights import index_encoder_config
 
@@ -45,10 +48,14 @@ def exported_index_encoder(index_dir: Path, *, device: str = "auto", runtime: st
     otherwise. Never exports, never imports torch."""
     from clipdex.retrieval.store.manifest import read_manifest
 
-    manifest = read_manifest(index_dir)
+    return _exported(read_manifest(index_dir), device, asked_runtime(runtime))
+
+
+def _exported(manifest: Manifest, device: str, chosen: str) -> OnnxEncoder | None:
+    """The manifest's model on ONNX Runtime, if exported, unless torch (`chosen`) or a GPU (which fp32 runs on
+    torch) answers."""
     spec, precision = manifest.model, manifest.precision
-    lowered = precision != "fp32"
-    if asked_runtime(runtime) == "torch" or (device.startswith("cuda") and not lowered):
+    if chosen == "torch" or (device.startswith("cuda") and precision == "fp32"):
         return None
     folder = find_export(spec, precision)
     return None if folder is None else OnnxEncoder(folder, spec, device=device, precision=precision)
