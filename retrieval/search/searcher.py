@@ -560,9 +560,7 @@ class Searcher:
         """Items of the same kind nearest to this one's stored vector (image→image, text→text), itself left out."""
         if k < 1:
             raise InputError(f"k must be at least 1 (got {k})")
-        items = self._snap.items
-        target = Kind(items.row_of(item_id)["kind"])
-        return self.search(Query.build(like=item_id), k=k, target=target)
+        return self.search(Query.build(like=item_id), k=k, target=Kind(self.item(item_id).kind))
 
     # -- filters --------------------------------------------------------------------------------------------------
 

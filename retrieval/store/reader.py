@@ -106,9 +106,9 @@ class PublishedItems:
     """The searchable (status ok) items of one published snapshot, sorted by id, and their stored vectors.
 
     `table` holds every row of the snapshot's item table, failed ones too; `at` is where each searchable item's row
-    is in it. Opening it and looking up a page of rows use no Arrow compute function: pyarrow.compute takes 0.07 s to
-    import, a tenth of a cold search. Only the cache of memory-mapped shards changes after opening; two threads may both map a
-    shard, either kept."""
+    is in it. Opening it and looking up a page of rows use no Arrow compute function: pyarrow.compute takes 0.07 s
+    to import, a tenth of a cold search. Only the cache of memory-mapped shards changes after opening; two threads
+    may both map a shard, either kept."""
 
     index_dir: Path
     dim: int
@@ -166,14 +166,15 @@ class PublishedItems:
         `text` is its caption (format 2 keeps it apart)."""
         pos = self.positions(np.asarray(ids, dtype=np.int64))
         if len(pos) <= _FEW_ROWS:  # a page of hits: a slice each, no compute function to import
-            found = [self.table.slice(int(self.at[p]), 1).to_pylist()[0] for p in pos]
-        else:
-            found = self.table.take(integers(self.at[pos])).to_pylist()
-        return [_with_caption(row) for row in found]
+            return [self._row_at(int(p)) for p in pos]
+        return [_with_caption(row) for row in self.table.take(integers(self.at[pos])).to_pylist()]
 
     def row_of(self, item_id: int) -> dict[str, Any]:
         """The row of one searchable item; an id the index does not hold is ItemNotFoundError."""
-        return _with_caption(self.table.slice(int(self.at[self.position(item_id)]), 1).to_pylist()[0])
+        return self._row_at(self.position(item_id))
+
+    def _row_at(self, pos: int) -> dict[str, Any]:
+        return _with_caption(self.table.slice(int(self.at[pos]), 1).to_pylist()[0])
 
     def _shard(self, shard: int) -> np.ndarray:
         vectors = self._shards.get(shard)
