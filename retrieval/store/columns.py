@@ -20,12 +20,11 @@ import pyarrow as pa
 def numbers(column: Any, fill: float | None = None) -> np.ndarray:
     """An integer or floating-point column (Array or ChunkedArray) as one numpy array of its own dtype; its nulls
     read as `fill` when one is given (else pyarrow converts a chunk with nulls, as floats with NaN)."""
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     dtype = _numpy_dtype(column.type)
     if dtype is None:
         return np.asarray(column.to_numpy(zero_copy_only=False))
     parts = []
-    for chunk in chunks:
+    for chunk in _chunks(column):
         if not len(chunk):
             continue
         if chunk.null_count and fill is None:
@@ -68,12 +67,11 @@ def matches(column: Any, value: str) -> np.ndarray:
     """Where a string column (plain or dictionary-encoded) equals `value`, as numpy booleans (a null is no match).
     A dictionary is compared once per distinct value and its codes looked up, so a column of a few values (an item
     table's `kind` or `status`) needs no Arrow compute function."""
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     parts = [np.zeros(0, dtype=bool)]
-    for chunk in chunks:
+    for chunk in _chunks(column):
         if pa.types.is_dictionary(chunk.type) and not chunk.null_count:
             hit = np.array([v == value for v in chunk.dictionary.to_pylist()], dtype=bool)
-            parts.append(hit[numbers(chunk.indices)] if len(hit) else np.zeros(len(chunk), dtype=bool))
+            parts.append(hit[numbers(chunk.indices)])
         else:
             parts.append(np.array([v == value for v in chunk.to_pylist()], dtype=bool))
     return np.concatenate(parts)
@@ -81,15 +79,19 @@ def matches(column: Any, value: str) -> np.ndarray:
 
 def flags(column: Any) -> np.ndarray:
     """A boolean column as numpy booleans, a null as False (Arrow packs booleans, and validity, into bits)."""
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     parts = [np.zeros(0, dtype=bool)]
-    for chunk in chunks:
+    for chunk in _chunks(column):
         validity, data = chunk.buffers()[:2]
         values = _bits(data, chunk.offset, len(chunk))
         if validity is not None and chunk.null_count:
             values &= _bits(validity, chunk.offset, len(chunk))
         parts.append(values)
     return np.concatenate(parts)
+
+
+def _chunks(column: Any) -> list[Any]:
+    """The Arrays of a ChunkedArray, or an Array as its own one chunk."""
+    return column.chunks if isinstance(column, pa.ChunkedArray) else [column]
 
 
 def _bits(buffer: Any, offset: int, length: int) -> np.ndarray:
