@@ -293,6 +293,10 @@ class OnnxEncoder:
         if self._threads:
             options.intra_op_num_threads = self._threads
         options.log_severity_level = 3
+        # ONNX Runtime's own log (its environment's, beside each session's): only what kills it. A mapped weights
+        # file that fails to close on a failing disk was logged as a second, coloured error line beside clipdex's
+        # one-line error; every failure that matters reaches clipdex as an exception.
+        ort.set_default_logger_severity(4)
         options.graph_optimization_level = level
         return options
 
