@@ -1,3 +1,3 @@
-from clipdex.cli.main import main
+from clipdex.cli.main import run
 
-main()
+run()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 from rich.console import Console
@@ -19,30 +20,32 @@ from typer.core import TyperArgument, TyperGroup
 from clipdex.retrieval.errors import ClipdexError, disk_error
 from clipdex.retrieval.search.request import DEFAULT_RERANK_K
 
-_METAVARS = {int: "N", float: "NUMBER", Path: "PATH", str: "TEXT"}
+_METAVARS = {"int": "N", "integer": "N", "float": "NUMBER", "path": "PATH", "text": "TEXT"}
 
 
 def _metavar(param: Any) -> str:
     """A plain metavar for --help: `N`, `PATH`, `auto|cpu|cuda`, `PATHS` for an argument, nothing for a flag; not
-    typer's `<int range>`, `<list[Path]>` or `<bool>`."""
+    typer's `INTEGER RANGE` or `[auto|cpu|cuda]`."""
     if param.metavar is not None:
         return str(param.metavar)
     if getattr(param, "is_flag", False):
         return ""
     if isinstance(param, TyperArgument):
         return str(param.name).upper()  # the usage line adds `...` to one that repeats
-    kind = param.type_descriptor
-    if kind.is_choice:
-        return "|".join(str(getattr(c, "value", c)) for c in kind.choices or ())
-    annotation = get_args(kind.annotation)[0] if kind.is_list else kind.annotation
-    return _METAVARS.get(annotation, "TEXT")
+    kind = param.type
+    choices = getattr(kind, "choices", None)
+    if choices:
+        return "|".join(str(getattr(c, "value", c)) for c in choices)
+    name = str(getattr(kind, "name", "")).split(" ")[0]  # click's names: int, int range, float, path, text
+    return _METAVARS.get(name, "TEXT")
 
 
-class _Argument(TyperArgument):
-    """An argument whose metavar (`PATHS`) is its whole description: no second, typer-style type column."""
-
-    def display_type_rich(self, ctx: Any) -> str | None:
-        return None
+def _untyped(kind: Any) -> Any:
+    """A copy of an argument's click type that names no type in --help: the argument's metavar (`PATHS`) says it
+    all, without a second, typer-style `<path>` column."""
+    plain = copy.copy(kind)
+    plain.get_metavar = lambda param, ctx: ""
+    return plain
 
 
 # Options whose value may be left out (`--rerank` or `--rerank 32`), with the value they take then. typer has no such
@@ -91,8 +94,8 @@ class _Group(TyperGroup):
                 command.parse_args = _fill_optional_values(command.parse_args, optional)  # type: ignore[method-assign,assignment]
             for param in command.params:
                 param.metavar = _metavar(param)
-                if type(param) is TyperArgument:
-                    param.__class__ = _Argument
+                if isinstance(param, TyperArgument):
+                    param.type = _untyped(param.type)
 
 
 app = typer.Typer(

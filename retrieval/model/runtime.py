@@ -193,9 +193,9 @@ class OnnxEncoder:
         releases the GIL while it makes a session, so a thread warming the towers runs beside whatever the caller
         does meanwhile (`warm_later`)."""
         for tower in towers:
+            self._session(tower)  # first: the GIL is free while it opens, for the caller's thread to go on
             if tower == "text":
                 self.tokenizer  # noqa: B018  # made here, not by the first query
-            self._session(tower)
 
     def warm_later(self, towers: Iterable[str]) -> threading.Thread:
         """`warm` in a thread of its own, started now. Not a daemon: the interpreter waits for it before finalising,

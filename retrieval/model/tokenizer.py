@@ -9,10 +9,10 @@ unescaped twice, whitespace collapsed, lower case. Equality with open_clip is te
 from __future__ import annotations
 
 import functools
-import gzip
 import html
 import importlib.util
 import itertools
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -57,18 +57,29 @@ def _plain(text: str) -> bool:
     return text.isascii() and text.isprintable() and "&" not in text
 
 
+def _merge_lines(vocab: Path) -> list[str]:
+    """The merges of a gzipped BPE file, a line each after its header. Only the file's first fifth is inflated:
+    the rest lists merges CLIP does not use (20 ms of a cold search)."""
+    data, inflate = vocab.read_bytes(), zlib.decompressobj(wbits=31)  # 31: a gzip stream
+    head = b""
+    for start in range(0, len(data), 1 << 16):
+        head += inflate.decompress(data[start : start + (1 << 16)])
+        if head.count(b"\n") > _MERGES + 1:
+            break
+    lines = head[: head.rfind(b"\n") + 1].decode("utf-8")  # whole lines: a chunk may end inside a character
+    return lines.split("\n", _MERGES + 1)[1 : _MERGES + 1]
+
+
 class ClipTokenizer:
     """`tokenizer(texts)` → int64 array (N, context_length): start, the BPE ids, end, zero padding; a text too long
     is cut and ends with the end token."""
 
     def __init__(self, context_length: int = 77, vocab: Path | None = None):
-        with gzip.open(vocab or bundled_vocab()) as f:
-            lines = f.read().decode("utf-8").split("\n")[1 : _MERGES + 1]
-        merges = [tuple(line.split()) for line in lines]
+        merges = _merge_lines(vocab or bundled_vocab())  # "a b": symbols hold no space (see _byte_alphabet)
         symbols = list(_byte_alphabet().values())
-        names = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT, EOT]
-        self.ids = {name: i for i, name in enumerate(names)}
-        self.rank = {pair: i for i, pair in enumerate(merges)}
+        names = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges] + [SOT, EOT]
+        self.ids = dict(zip(names, range(len(names)), strict=True))
+        self.rank = dict(zip(merges, range(len(merges)), strict=True))  # a merge's line, not a tuple: 30 ms less
         self.sot, self.eot = self.ids[SOT], self.ids[EOT]
         self.context_length = context_length
         self.vocab_size = len(self.ids)
@@ -90,14 +101,14 @@ class ClipTokenizer:
         """Merge the word's adjacent symbols, the best-ranked pair everywhere first, until no pair is a merge."""
         parts = [*word[:-1], word[-1] + "</w>"]
         while len(parts) > 1:
-            ranked = [(self.rank.get(pair, _MERGES), pair) for pair in itertools.pairwise(parts)]
-            best, pair = min(ranked)
+            ranked = [(self.rank.get(f"{a} {b}", _MERGES), a, b) for a, b in itertools.pairwise(parts)]
+            best, first, second = min(ranked)
             if best == _MERGES:
                 break
             merged: list[str] = []
             i = 0
             while i < len(parts):
-                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
+                if i + 1 < len(parts) and parts[i] == first and parts[i + 1] == second:
                     merged.append(parts[i] + parts[i + 1])
                     i += 2
                 else:

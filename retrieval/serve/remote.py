@@ -50,7 +50,7 @@ def unregister(path: Path) -> None:
         pass
 
 
-def _live_server(index_dir: Path) -> dict[str, Any] | None:
+def live_server(index_dir: Path) -> dict[str, Any] | None:
     try:
         entry = json.loads(registration_path(index_dir).read_text())
         os.kill(int(entry["pid"]), 0)
@@ -65,7 +65,7 @@ def search_via_server(index_dir: Path, asked: SearchRequest) -> dict[str, Any] |
     """The server's answer (as `results_json`) to a search request, its image files sent as uploads; None when no
     live server answers it. The search then runs locally, which also gives the same error a local search would for a
     request the server refuses (its limits on k and query length are tighter than the CLI's)."""
-    entry = _live_server(index_dir)
+    entry = live_server(index_dir)
     if entry is None:
         return None
     headers = {"Accept": "application/json"}
