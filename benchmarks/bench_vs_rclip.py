@@ -219,6 +219,12 @@ def main() -> None:
         tree = links_tree(args.before, work / "before")
         before_env = dict(env, PYTHONPATH=str(tree), CLIPDEX_CACHE=str(work / "cache-before"))
 
+    # pip compiles a package's modules when it installs it (rclip's were); clipdex runs from source trees here, and
+    # PYTHONDONTWRITEBYTECODE keeps a run from writing them, so they are compiled alike first: no tool pays for
+    # compiling its own code at each start
+    trees = [REPO / d for d in ("retrieval", "indexer", "cli")] + ([work / "before" / "tree"] if args.before else [])
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *map(str, trees)], check=True, stdout=subprocess.DEVNULL)
+
     # one-time preparation, not timed: clipdex exports its towers (and checks them) and quantises them for int8
     for precision in ("fp32", "int8"):
         warm = ["index", str(folders["640x480"] / "0000.jpg"), "--index", str(work / f"warm-{precision}")]

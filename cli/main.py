@@ -6,20 +6,17 @@ them registers them.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import sys
-import threading
 import warnings
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
 from clipdex.cli import library, models, query, serve, watch  # noqa: F401 (registers the commands)
 from clipdex.cli.common import app, version_callback
 
-__all__ = ["app", "main", "run"]
+__all__ = ["app", "main"]
 
 
 def _setup_logging() -> None:
@@ -48,37 +45,8 @@ def main() -> None:
     _setup_logging()
     # clipdex applies its own pixel limit (--max-pixels) before decoding; PIL's warning below its own would be noise
     warnings.filterwarnings("ignore", message=".*could be decompression bomb DOS attack")
-    with contextlib.suppress(Exception):  # only a head start: the command itself says what is wrong
-        query.warm_early(sys.argv[1:])
     app()
 
 
-# Commands that only read and print. Once a search has printed and every thread it started has ended, the process
-# ends without the interpreter's teardown: ONNX Runtime's sessions, FAISS's indexes and some 600 modules freed one by
-# one, which took 0.1 s of a cold search (0.87 s against 0.75 s, medians of 8 pairs), memory the system frees at once.
-_READ_ONLY = frozenset({"search"})
-
-
-def run() -> None:
-    """The `clipdex` program (its console script and `python -m clipdex`): `main`, then a quick exit after a search.
-    `main` itself returns as any function does, for whoever calls it in a process that goes on."""
-    try:
-        main()
-    except SystemExit as e:
-        if sys.argv[1:2] and sys.argv[1] in _READ_ONLY and (e.code is None or isinstance(e.code, int)):
-            _exit_now(e.code or 0)
-        raise
-
-
-def _exit_now(code: int) -> NoReturn:
-    for thread in threading.enumerate():  # what the interpreter would wait for (a tower still being opened)
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):  # a closed pipe: nothing more can be said
-            stream.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    run()
+    main()

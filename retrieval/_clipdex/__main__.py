@@ -1,3 +1,3 @@
-from clipdex.cli.main import run
+from clipdex.cli.start import run
 
 run()
