@@ -298,10 +298,6 @@ class OnnxEncoder:
         # one-line error; every failure that matters reaches clipdex as an exception.
         ort.set_default_logger_severity(4)
         options.graph_optimization_level = level
-        # weights packed for MLAS by the session's threads at once: ViT-B-32's image tower opens in 0.27-0.33 s
-        # instead of 0.44-0.47 s, its text tower in 0.13-0.17 s instead of 0.20-0.23 s, with the same packing, so
-        # the same vectors to the last bit
-        options.add_session_config_entry("session.prepack.enable_parallel", "1")
         return options
 
     def encode_images(self, pixels: Any) -> np.ndarray:
