@@ -22,7 +22,7 @@ from clipdex.cli.common import (
     lean_model_imports,
     out,
 )
-from clipdex.cli.start import warming
+from clipdex.cli.early import warming
 from clipdex.retrieval.errors import ClipdexError
 from clipdex.retrieval.search.request import DEFAULT_RERANK_K, MODES, OFFLINE, SORTS
 

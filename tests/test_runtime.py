@@ -336,16 +336,16 @@ def test_a_warmed_searcher_answers_as_a_cold_one_and_a_failed_warm_is_said_by_th
     ],
 )
 def test_a_search_peeked_at_before_typer_parses_it_opens_the_towers_it_will_need(argv, towers, tmp_path, monkeypatch):
-    """`clipdex search` opens its towers before typer parses the command line (cli.start.warm_early): the index,
+    """`clipdex search` opens its towers before typer parses the command line (cli.early.warm_early): the index,
     device and runtime peeked at are the ones the search then asks for, or it opens its own."""
-    from clipdex.cli import start as cli_start
+    from clipdex.cli import early as cli_early
 
     asked = []
-    monkeypatch.setattr(cli_start, "warming", lambda *a: asked.append(a) or None)
+    monkeypatch.setattr(cli_early, "warming", lambda *a: asked.append(a) or None)
     monkeypatch.setenv("CLIPDEX_INDEX", str(tmp_path / "env-index"))
     monkeypatch.setenv("CLIPDEX_RUNTIME", "onnx")
-    cli_start.warm_early([*argv, "--no-server"])
-    cli_start.warm_early([*argv, "-i", str(tmp_path / "idx"), "--device=cpu", "--runtime", "torch", "--no-server"])
+    cli_early.warm_early([*argv, "--no-server"])
+    cli_early.warm_early([*argv, "-i", str(tmp_path / "idx"), "--device=cpu", "--runtime", "torch", "--no-server"])
     if towers is None:
         assert asked == []
         return
@@ -358,13 +358,13 @@ def test_a_search_peeked_at_before_typer_parses_it_opens_the_towers_it_will_need
 def test_an_early_encoder_is_taken_only_for_its_own_index_device_and_runtime(library, tmp_path):
     """What `warm_early` opened is the search's own encoder when index, device and runtime match; otherwise the
     search opens its own, and the early one is left unused."""
-    from clipdex.cli import start as cli_start
+    from clipdex.cli import early as cli_early
 
-    cli_start.warm_early(["search", "a red circle", "--index", str(library), "--device", "cpu", "--no-server"])
-    early = cli_start._early[(library.resolve(), "cpu", None)][0]
-    assert cli_start.warming(library, {"text"}, "auto", None) is not early  # another device: its own
-    assert cli_start.warming(library, {"text"}, "cpu", None) is early
-    assert not cli_start._early
+    cli_early.warm_early(["search", "a red circle", "--index", str(library), "--device", "cpu", "--no-server"])
+    early = cli_early._early[(library.resolve(), "cpu", None)][0]
+    assert cli_early.warming(library, {"text"}, "auto", None) is not early  # another device: its own
+    assert cli_early.warming(library, {"text"}, "cpu", None) is early
+    assert not cli_early._early
 
 
 def test_a_cold_search_run_as_the_program_prints_all_and_exits_with_its_code(library):
