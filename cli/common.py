@@ -20,12 +20,12 @@ from typer.core import TyperArgument, TyperGroup
 from clipdex.retrieval.errors import ClipdexError, disk_error
 from clipdex.retrieval.search.request import DEFAULT_RERANK_K
 
-_METAVARS = {"int": "N", "integer": "N", "float": "NUMBER", "path": "PATH", "text": "TEXT"}
+_METAVARS = {"int": "N", "float": "NUMBER", "path": "PATH"}  # by click type name; anything else is TEXT
 
 
 def _metavar(param: Any) -> str:
     """A plain metavar for --help: `N`, `PATH`, `auto|cpu|cuda`, `PATHS` for an argument, nothing for a flag; not
-    typer's `INTEGER RANGE` or `[auto|cpu|cuda]`."""
+    typer's `INT RANGE` or `[auto|cpu|cuda]`."""
     if param.metavar is not None:
         return str(param.metavar)
     if getattr(param, "is_flag", False):
@@ -36,7 +36,7 @@ def _metavar(param: Any) -> str:
     choices = getattr(kind, "choices", None)
     if choices:
         return "|".join(str(getattr(c, "value", c)) for c in choices)
-    name = str(getattr(kind, "name", "")).split(" ")[0]  # click's names: int, int range, float, path, text
+    name = str(getattr(kind, "name", "")).split(" ")[0]  # click's names: int, int range, float, path, str
     return _METAVARS.get(name, "TEXT")
 
 

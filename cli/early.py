@@ -41,15 +41,16 @@ def warm_early(argv: list[str]) -> None:
     index = asked.get("--index") or asked.get("-i") or os.environ.get("CLIPDEX_INDEX")
     if not towers or not index or asked.get("--mode") == "lexical":
         return
+    index_dir = Path(index)
     if "--no-server" not in asked:
         from clipdex.retrieval.serve.remote import live_server
 
-        if live_server(Path(index)) is not None:
+        if live_server(index_dir) is not None:
             return  # it answers: nothing to open here
     device, runtime = asked.get("--device", "auto"), asked.get("--runtime") or os.environ.get("CLIPDEX_RUNTIME")
-    encoder = warming(Path(index), towers, device, runtime)
+    encoder = warming(index_dir, towers, device, runtime)
     if encoder is not None:
-        _early[(Path(index).resolve(), device, runtime)] = (encoder, frozenset(towers))
+        _early[(index_dir.resolve(), device, runtime)] = (encoder, frozenset(towers))
 
 
 def warming(index_dir: Path, towers: Iterable[str], device: str, runtime: str | None) -> Any:

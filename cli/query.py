@@ -180,7 +180,8 @@ def search(
         encoder = warming(index_dir, towers, device.value, chosen)
         from clipdex.retrieval.search.searcher import Searcher
 
-        searcher = Searcher(index_dir, device=device.value, runtime=chosen, encoder=encoder, warm=towers)
+        # `warming` has looked for the export already: where it found none, the searcher need not look again
+        searcher = Searcher(index_dir, device=device.value, runtime=chosen, encoder=encoder)
         if encoder is not None and not searcher.manifest.model.same_model(encoder.spec):  # reindexed meanwhile
             searcher = Searcher(index_dir, device=device.value, runtime=chosen, warm=towers)
         answer = searcher.answer(asked)
