@@ -9,16 +9,18 @@ import json
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 from typer.core import TyperArgument, TyperGroup
 
 from clipdex.retrieval.errors import ClipdexError, disk_error
 from clipdex.retrieval.search.request import DEFAULT_RERANK_K
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
 
 _METAVARS = {"int": "N", "float": "NUMBER", "path": "PATH"}  # by click type name; anything else is TEXT
 
@@ -106,8 +108,30 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-out = Console()
-err = Console(stderr=True)
+
+
+class LazyConsole:
+    """rich's Console, made when first used: importing rich takes 0.04 s, which a command printing JSON (a search
+    asked for `--json`, as scripts and the server's clients ask) never needs. Anything asked of it is the Console's."""
+
+    def __init__(self, *, stderr: bool = False):
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.console, name)
+
+
+out = LazyConsole()
+err = LazyConsole(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -310,13 +334,22 @@ class RichProgress:
 
 
 def progress_bar() -> Progress:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=err,
+        console=err.console,
         disable=not err.is_terminal,
         transient=False,
     )
@@ -413,6 +446,8 @@ def print_ann(manifest: Any, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"ann": manifest.to_json()["ann"], "counts": manifest.counts}))
         return
+    from rich.table import Table
+
     table = Table(title="ANN indexes", show_header=True)
     for col in ("kind", "vectors", "index", "params", "recall@10", "why"):
         table.add_column(col)

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from clipdex.cli.common import (
     BatchSizeOpt,
@@ -127,6 +126,8 @@ def index(
         failures = [{"path": path, "error": reason} for path, reason in summary.failures]
         print(json.dumps({**summary.to_json(), "failures": failures, "notes": summary.notes}, ensure_ascii=False))
     else:
+        from rich.table import Table
+
         table = Table(title=f"clipdex index → {index_dir}", show_header=True)
         for key in summary.to_json():
             table.add_column(key, justify="right")
@@ -291,6 +292,8 @@ def info(
     if as_json:
         print(json.dumps(data, ensure_ascii=False))
         return
+    from rich.table import Table
+
     table = Table(show_header=False, title=f"clipdex index {index_dir}")
     table.add_column("", style="bold")
     table.add_column("", no_wrap=True)

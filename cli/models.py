@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from clipdex.cli.common import (
     BatchSizeOpt,
@@ -29,6 +27,9 @@ from clipdex.cli.common import (
 )
 from clipdex.retrieval.errors import ClipdexError
 from clipdex.retrieval.finetune.config import Method
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 
 class DatasetOpt(str, Enum):
@@ -121,6 +122,8 @@ def eval_(
     if as_json:
         print(json.dumps(result))
         return
+    from rich.table import Table
+
     table = Table(
         title=f"{result['dataset']} {result['split']}: {result['model']} / {result['pretrained']} "
         f"({result['images']} images, {result['texts']} texts)"
@@ -157,13 +160,15 @@ class _TrainBar:
 
 
 def _train_bar() -> Progress:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.3f}  lr {task.fields[lr]:.2e}  {task.fields[speed]:.0f} pairs/s"),
         TimeElapsedColumn(),
-        console=err,
+        console=err.console,
         disable=not err.is_terminal,
     )
 
@@ -306,6 +311,8 @@ def finetune(
         f"{result.method.value}: {result.epochs} epochs on {result.train_pairs} pairs; kept epoch {result.best_epoch}",
         highlight=False,
     )
+    from rich.table import Table
+
     table = Table(title=f"validation recall ({result.val_pairs} pairs)")
     table.add_column("")
     for k in result.before["text_to_image"]:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from clipdex.cli.common import (
     Device,
@@ -207,6 +206,8 @@ def _print_results(answer: dict[str, Any]) -> None:
             cells = [str(h["rank"]), f"{h['score']:.4f}", _path_cell(h), _words_cell(h).replace("\n", " ")]
             print("\t".join(cells + ([_rerank_cell(h)] if reranked else [])))
     else:
+        from rich.table import Table
+
         table = Table(title=f"{answer['query']!r} → {answer['target']}", show_header=True)
         table.add_column("rank", justify="right")
         table.add_column("score", justify="right")
@@ -291,6 +292,8 @@ def duplicates(
             for m in group:
                 print(f"{n}\t{m['score']:.4f}\t{m['bytes'] or ''}\t{m['path']}")
     else:
+        from rich.table import Table
+
         from clipdex.retrieval.config import human_bytes
 
         table = Table(title=f"near-duplicates at cosine ≥ {threshold} ({found.method} range search)")
@@ -375,6 +378,8 @@ def classify(
         for item in found.items:
             print(f"{item['label']}\t{item['score']:.4f}\t{item['path']}")
         return
+    from rich.table import Table
+
     table = Table(title=f"zero-shot labels ({len(found.labels)} classes)")
     table.add_column("label")
     table.add_column("score", justify="right")
