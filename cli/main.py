@@ -6,12 +6,14 @@ them registers them.
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 import warnings
 from typing import Annotated
 
 import typer
+from typer.main import get_command_name
 
 from clipdex.cli import library, models, query, serve, watch  # noqa: F401 (registers the commands)
 from clipdex.cli.common import app, version_callback
@@ -45,7 +47,24 @@ def main() -> None:
     _setup_logging()
     # clipdex applies its own pixel limit (--max-pixels) before decoding; PIL's warning below its own would be noise
     warnings.filterwarnings("ignore", message=".*could be decompression bomb DOS attack")
-    app()
+    app_for(sys.argv[1:])()
+
+
+def app_for(argv: list[str]) -> typer.Typer:
+    """The app, holding only the command `argv` runs when it names one. typer turns every command's signature into
+    click parameters before it parses anything (0.04-0.06 s for all 16 commands, a tenth of a cold search), and a
+    command line runs one of them. Without a command name (`clipdex`, `--help`, `--version`) or with a name that is
+    none of them, the whole app: its help and its errors list them all."""
+    named = [c for c in app.registered_commands if argv and _name(c) == argv[0]]
+    if not named:
+        return app
+    lean = copy.copy(app)
+    lean.registered_commands = named
+    return lean
+
+
+def _name(command: typer.models.CommandInfo) -> str:
+    return command.name or get_command_name(command.callback.__name__)  # type: ignore[union-attr]
 
 
 if __name__ == "__main__":

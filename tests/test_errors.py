@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from corpus import make_images
 
-from clipdex.cli.main import app
+from clipdex.cli.main import app, app_for
 
 
 def assert_one_line_error(result, *needles: str) -> None:
@@ -339,3 +339,24 @@ def test_help_is_plain_for_every_command(cli):
         if name == "finetune":
             method = next(line for line in text.splitlines() if "--method" in line)
             assert "lora" in method and "|" in method, method
+
+
+def test_a_command_line_builds_only_the_command_it_names(cli):
+    """`main` gives typer only the command a command line names (cli.main.app_for): its help, its errors and its
+    parsing are the whole app's, and a command line naming none (or a misspelt one) gets them all."""
+    import typer.main
+
+    names = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+    for name in names:
+        lean = app_for([name, "--json"])
+        assert [c.callback for c in lean.registered_commands] == [
+            c.callback
+            for c in app.registered_commands
+            if typer.main.get_command_name(c.name or c.callback.__name__) == name  # type: ignore[union-attr]
+        ]
+        for argv in ([name, "--help"], [name, "--no-such-option"]):
+            whole, alone = (cli.invoke(a, argv, env={"COLUMNS": "200"}) for a in (app, lean))
+            assert (alone.exit_code, alone.output) == (whole.exit_code, whole.output), (argv, alone.output)
+    for argv in ([], ["--help"], ["--version"], ["serach", "red"]):
+        assert app_for(argv) is app
+    assert len(app.registered_commands) == len(names)  # the app itself is left whole
