@@ -386,6 +386,38 @@ def test_a_cold_search_run_as_the_program_prints_all_and_exits_with_its_code(lib
     assert done.returncode == 2 and done.stdout == "" and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
+def test_a_cold_search_opens_its_tower_before_pillow_typer_and_rich_and_json_needs_no_rich(library):
+    """The program starts opening a search's tower before it imports Pillow, regex (the tokenizer's), typer or rich,
+    which then load while ONNX Runtime opens it; a search printing JSON never imports rich at all."""
+    photo = next((library.parent / "photos").iterdir())
+    code = (
+        "import json, os, sys\n"
+        "from clipdex.cli import start\n"
+        "from clipdex.retrieval.model import runtime\n"
+        "seen = {}\n"
+        "real = runtime.OnnxEncoder.warm_later\n"
+        "def spy(self, towers):\n"
+        "    seen['loaded'] = sorted(m for m in ('PIL', 'regex', 'typer', 'rich') if m in sys.modules)\n"
+        "    return real(self, towers)\n"
+        "runtime.OnnxEncoder.warm_later = spy\n"
+        "def leave(code):\n"
+        "    seen['rich'] = 'rich' in sys.modules\n"
+        "    print(json.dumps(seen))\n"
+        "    sys.stdout.flush()\n"
+        "    os._exit(code)\n"
+        "start._exit_now = leave\n"
+        f"sys.argv = ['clipdex', 'search', '--image', {str(photo)!r}, '--index', {str(library)!r}, '--no-server',"
+        " '--json']\n"
+        "start.run()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer, seen = (json.loads(line) for line in done.stdout.strip().splitlines())
+    assert seen == {"loaded": [], "rich": False}
+    expect = Searcher(library, device="cpu").search(Query.build(image=photo), k=10)
+    assert [h["id"] for h in answer["results"]] == [h.id for h in expect]
+
+
 def test_an_export_that_disagrees_is_refused_and_torch_answers(library, tmp_path, monkeypatch):
     monkeypatch.setenv("CLIPDEX_CACHE", str(tmp_path / "fresh-cache"))  # no export there yet
     monkeypatch.setattr(export_module, "MIN_COSINE", 1.5)  # no export can pass this bar

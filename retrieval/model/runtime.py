@@ -19,18 +19,21 @@ import shutil
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
 from clipdex.retrieval.config import ModelSpec
 from clipdex.retrieval.errors import ModelError
-from clipdex.retrieval.imaging.decode import DEFAULT_MAX_PIXELS, MAX_ASPECT, DecodeOptions
-from clipdex.retrieval.model.preprocess import Preprocess
-from clipdex.retrieval.model.tokenizer import ClipTokenizer
 from clipdex.retrieval.model.weights import cache_root
 from clipdex.retrieval.store.lock import held
+
+if TYPE_CHECKING:  # imported when first used, after a search's towers start opening (Pillow, regex: 0.05 s)
+    from PIL import Image
+
+    from clipdex.retrieval.imaging.decode import DecodeOptions
+    from clipdex.retrieval.model.preprocess import Preprocess
+    from clipdex.retrieval.model.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +166,7 @@ class OnnxEncoder:
         self.spec = spec
         self.precision = precision
         self.dim = int(meta["dim"])
-        self.preprocess = Preprocess.from_json(meta["preprocess"])
+        self._preprocess = meta["preprocess"]
         self._context_length = int(meta["context_length"])
         self.trim_text = bool(meta["trim_text"])
         self.device = device
@@ -175,15 +178,29 @@ class OnnxEncoder:
     @functools.cached_property
     def tokenizer(self) -> ClipTokenizer:
         """Made when texts are first encoded (0.06-0.1 s): indexing photos needs none."""
+        from clipdex.retrieval.model.tokenizer import ClipTokenizer
+
         return ClipTokenizer(self._context_length)
+
+    @functools.cached_property
+    def preprocess(self) -> Preprocess:
+        """Made when first used: opening a tower needs neither it nor Pillow, so a search's towers start opening
+        before they are imported (`warm_later`)."""
+        from clipdex.retrieval.model.preprocess import Preprocess
+
+        return Preprocess.from_json(self._preprocess)
 
     @property
     def crops_center(self) -> bool:
         return self.preprocess.crops_center
 
-    def decode_options(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodeOptions:
+    def decode_options(self, max_pixels: int | None = None) -> DecodeOptions:
+        """How images are decoded for this model: with `max_pixels` (else the default limit), drafted down to its
+        input's size."""
+        from clipdex.retrieval.imaging.decode import DEFAULT_MAX_PIXELS, MAX_ASPECT, DecodeOptions
+
         return DecodeOptions(
-            max_pixels=max_pixels,
+            max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
             max_aspect=MAX_ASPECT if self.crops_center else None,
             draft=self.preprocess.draft,
         )
