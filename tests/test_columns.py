@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clipdex.retrieval.store.columns import equals, flags, integers, matches, numbers, strings
+from clipdex.retrieval.store.columns import column, equals, flags, integers, matches, numbers, strings
 
 TYPES = [
     pa.int8(),
@@ -88,3 +88,32 @@ def test_flags_equal_the_booleans_with_nulls_false(chunks, start):
     column = pa.chunked_array([pa.array(c, pa.bool_()) for c in chunks], type=pa.bool_()).slice(0)
     column = column.slice(min(start, len(column)))
     assert flags(column).tolist() == [bool(v) for v in column.to_pylist()]
+
+
+@given(
+    data=st.data(),
+    type=st.sampled_from([*TYPES, pa.string(), pa.large_string(), pa.bool_(), pa.timestamp("s")]),
+    n=st.integers(0, 30),
+)
+def test_column_equals_pa_array_with_nulls(data, type, n):
+    """What the catalog stages for DuckDB (Python values, None a null) equals pyarrow's own conversion: values,
+    nulls and type, for strings with any Unicode, every integer and float width, booleans, and a type it leaves
+    to pyarrow."""
+    if pa.types.is_string(type) or pa.types.is_large_string(type):
+        value = st.text()
+    elif pa.types.is_boolean(type):
+        value = st.booleans()
+    elif pa.types.is_floating(type):
+        value = st.floats(width=type.bit_width, allow_nan=False)
+    elif pa.types.is_timestamp(type):
+        value = st.integers(0, 2**40)
+    else:
+        signed = pa.types.is_signed_integer(type)
+        value = st.integers(
+            -(2 ** (type.bit_width - 1)) if signed else 0, 2 ** (type.bit_width - (1 if signed else 0)) - 1
+        )
+    values = data.draw(st.lists(value | st.none(), min_size=n, max_size=n))
+    got, want = column(values, type), pa.array(values, type)
+    got.validate(full=True)
+    assert got.type == want.type and got.null_count == want.null_count
+    assert got.equals(want), (got, want)

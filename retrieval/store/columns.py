@@ -56,6 +56,25 @@ def strings(values: Sequence[str], type: pa.DataType | None = None) -> pa.Array:
     return pa.Array.from_buffers(type, len(encoded), buffers)
 
 
+def column(values: Sequence[Any], type: pa.DataType) -> pa.Array:
+    """Python values (None for a null) as an Arrow array of `type`: strings, integers, floats and booleans through
+    Arrow's buffers, as `pa.array(values, type)` makes them; any other type through `pa.array` itself."""
+    text, dtype = pa.types.is_string(type) or pa.types.is_large_string(type), _numpy_dtype(type)
+    if not text and dtype is None and not pa.types.is_boolean(type):
+        return pa.array(values, type)
+    valid = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+    validity = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
+    if pa.types.is_boolean(type):
+        bits = np.packbits(np.fromiter((bool(v) for v in values), dtype=bool, count=len(values)), bitorder="little")
+        return pa.Array.from_buffers(type, len(values), [validity, pa.py_buffer(bits)])
+    if text:
+        return pa.Array.from_buffers(
+            type, len(values), [validity, *strings([v or "" for v in values], type).buffers()[1:]]
+        )
+    data = np.array([0 if v is None else v for v in values], dtype=dtype)
+    return pa.Array.from_buffers(type, len(values), [validity, pa.py_buffer(data)])
+
+
 def equals(column: Any, value: str) -> Any:
     """Where a string column equals `value` (null where the column is null), as Arrow booleans."""
     import pyarrow.compute as pc
