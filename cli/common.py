@@ -6,6 +6,7 @@ import contextlib
 import copy
 import functools
 import json
+import sys
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -172,7 +173,12 @@ def _say(e: ClipdexError) -> None:
     """The error's one line on stderr; when stderr itself cannot be written (a failing disk under a redirect), the
     exit code says it alone, rather than a traceback about the line."""
     with contextlib.suppress(OSError):
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        try:
+            console = err.console
+        except Exception:  # rich could not be imported now (its files on the failing disk): the same line, plain
+            print(f"error: {e}", file=sys.stderr)
+            return
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
 
 
 class Device(str, Enum):

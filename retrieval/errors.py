@@ -171,7 +171,14 @@ def _errno_in(message: str) -> int | None:
             return code
     if "fsync failed" in message:  # DuckDB's FatalException for a write its disk did not make durable
         return errno.EIO
+    for words, code in _SQLITE:
+        if words in message:
+            return code
     return None
+
+
+# SQLite's own words for a failing and a full disk (sqlite3.OperationalError), which name no errno
+_SQLITE = (("disk I/O error", errno.EIO), ("database or disk is full", errno.ENOSPC))
 
 
 def _path_in(message: str) -> str | None:

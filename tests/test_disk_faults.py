@@ -243,3 +243,8 @@ def test_disk_errors_are_read_from_what_each_library_raises(tmp_path):
     fatal = RuntimeError("FATAL Error: fsync failed!")  # DuckDB's, when its WAL could not be made durable
     assert isinstance(disk_error(fatal, tmp_path), DiskIOError)
     assert disk_error(ValueError("Input/output of the model"), tmp_path) is None
+    import sqlite3  # the words index's file: SQLite says it in its own words, with no errno
+
+    assert isinstance(disk_error(sqlite3.OperationalError("disk I/O error"), tmp_path), DiskIOError)
+    assert isinstance(disk_error(sqlite3.OperationalError("database or disk is full"), tmp_path), DiskFullError)
+    assert disk_error(sqlite3.OperationalError("no such table: grams"), tmp_path) is None

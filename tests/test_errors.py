@@ -360,3 +360,18 @@ def test_a_command_line_builds_only_the_command_it_names(cli):
     for argv in ([], ["--help"], ["--version"], ["serach", "red"]):
         assert app_for(argv) is app
     assert len(app.registered_commands) == len(names)  # the app itself is left whole
+
+
+def test_an_error_is_one_plain_line_when_rich_cannot_be_loaded(cli, tmp_path, monkeypatch):
+    """rich is imported when something is first printed (cli.common.LazyConsole); when a failing disk keeps it from
+    loading just as an error is to be said, the error is still its one line, plain."""
+    from clipdex.cli import common
+
+    def unloadable(self):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(common.LazyConsole, "console", property(unloadable))
+    result = cli.invoke(app, ["search", "red", "--index", str(tmp_path / "nope"), "--no-server"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(tmp_path / "nope") in lines[0], result.stderr
