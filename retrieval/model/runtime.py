@@ -309,10 +309,11 @@ class OnnxEncoder:
         options = ort.SessionOptions()
         if self._threads:
             options.intra_op_num_threads = self._threads
-        options.log_severity_level = 3
-        # ONNX Runtime's own log (its environment's, beside each session's): only what kills it. A mapped weights
-        # file that fails to close on a failing disk was logged as a second, coloured error line beside clipdex's
-        # one-line error; every failure that matters reaches clipdex as an exception.
+        options.log_severity_level = 4
+        # ONNX Runtime's own log (its environment's, and each session's above): only what kills it. A mapped weights
+        # file that fails to close, or a session whose weights fail to read, on a failing disk, was logged as a
+        # second, coloured error line beside clipdex's one-line error; every failure that matters reaches clipdex as
+        # an exception.
         ort.set_default_logger_severity(4)
         options.graph_optimization_level = level
         return options
