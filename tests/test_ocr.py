@@ -200,6 +200,32 @@ def test_accents_and_case_fold_on_both_sides(tmp_path):
     assert not len(index.match('"; DROP TABLE grams; --', "image", 10).ids)  # quoted, never an operator
 
 
+def test_a_words_index_built_whole_starts_from_nothing_and_a_damaged_read_back_is_a_disk_error(tmp_path, monkeypatch):
+    """A build from nothing never writes into what a failed run left at its path (a damaged file, a copy cut
+    short); a file made just now that SQLite reads back "malformed" (a failing disk) is an I/O error on it, which
+    clipdex says in one line, not SQLite's traceback."""
+    import errno
+    import sqlite3
+
+    from clipdex.retrieval.errors import DiskIOError, disk_error
+
+    docs = [(1, "image", "red circle"), (2, "image", "blue square")]
+    path = tmp_path / "next.sqlite"
+    for left in (b"SQLite format 3\x00" + b"\x07" * 5000, b"half a copy"):  # what a failed run left there
+        path.write_bytes(left)
+        assert words.build(path, docs, previous=tmp_path / "gone.sqlite") == 2
+        assert set(words.WordIndex(path).match("circle", "image", 10).ids.tolist()) == {1}
+
+    def malformed(path, rows, *, update):
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    monkeypatch.setattr(words, "_write", malformed)
+    with pytest.raises(OSError) as e:
+        words.build(path, docs)
+    assert e.value.errno == errno.EIO and e.value.filename == str(path)
+    assert isinstance(disk_error(e.value, tmp_path), DiskIOError)
+
+
 def test_hybrid_is_reciprocal_rank_fusion_of_the_two_rankings(library):
     root, _ = library
     s = Searcher(root / "idx")

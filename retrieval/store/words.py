@@ -14,6 +14,7 @@ search that snapshot (a newer publish deletes the file; the open descriptor stil
 
 from __future__ import annotations
 
+import errno
 import re
 import shutil
 import sqlite3
@@ -56,8 +57,14 @@ def build(path: Path, documents: list[tuple[int, str, str]], previous: Path | No
             _write(path, rows, update=True)
             return len(rows)
         except (OSError, sqlite3.Error):  # a damaged or unreadable previous file: build it whole instead
-            path.unlink(missing_ok=True)
-    _write(path, rows, update=False)
+            pass
+    path.unlink(missing_ok=True)  # from nothing: never into what a failed copy or update left
+    try:
+        _write(path, rows, update=False)
+    except sqlite3.OperationalError:  # its own words name a failing or full disk (errors.disk_error reads them)
+        raise
+    except sqlite3.DatabaseError as e:  # a file made just now that reads back "malformed": the disk failed
+        raise OSError(errno.EIO, f"the full-text index read back damaged ({e})", str(path)) from None
     return len(rows)
 
 
