@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -220,6 +221,29 @@ def test_an_optimised_graph_that_cannot_be_written_is_not_kept_and_a_broken_expo
     with pytest.raises(ModelError) as e:
         OnnxEncoder(copy, torch_encoder.spec).encode_texts(texts)
     assert str(graph) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_importing_clipdex_keeps_onnx_runtime_from_recording_telemetry(tmp_path):
+    """ONNX Runtime's Linux wheels record an event about the machine under ~/.cache/Microsoft at each import; under
+    clipdex they do not, and a user's own ORT_DISABLE_TELEMETRY is left as they set it."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")}
+    env["HOME"] = str(home)
+
+    def imports(code: str, **extra: str) -> str:
+        shutil.rmtree(home, ignore_errors=True)
+        home.mkdir()
+        done = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    imports("import onnxruntime")
+    if not (home / ".cache" / "Microsoft").exists():
+        pytest.skip("this ONNX Runtime records no telemetry")
+    said = imports("import os, clipdex, onnxruntime; print(os.environ['ORT_DISABLE_TELEMETRY'])")
+    assert said == "1" and not (home / ".cache" / "Microsoft").exists()
+    said = imports("import os, clipdex; print(os.environ['ORT_DISABLE_TELEMETRY'])", ORT_DISABLE_TELEMETRY="0")
+    assert said == "0"
 
 
 HEAVY = (

@@ -8,7 +8,13 @@ first use, so that `import clipdex` does not load torch.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
+
+# ONNX Runtime's Linux wheels (1.32) record an event about the machine (CPU, system, a device id) at each import, in
+# an SQLite file under ~/.cache/Microsoft that their telemetry client keeps for upload. A local photo library writes
+# nothing of the kind; a user who sets the variable keeps their setting.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 if TYPE_CHECKING:
     from clipdex.indexer.pipeline import IndexConfig, Summary, run_index
