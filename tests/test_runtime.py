@@ -145,8 +145,10 @@ def test_a_saved_optimised_graph_cut_short_is_made_again(torch_encoder):
     folder, _ = export_module.export_encoder(torch_encoder)
     assert folder is not None
     texts = ["a red circle", "a blue square on a green background"]
-    expect = OnnxEncoder(folder, torch_encoder.spec).encode_texts(texts)
-    optimised, weights = folder / "text.mapped.onnx", folder / "text.mapped.weights"
+    encoder = OnnxEncoder(folder, torch_encoder.spec)
+    expect = encoder.encode_texts(texts)
+    optimised = encoder.optimised_graph("text")
+    weights = optimised.with_suffix(".weights")
     assert optimised.is_file() and weights.is_file()
     whole = weights.stat().st_size
     for cut in (optimised, weights):
@@ -164,7 +166,8 @@ def test_two_encoders_opening_a_tower_at_once_make_its_optimised_graph_once(torc
 
     folder, _ = export_module.export_encoder(torch_encoder)
     assert folder is not None
-    for f in folder.glob("text.mapped.*"):
+    optimised = OnnxEncoder(folder, torch_encoder.spec).optimised_graph("text")
+    for f in (optimised, optimised.with_suffix(".weights")):
         f.unlink()
     made = []
     real = OnnxEncoder._optimised_session
@@ -183,7 +186,7 @@ def test_two_encoders_opening_a_tower_at_once_make_its_optimised_graph_once(torc
         t.join()
     assert made == ["text"]
     np.testing.assert_array_equal(out[0], out[1])
-    assert (folder / "text.mapped.onnx").is_file() and (folder / "text.mapped.weights").is_file()
+    assert optimised.is_file() and optimised.with_suffix(".weights").is_file()
 
 
 def test_an_optimised_graph_that_cannot_be_written_is_not_kept_and_a_broken_export_is_one_line(
@@ -199,7 +202,7 @@ def test_an_optimised_graph_that_cannot_be_written_is_not_kept_and_a_broken_expo
     copy = tmp_path / "export"
     copy.mkdir()
     for f in folder.iterdir():
-        if ".mapped." not in f.name:
+        if ".mapped." not in f.name and ".packed-" not in f.name:
             (copy / f.name).write_bytes(f.read_bytes())
     texts = ["a red circle", "a blue square on a green background"]
     expect = OnnxEncoder(folder, torch_encoder.spec).encode_texts(texts)
@@ -213,7 +216,8 @@ def test_an_optimised_graph_that_cannot_be_written_is_not_kept_and_a_broken_expo
     monkeypatch.setattr(ort, "InferenceSession", failing_save)
     again = OnnxEncoder(copy, torch_encoder.spec).encode_texts(texts)
     np.testing.assert_allclose(again, expect, rtol=0, atol=1e-6)
-    kept = [copy / "text.mapped.onnx", copy / "text.mapped.weights"]
+    optimised = OnnxEncoder(copy, torch_encoder.spec).optimised_graph("text")
+    kept = [optimised, optimised.with_suffix(".weights")]
     assert not any(f.exists() for f in kept) and not list(copy.glob("*.tmp"))
     monkeypatch.setattr(ort, "InferenceSession", real)
     graph = copy / "text.onnx"
@@ -221,6 +225,66 @@ def test_an_optimised_graph_that_cannot_be_written_is_not_kept_and_a_broken_expo
     with pytest.raises(ModelError) as e:
         OnnxEncoder(copy, torch_encoder.spec).encode_texts(texts)
     assert str(graph) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_graph_packed_for_this_machine_encodes_as_the_portable_one_and_replaces_it(torch_encoder, monkeypatch):
+    """With the CPU provider on ONNX Runtime >= 1.32, a tower's optimised graph is saved with MLAS's packed weights,
+    tagged with ONNX Runtime's version and the CPU. Its vectors equal the portable graph's to the bit, for any batch
+    and text length; it replaces the portable graph and any graph packed on another machine, and later sessions open
+    it as it is. int8, other providers and older ONNX Runtimes keep the portable graph."""
+    import onnxruntime as ort
+
+    from clipdex.retrieval.model import runtime
+
+    folder, _ = export_module.export_encoder(torch_encoder)
+    assert folder is not None
+    spec = torch_encoder.spec
+    cpu = ["CPUExecutionProvider"]
+    if runtime.packing_tag(cpu, "fp32") is None:
+        pytest.skip(f"ONNX Runtime {ort.__version__} saves no packed graphs")
+    texts = [*_corpus(40, seed=3), "a red circle", "", "a very long caption " * 20]
+    pixels = np.random.default_rng(7).standard_normal((11, 3, 32, 32)).astype(np.float32)  # two runs of 8 and 3
+
+    with monkeypatch.context() as portable_only:
+        portable_only.setattr(runtime, "packing_tag", lambda providers, precision: None)
+        portable = OnnxEncoder(folder, spec)
+        assert [portable.optimised_graph(t).name for t in ("text", "image")] == [
+            "text.mapped.onnx",
+            "image.mapped.onnx",
+        ]
+        expect_texts, expect_images = portable.encode_texts(texts), portable.encode_images(pixels)
+        portable_weights = (folder / "text.mapped.weights").stat().st_size
+    packed = OnnxEncoder(folder, spec)
+    graph = packed.optimised_graph("text")
+    for tower in ("text", "image"):  # the export's check made them: made again below
+        made = packed.optimised_graph(tower)
+        for f in (made, made.with_suffix(".weights")):
+            f.unlink()
+    elsewhere = [folder / "text.packed-0123456789abcdef.onnx", folder / "text.packed-0123456789abcdef.weights"]
+    for f in elsewhere:
+        f.write_bytes(b"packed by another ONNX Runtime")
+    assert graph.name.startswith("text.packed-") and graph.name != elsewhere[0].name
+    np.testing.assert_array_equal(packed.encode_texts(texts), expect_texts)
+    np.testing.assert_array_equal(packed.encode_images(pixels), expect_images)
+    assert graph.is_file() and graph.with_suffix(".weights").stat().st_size > portable_weights  # the packed copies
+    assert not any(f.exists() for f in elsewhere)
+    assert not [f.name for f in folder.iterdir() if ".mapped." in f.name and not f.name.startswith(".")]  # locks stay
+
+    def not_again(*args):
+        raise AssertionError("the packed graph was made again")
+
+    monkeypatch.setattr(OnnxEncoder, "_optimised_session", not_again)
+    again = OnnxEncoder(folder, spec)
+    np.testing.assert_array_equal(again.encode_texts(texts), expect_texts)
+    np.testing.assert_array_equal(again.encode_images(pixels), expect_images)
+
+    assert runtime.packing_tag(cpu, "int8") is None
+    assert runtime.packing_tag(["CUDAExecutionProvider", *cpu], "fp32") is None
+    tag = runtime.packing_tag(cpu, "fp32")
+    monkeypatch.setattr(runtime, "_cpu_features", lambda: "fpu sse sse2")
+    assert runtime.packing_tag(cpu, "fp32") not in (None, tag)  # another CPU packs its own
+    monkeypatch.setattr(ort, "__version__", "1.31.1")
+    assert runtime.packing_tag(cpu, "fp32") is None
 
 
 def test_importing_clipdex_keeps_onnx_runtime_from_recording_telemetry(tmp_path):
