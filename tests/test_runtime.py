@@ -287,6 +287,34 @@ def test_a_graph_packed_for_this_machine_encodes_as_the_portable_one_and_replace
     assert runtime.packing_tag(cpu, "fp32") is None
 
 
+def test_the_kept_graphs_fuse_the_exported_gelus_and_encode_as_the_export_does(torch_encoder):
+    """torch's exporter writes each exact GELU in an order ONNX Runtime does not fuse; the graphs clipdex keeps have
+    them reordered and fused (no Erf left), and encode as a session on the export's own graph does."""
+    import onnx
+    import onnxruntime as ort
+
+    from clipdex.retrieval.model.fusion import fuse_gelu
+
+    folder, _ = export_module.export_encoder(torch_encoder)
+    assert folder is not None
+    encoder = OnnxEncoder(folder, torch_encoder.spec)
+    texts = [*_corpus(20, seed=5), "a red circle"]
+    pixels = np.random.default_rng(9).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    got = {"text": encoder.encode_texts(texts), "image": encoder.encode_images(pixels)}
+    tokens = encoder._trim(encoder.tokenizer(texts))
+    for tower, feed in (("text", {"tokens": tokens}), ("image", {"pixels": pixels})):
+        export = onnx.load(str(folder / f"{tower}.onnx"))
+        erfs = sum(n.op_type == "Erf" for n in export.graph.node)
+        assert erfs > 0 and fuse_gelu(export.graph) == erfs  # every GELU of the tiny towers
+        kept = onnx.load(str(encoder.optimised_graph(tower)), load_external_data=False)
+        assert not [n for n in kept.graph.node if n.op_type == "Erf"]
+        assert [n for n in kept.graph.node if n.op_type in ("Gelu", "BiasGelu", "FastGelu")]
+        plain = ort.InferenceSession(str(folder / f"{tower}.onnx"), providers=["CPUExecutionProvider"])
+        expect = plain.run(None, feed)[0]
+        expect = expect / np.linalg.norm(expect, axis=1, keepdims=True)
+        np.testing.assert_allclose(got[tower], expect, rtol=0, atol=1e-6)
+
+
 def test_importing_clipdex_keeps_onnx_runtime_from_recording_telemetry(tmp_path):
     """ONNX Runtime's Linux wheels record an event about the machine under ~/.cache/Microsoft at each import; under
     clipdex they do not, and a user's own ORT_DISABLE_TELEMETRY is left as they set it."""

@@ -107,6 +107,9 @@ def _weights_of(graph: Path) -> Path:
 # ONNX Runtime 1.31.1 crashed (segmentation fault) running a text graph it had saved with packed weights; 1.32 runs
 # every graph clipdex saves that way, to the bit of the portable graph's vectors (tests/test_runtime.py).
 PACKED_SINCE = (1, 32)
+# Bump when how a kept graph is made changes (2: GELUs reordered for ONNX Runtime's fusion, `fusion.py`): packed
+# graphs are then made again. A portable graph kept before stays as it was, correct and a little slower.
+KEPT_VERSION = 2
 
 
 def packing_tag(providers: Sequence[str], precision: str) -> str | None:
@@ -123,7 +126,7 @@ def packing_tag(providers: Sequence[str], precision: str) -> str | None:
     version = tuple(int(part) for part in re.findall(r"\d+", ort.__version__)[:2])
     if version < PACKED_SINCE:
         return None
-    machine = f"{ort.__version__} {platform.machine()} {_cpu_features()}"
+    machine = f"{KEPT_VERSION} {ort.__version__} {platform.machine()} {_cpu_features()}"
     return hashlib.sha256(machine.encode()).hexdigest()[:16]
 
 
@@ -329,7 +332,10 @@ class OnnxEncoder:
 
     def _optimised_session(self, ort: Any, tower: str, optimised: Path) -> Any:
         """A session on the export's graph, optimised now and kept as `optimised` with its weights beside it."""
+        from clipdex.retrieval.model.fusion import gelu_fused
+
         source = self.folder / graph_name(tower, self.precision)
+        graph = gelu_fused(source)
         work = self.folder / f".{optimised.name}.{os.getpid()}.{threading.get_ident()}.tmp"
         packed = ".packed-" in optimised.name
         level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if packed else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
@@ -345,9 +351,9 @@ class OnnxEncoder:
         try:
             try:
                 work.mkdir(exist_ok=True)
-                session = ort.InferenceSession(str(source), sess_options=options, providers=self.providers)
+                session = ort.InferenceSession(graph, sess_options=options, providers=self.providers)
             except Exception:  # the optimised graph could not be written (a full or failing disk): not kept now
-                session = self._unsaved_session(ort, source)
+                session = self._unsaved_session(ort, source, graph)
             with contextlib.suppress(OSError):  # a read-only or full cache: optimised again next time
                 _publish_optimised(work, optimised)
         finally:
@@ -356,10 +362,10 @@ class OnnxEncoder:
         # layout optimisations redone at load change a convolution's rounding)
         return self._saved_session(ort, optimised) or session
 
-    def _unsaved_session(self, ort: Any, source: Path) -> Any:
+    def _unsaved_session(self, ort: Any, source: Path, graph: str | bytes) -> Any:
         options = self._options(ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
         try:
-            return ort.InferenceSession(str(source), sess_options=options, providers=self.providers)
+            return ort.InferenceSession(graph, sess_options=options, providers=self.providers)
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelError(f"cannot load the exported graph {source}: {first}") from None
