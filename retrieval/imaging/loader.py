@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import gc
 import itertools
 import multiprocessing
 import os
@@ -144,6 +145,20 @@ def iter_decoded(
 _files: ImageFiles | None = None  # a pool worker's dataset, inherited at fork
 
 
+@contextlib.contextmanager
+def _frozen_at_fork() -> Iterator[None]:
+    """Every object of this process out of the garbage collector's reach while workers are forked from it, so that
+    they never collect what they inherit. Cyclic garbage can hold an ONNX Runtime session whose threads were waiting
+    on a condition variable at the fork: a worker collecting it waited forever to destroy that variable (met in the
+    test suite, a decoding worker stuck in `pthread_cond_destroy` under a collection that Pillow's allocations
+    started). The parent collects as before once its workers exist."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _start_worker(files: ImageFiles, parent: int) -> None:
     global _files
     _files = files
@@ -177,9 +192,9 @@ def _pooled(dataset: ImageFiles, order: list[list[int]], workers: int) -> Iterat
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(dataset, os.getpid()))
     todo = iter(order)
     try:
-        pending: collections.deque[Future[list[Decoded]]] = collections.deque(
-            pool.submit(_decode_batch, indices) for indices in itertools.islice(todo, 4 * workers)
-        )
+        with _frozen_at_fork():  # a fork-context pool forks all its workers at the first submit
+            first = [pool.submit(_decode_batch, indices) for indices in itertools.islice(todo, 4 * workers)]
+        pending: collections.deque[Future[list[Decoded]]] = collections.deque(first)
         while pending:
             batch = pending.popleft().result()
             pending.extend(pool.submit(_decode_batch, indices) for indices in itertools.islice(todo, 1))
