@@ -9,7 +9,8 @@ import pyarrow.compute as pc
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clipdex.retrieval.store.columns import column, equals, flags, integers, matches, numbers, strings
+from clipdex.retrieval.store import columns as columns_module
+from clipdex.retrieval.store.columns import among, column, equals, flags, integers, matches, numbers, strings
 
 TYPES = [
     pa.int8(),
@@ -81,6 +82,33 @@ def test_matches_equals_pyarrows_equal_with_nulls_as_no_match(chunks, probe, cod
     column = column.slice(min(start, len(column)))
     want = [v == probe for v in column.to_pylist()]
     assert matches(column, probe).tolist() == want
+
+
+@given(
+    chunks=st.lists(st.lists(st.text(alphabet="ab/é.", max_size=4) | st.none(), max_size=12), max_size=4),
+    wanted=st.lists(st.text(alphabet="ab/é.", max_size=4), max_size=3),
+    large=st.booleans(),
+    coded=st.booleans(),
+    start=st.integers(0, 4),
+    computed=st.booleans(),
+)
+def test_among_equals_pyarrows_is_in_with_nulls_as_no_match(chunks, wanted, large, coded, start, computed):
+    """A path or hash column holding any of a query's values: in Python up to `_PYTHON_ROWS` rows, through
+    `pyarrow.compute.is_in` past them (forced here with `computed`), the same booleans either way."""
+    type = pa.large_string() if large else pa.string()
+    column = pa.chunked_array([pa.array(c, type) for c in chunks], type=type)
+    if coded:
+        column = pa.chunked_array([c.dictionary_encode() for c in column.chunks], type=pa.dictionary(pa.int32(), type))
+    column = column.slice(min(start, len(column)))
+    want = flags(pc.is_in(column, value_set=pa.array(wanted, type))) if len(column) else np.zeros(0, dtype=bool)
+    assert want.tolist() == [v is not None and v in wanted for v in column.to_pylist()]
+    limit = columns_module._PYTHON_ROWS
+    try:
+        columns_module._PYTHON_ROWS = -1 if computed else limit
+        got = among(column, wanted)
+    finally:
+        columns_module._PYTHON_ROWS = limit
+    assert got.dtype == bool and got.tolist() == want.tolist()
 
 
 @given(chunks=st.lists(st.lists(st.booleans() | st.none(), max_size=40), max_size=4), start=st.integers(0, 9))

@@ -12,7 +12,7 @@ from clipdex.retrieval.imaging.decode import read_query_image
 from clipdex.retrieval.paths import canonical, content_hash
 from clipdex.retrieval.search.hits import Hit
 from clipdex.retrieval.search.query import Query
-from clipdex.retrieval.store.columns import flags, strings
+from clipdex.retrieval.store.columns import among
 from clipdex.retrieval.store.reader import PublishedItems
 
 QueryFiles = dict[Path, tuple[Path, bytes]]  # an image file as the query names it → (its canonical path, its bytes)
@@ -46,12 +46,10 @@ def own_items(items: PublishedItems, query: Query, files: QueryFiles) -> set[int
             hashes.add(content_hash(t.data))  # type: ignore[arg-type]
     if not paths and not hashes:  # a text or an id: nothing to look for
         return own
-    import pyarrow.compute as pc
-
-    same = pc.is_in(table["path"], value_set=strings(sorted(paths), table["path"].type))
+    same = among(table["path"], paths)  # a null is not the same
     if hashes and "hash" in table.column_names:
-        same = pc.or_kleene(same, pc.is_in(table["hash"], value_set=strings(sorted(hashes), table["hash"].type)))
-    mine = flags(same)[items.at] & items.kinds[Kind.IMAGE.value]  # searchable images; a null is not the same
+        same |= among(table["hash"], hashes)
+    mine = same[items.at] & items.kinds[Kind.IMAGE.value]  # searchable images
     own.update(int(i) for i in items.ids[mine])
     return own
 
