@@ -15,6 +15,12 @@ from typing import NoReturn
 
 from clipdex.cli.early import warm_early
 
+# numpy's OpenBLAS starts its threads when numpy is imported, and each spins on a core for 2^28 cycles (0.13 s at
+# 2 GHz) after its start and after every call before it sleeps: beside the session ONNX Runtime is opening for a cold
+# search, or its threads encoding a batch, that is a core taken from them. 2^20 cycles (0.5 ms) still keeps them
+# awake between the calls of one computation. It has to be set before numpy is imported; a user's setting stays.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
+
 # Commands that only read and print. Once a search has printed and every thread it started has ended, the process
 # ends without the interpreter's teardown: ONNX Runtime's sessions, FAISS's indexes and some 600 modules freed one by
 # one, which took 0.1 s of a cold search (0.87 s against 0.75 s, medians of 8 pairs), memory the system frees at once.

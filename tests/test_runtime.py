@@ -339,6 +339,39 @@ def test_importing_clipdex_keeps_onnx_runtime_from_recording_telemetry(tmp_path)
     assert said == "0"
 
 
+def test_the_program_keeps_numpys_openblas_threads_from_spinning_beside_onnx_runtime():
+    """numpy's OpenBLAS threads spin on their cores for a while after numpy is imported and after each call they
+    share: the `clipdex` program sets their time-out before numpy loads, so they sleep at once, and a user's own
+    setting stays. Measured as the CPU time the whole process uses while its main thread sleeps just after a
+    matrix product."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENBLAS_", "OMP_", "GOTO_"))}
+    idle = (
+        "import os, time\n"
+        "{start}"
+        "import numpy\n"
+        "square = numpy.ones((300, 300), numpy.float32)\n"
+        "square @ square\n"  # large enough for OpenBLAS to share it among its threads
+        "busy = time.process_time()\n"
+        "time.sleep(0.4)\n"
+        "print(time.process_time() - busy, os.environ.get('OPENBLAS_THREAD_TIMEOUT'))\n"
+    )
+
+    def spent(start: str, **extra: str) -> tuple[float, str]:
+        code = idle.format(start=start)
+        done = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        seconds, setting = done.stdout.split()
+        return float(seconds), setting
+
+    plain = max(spent("")[0] for _ in range(2))
+    if plain < 0.03:
+        pytest.skip(f"numpy's BLAS does not spin here ({plain:.3f} s of CPU while idle)")
+    program = [spent("import clipdex.cli.start\n") for _ in range(2)]
+    assert all(setting == "20" for _, setting in program)
+    assert min(seconds for seconds, _ in program) < min(0.02, plain / 3), (program, plain)
+    assert spent("import clipdex.cli.start\n", OPENBLAS_THREAD_TIMEOUT="25")[1] == "25"
+
+
 HEAVY = (
     "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'open_clip', 'timm')"
     " and sys.modules[m] is not None)\n"
