@@ -143,6 +143,7 @@ def iter_decoded(
 
 
 _files: ImageFiles | None = None  # a pool worker's dataset, inherited at fork
+PART = 8  # photos a decoding worker decodes and sends back at a time (`_pooled`)
 
 
 @contextlib.contextmanager
@@ -182,22 +183,34 @@ def _decode_batch(indices: list[int]) -> list[Decoded]:
 
 
 def _pooled(dataset: ImageFiles, order: list[list[int]], workers: int) -> Iterator[list[Decoded]]:
-    """The batches `order` names, decoded by `workers` forked processes (here when 0), in order, at most four
-    batches per worker ahead of the consumer. A worker that dies (a decoder crashing on a file) is an error."""
+    """The batches `order` names, decoded by `workers` forked processes (here when 0), in order. A worker that dies
+    (a decoder crashing on a file) is an error.
+
+    The workers decode `PART` photos at a time, and each may be a batch's worth of parts ahead of the consumer. A
+    part's pixels come back through a pipe as a pickle, held twice while it is read; whole batches of 64 ViT-B photos
+    in float32 held 50 MB twice each, four batches ahead per worker, and put an index run's peak memory above rclip's
+    (benchmarks/RESULTS.md, issue 18). Decoding a photo takes a fraction of encoding it, so a batch ahead keeps the
+    encoder fed."""
     if workers <= 0:
         for indices in order:
             yield [dataset[i] for i in indices]
         return
+    parts = [
+        (number, indices[i : i + PART]) for number, indices in enumerate(order) for i in range(0, len(indices), PART)
+    ]
+    ahead = workers * max(1, -(-max(map(len, order), default=1) // PART))  # a batch's parts per worker
     context = multiprocessing.get_context("fork")  # workers inherit the dataset and its preprocessing as they are
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(dataset, os.getpid()))
-    todo = iter(order)
+    todo = iter(parts)
     try:
         with _frozen_at_fork():  # a fork-context pool forks all its workers at the first submit
-            first = [pool.submit(_decode_batch, indices) for indices in itertools.islice(todo, 4 * workers)]
-        pending: collections.deque[Future[list[Decoded]]] = collections.deque(first)
-        while pending:
-            batch = pending.popleft().result()
-            pending.extend(pool.submit(_decode_batch, indices) for indices in itertools.islice(todo, 1))
+            first = [(n, pool.submit(_decode_batch, indices)) for n, indices in itertools.islice(todo, ahead)]
+        pending: collections.deque[tuple[int, Future[list[Decoded]]]] = collections.deque(first)
+        for number in range(len(order)):
+            batch: list[Decoded] = []
+            while pending and pending[0][0] == number:
+                batch.extend(pending.popleft()[1].result())
+                pending.extend((n, pool.submit(_decode_batch, indices)) for n, indices in itertools.islice(todo, 1))
             yield batch
     except BrokenProcessPool:
         raise ClipdexError(
