@@ -34,7 +34,7 @@ from clipdex.retrieval.model import precision as precision_module
 from clipdex.retrieval.model.choose import open_index_encoder
 from clipdex.retrieval.model.encoder import load_encoder
 from clipdex.retrieval.model.preprocess import Preprocess
-from clipdex.retrieval.model.runtime import OnnxEncoder, export_dir, find_export
+from clipdex.retrieval.model.runtime import IMAGE_CHUNK, OnnxEncoder, export_dir, find_export
 from clipdex.retrieval.model.tokenizer import ClipTokenizer
 from clipdex.retrieval.search.query import Query
 from clipdex.retrieval.search.searcher import Searcher
@@ -285,6 +285,18 @@ def test_a_graph_packed_for_this_machine_encodes_as_the_portable_one_and_replace
     assert runtime.packing_tag(cpu, "fp32") not in (None, tag)  # another CPU packs its own
     monkeypatch.setattr(ort, "__version__", "1.31.1")
     assert runtime.packing_tag(cpu, "fp32") is None
+
+
+def test_pixels_handed_one_by_one_encode_as_their_stacked_batch_to_the_bit(torch_encoder):
+    """`encode_pixels` stacks a run of `IMAGE_CHUNK` photos at a time, the runs a stacked batch is cut into: the
+    indexer's vectors are the stacked batch's, for any count, and none gives an empty array."""
+    folder, _ = export_module.export_encoder(torch_encoder)
+    assert folder is not None
+    encoder = OnnxEncoder(folder, torch_encoder.spec)
+    pixels = np.random.default_rng(4).standard_normal((2 * IMAGE_CHUNK + 3, 3, 32, 32)).astype(np.float32)
+    for n in (1, IMAGE_CHUNK, IMAGE_CHUNK + 1, len(pixels)):
+        np.testing.assert_array_equal(encoder.encode_pixels(list(pixels[:n])), encoder.encode_images(pixels[:n]))
+    assert encoder.encode_pixels([]).shape == (0, encoder.dim)
 
 
 def test_the_kept_graphs_fuse_the_exported_gelus_and_encode_as_the_export_does(torch_encoder):
