@@ -312,7 +312,7 @@ class OnnxEncoder:
     def _saved_session(self, ort: Any, optimised: Path) -> Any:
         """A session on the optimised graph kept beside the export, or None when there is none (or it was damaged).
 
-        A portable graph (`*.mapped.onnx`) has the fusions that hold on any CPU (attention, layer norm, GELU:
+        A portable graph (`*.mapped.onnx`) has the fusions that hold on any CPU (layer norm, GELU, scaled MatMul:
         "extended"); the layout ones ("all") depend on the CPU, so they are redone at each start, which is quick. A
         packed graph (`*.packed-<tag>.onnx`) has them all, and MLAS's packed weights too. Either keeps its weights in
         a file of its own, which ONNX Runtime maps into memory instead of parsing and copying them out of the graph:
