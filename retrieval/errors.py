@@ -9,6 +9,8 @@ from __future__ import annotations
 import errno
 import os
 import re
+import sys
+import types
 from pathlib import Path
 from typing import ClassVar
 
@@ -111,6 +113,12 @@ def disk_error(e: BaseException, where: Path | None = None) -> ClipdexError | No
     """The one-line error for a full, read-only or failing disk met while writing `where` (or the file the error
     names), or None when `e` is something else. OSErrors are read by errno; errors that libraries raise in their own
     types (DuckDB's, FAISS's, Arrow's) carry the system's message for it, which is what is read from them."""
+    module = _half_imported(e)
+    if module is not None:
+        return DiskIOError(
+            f"Python's module {module} was left half-loaded by an earlier failure to read its files (I/O error); "
+            "check the disk and run the same command again"
+        )
     cause = _os_cause(e)
     if cause is not None:  # a library's own error raised while an OSError was handled (torch.save into a file)
         e = cause
@@ -144,6 +152,17 @@ def disk_error(e: BaseException, where: Path | None = None) -> ClipdexError | No
     return DiskIOError(
         f"the disk failed to read or write {shown} (I/O error); {kept}check the disk and run the same command again"
     )
+
+
+def _half_imported(e: BaseException) -> str | None:
+    """The submodule a package imported again lacks, when `e` is the error of reaching it. A package whose import
+    raised (a failing disk: an I/O error reading one of its files, handled where it was met) is dropped, but the
+    submodules it had loaded stay loaded; imported again, the package does not get them back as attributes, and a
+    library reaching one fails later, in another way (`module 'onnx' has no attribute 'external_data_helper'`)."""
+    if not isinstance(e, AttributeError) or not isinstance(getattr(e, "obj", None), types.ModuleType) or not e.name:
+        return None
+    module = f"{e.obj.__name__}.{e.name}"  # type: ignore[attr-defined]
+    return module if module in sys.modules else None
 
 
 def _os_cause(e: BaseException) -> OSError | None:

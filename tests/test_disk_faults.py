@@ -8,6 +8,7 @@ import errno
 import json
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -221,6 +222,34 @@ def test_thumbnails_on_a_full_disk_are_made_in_memory(disk, tmp_path, tiny_model
         thumb = client.get(f"/api/items/{int(image)}/thumbnail")
         assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
     assert not [p for p in disk.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_package_left_half_imported_by_a_failed_read_is_a_disk_error(tmp_path, monkeypatch):
+    """A package whose import failed on an I/O error is dropped but its loaded submodules stay; imported again it
+    lacks them, and a library reaching one raises AttributeError (met in the I/O fault test: `module 'onnx' has no
+    attribute 'external_data_helper'`). That is the one-line I/O error; any other missing attribute is not."""
+    from clipdex.retrieval.errors import DiskIOError, disk_error
+
+    (tmp_path / "halfpkg").mkdir()
+    (tmp_path / "halfpkg" / "__init__.py").write_text("")
+    (tmp_path / "halfpkg" / "helper.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import halfpkg.helper
+
+    monkeypatch.delitem(sys.modules, "halfpkg")  # what Python does when the package's own import raises
+    import halfpkg
+
+    try:
+        halfpkg.helper  # noqa: B018
+    except AttributeError as e:
+        said = disk_error(e, tmp_path)
+    assert isinstance(said, DiskIOError) and "halfpkg.helper" in str(said) and "I/O error" in str(said)
+    try:
+        halfpkg.missing  # noqa: B018
+    except AttributeError as e:
+        assert disk_error(e, tmp_path) is None
+    monkeypatch.delitem(sys.modules, "halfpkg.helper")
+    monkeypatch.delitem(sys.modules, "halfpkg")
 
 
 def test_disk_errors_are_read_from_what_each_library_raises(tmp_path):
