@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import pytest
+import torch
 from conftest import run
 from corpus import make_images
 from hypothesis import given
@@ -300,8 +301,9 @@ def test_pixels_handed_one_by_one_encode_as_their_stacked_batch_to_the_bit(torch
 
 
 def test_the_kept_graphs_fuse_the_exported_gelus_and_encode_as_the_export_does(torch_encoder):
-    """torch's exporter writes each exact GELU in an order ONNX Runtime does not fuse; the graphs clipdex keeps have
-    them reordered and fused (no Erf left), and encode as a session on the export's own graph does."""
+    """torch's exporter writes each exact GELU in an order ONNX Runtime does not fuse, and each attention block in
+    nodes no fusion matches; the graphs clipdex keeps have the GELUs reordered and fused (no Erf left) and every
+    block as ONNX Runtime's `Attention`, and encode as a session on the export's own graph does."""
     import onnx
     import onnxruntime as ort
 
@@ -321,10 +323,71 @@ def test_the_kept_graphs_fuse_the_exported_gelus_and_encode_as_the_export_does(t
         kept = onnx.load(str(encoder.optimised_graph(tower)), load_external_data=False)
         assert not [n for n in kept.graph.node if n.op_type == "Erf"]
         assert [n for n in kept.graph.node if n.op_type in ("Gelu", "BiasGelu", "FastGelu")]
+        softmaxes = sum(n.op_type == "Softmax" for n in export.graph.node)  # one per attention block
+        kept_ops = [n.op_type for n in kept.graph.node]
+        assert softmaxes > 0 and kept_ops.count("Attention") == softmaxes and "Softmax" not in kept_ops
         plain = ort.InferenceSession(str(folder / f"{tower}.onnx"), providers=["CPUExecutionProvider"])
         expect = plain.run(None, feed)[0]
         expect = expect / np.linalg.norm(expect, axis=1, keepdims=True)
         np.testing.assert_allclose(got[tower], expect, rtol=0, atol=1e-6)
+
+
+class _Attending(torch.nn.Module):
+    """One `nn.MultiheadAttention` as open_clip's blocks call it (rows first), every weight and bias drawn."""
+
+    def __init__(self, width: int, heads: int, causal: bool):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
+        with torch.no_grad():
+            for p in self.attn.parameters():
+                p.normal_(0, 0.3)
+        self.causal = causal
+        self.register_buffer("mask", torch.full((16, 16), float("-inf")).triu(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        mask = self.mask[:n, :n] if self.causal else None
+        return self.attn(x, x, x, need_weights=False, attn_mask=mask)[0] + x
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_is_rewritten_as_onnx_runtimes_operator_and_answers_as_exported(tmp_path, causal, monkeypatch):
+    """torch's export of `nn.MultiheadAttention` (with biases, with and without a causal mask) becomes one
+    `Attention` node and a MatMul; the kept graph answers as the export does, at lengths other than the example's;
+    a rewrite that would not is not kept."""
+    import onnx
+    import onnxruntime as ort
+
+    from clipdex.retrieval.model import fusion
+
+    torch.manual_seed(0)
+    path = tmp_path / "block.onnx"
+    length = torch.export.Dim("length", min=2, max=16)
+    dims = {0: torch.export.Dim("batch", min=1), 1: length}
+    export_module._onnx(_Attending(32, 4, causal).eval(), torch.randn(2, 7, 32), "x", dims, path)
+    kept = fusion.kept_graph(path, attention=True)
+    assert isinstance(kept, bytes)
+    ops = [n.op_type for n in onnx.load_model_from_string(kept).graph.node]
+    assert ops.count("Attention") == 1 and "Softmax" not in ops and "Gemm" not in ops
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    fused = ort.InferenceSession(kept, providers=["CPUExecutionProvider"])
+    for n in (2, 5, 16):
+        x = np.random.default_rng(n).standard_normal((3, n, 32)).astype(np.float32)
+        np.testing.assert_allclose(fused.run(None, {"x": x})[0], plain.run(None, {"x": x})[0], rtol=0, atol=2e-5)
+    # a rewrite that answers otherwise (here: heads miscounted) is dropped; the graph stays as exported
+    real = fusion.fuse_attention
+
+    def miscounted(model):
+        done = real(model)
+        for node in model.graph.node:
+            for a in node.attribute:
+                if node.op_type == "Attention" and a.name == "num_heads":
+                    a.i = 2
+        return done
+
+    monkeypatch.setattr(fusion, "fuse_attention", miscounted)
+    assert fusion.kept_graph(path, attention=True) == str(path)
+    assert fusion.kept_graph(path, attention=False) == str(path)  # no GELU either: nothing to rewrite
 
 
 def test_importing_clipdex_keeps_onnx_runtime_from_recording_telemetry(tmp_path):

@@ -107,9 +107,10 @@ def _weights_of(graph: Path) -> Path:
 # ONNX Runtime 1.31.1 crashed (segmentation fault) running a text graph it had saved with packed weights; 1.32 runs
 # every graph clipdex saves that way, to the bit of the portable graph's vectors (tests/test_runtime.py).
 PACKED_SINCE = (1, 32)
-# Bump when how a kept graph is made changes (2: GELUs reordered for ONNX Runtime's fusion, `fusion.py`): packed
-# graphs are then made again. A portable graph kept before stays as it was, correct and a little slower.
-KEPT_VERSION = 2
+# Bump when how a kept graph is made changes (2: GELUs reordered for ONNX Runtime's fusion; 3: attention written as
+# ONNX Runtime's operator, `fusion.py`): packed graphs are then made again. A portable graph kept before stays as it
+# was, correct and a little slower.
+KEPT_VERSION = 3
 
 
 def packing_tag(providers: Sequence[str], precision: str) -> str | None:
@@ -332,10 +333,10 @@ class OnnxEncoder:
 
     def _optimised_session(self, ort: Any, tower: str, optimised: Path) -> Any:
         """A session on the export's graph, optimised now and kept as `optimised` with its weights beside it."""
-        from clipdex.retrieval.model.fusion import gelu_fused
+        from clipdex.retrieval.model.fusion import kept_graph
 
         source = self.folder / graph_name(tower, self.precision)
-        graph = gelu_fused(source)
+        graph = kept_graph(source, attention=list(self.providers) == ["CPUExecutionProvider"])
         work = self.folder / f".{optimised.name}.{os.getpid()}.{threading.get_ident()}.tmp"
         packed = ".packed-" in optimised.name
         level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if packed else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
