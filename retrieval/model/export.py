@@ -25,6 +25,7 @@ import open_clip
 import torch
 
 from clipdex.retrieval.model.encoder import Encoder, _can_trim_text, _encode_text_at_length
+from clipdex.retrieval.model.fusion import MAX_ABS, MIN_COSINE  # the bar an export meets against torch
 from clipdex.retrieval.model.preprocess import Preprocess
 from clipdex.retrieval.model.runtime import (
     EXPORT_VERSION,
@@ -40,9 +41,6 @@ from clipdex.retrieval.model.tokenizer import ClipTokenizer
 from clipdex.retrieval.store.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
-
-MIN_COSINE = 0.99999
-MAX_ABS = 1e-4
 
 
 class _ImageTower(torch.nn.Module):

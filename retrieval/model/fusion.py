@@ -25,7 +25,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# the bar the export itself meets against torch (`export.py`), met by the rewritten graph against the export
+# the bar an export meets against torch (`export.py`), and a rewritten graph against the export
 MIN_COSINE = 0.99999
 MAX_ABS = 1e-4
 _SHAPE_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze")
