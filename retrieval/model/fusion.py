@@ -58,16 +58,9 @@ def kept_graph(source: Path, *, attention: bool) -> str | bytes:
 def fuse_gelu(graph: Any) -> int:
     """Reorder each `x * (0.5 * (1 + erf(x / √2)))` in `graph` (an onnx GraphProto) to `(x * (1 + erf(x / √2))) *
     0.5`, in place; returns how many. Only the exact pattern is touched: each step's output used by the next alone."""
-    producer = {out: node for node in graph.node for out in node.output}
-    users: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
+    links = _Links(graph)
+    producer, sole_user = links.producer, links.sole_user
     scalar = _scalars(graph)
-
-    def sole_user(name: str, op: str) -> Any:
-        found = users.get(name, [])
-        return found[0] if len(found) == 1 and found[0].op_type == op else None
 
     def other(node: Any, name: str) -> str | None:
         rest = [i for i in node.input if i != name]
@@ -99,17 +92,43 @@ def _scalars(graph: Any) -> dict[str, float]:
     """The graph's one-element constants (initializers and Constant nodes), by name."""
     from onnx import numpy_helper
 
+    found = {}
+    for name, tensor in _constants(graph).items():
+        if math.prod(tensor.dims) == 1 and not tensor.external_data:
+            found[name] = float(numpy_helper.to_array(tensor).reshape(-1)[0])
+    return found
+
+
+def _constants(graph: Any) -> dict[str, Any]:
+    """The graph's constant tensors (initializers and Constant nodes' values), by name."""
     tensors = {t.name: t for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant":
             value = next((a.t for a in node.attribute if a.name == "value"), None)
             if value is not None:
                 tensors[node.output[0]] = value
-    found = {}
-    for name, tensor in tensors.items():
-        if math.prod(tensor.dims) == 1 and not tensor.external_data:
-            found[name] = float(numpy_helper.to_array(tensor).reshape(-1)[0])
-    return found
+    return tensors
+
+
+class _Links:
+    """Which node makes each value of a graph, and which nodes read it."""
+
+    def __init__(self, graph: Any):
+        self.producer = {out: node for node in graph.node for out in node.output}
+        self.users: dict[str, list[Any]] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.users.setdefault(name, []).append(node)
+
+    def made_by(self, name: str, op: str) -> Any:
+        """The node making `name` when it is an `op`, else None."""
+        node = self.producer.get(name)
+        return node if node is not None and node.op_type == op else None
+
+    def sole_user(self, name: str, op: str) -> Any:
+        """The one node reading `name` when there is one and it is an `op`, else None."""
+        found = self.users.get(name, [])
+        return found[0] if len(found) == 1 and found[0].op_type == op else None
 
 
 def _near(value: float | None, target: float) -> bool:
@@ -130,12 +149,9 @@ def fuse_attention(model: Any) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    tensors = {t.name: t for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            if value is not None:
-                tensors[node.output[0]] = value
+    tensors = _constants(graph)
+    links = _Links(graph)
+    producer, made_by, sole_user = links.producer, links.made_by, links.sole_user
 
     def const(name: str) -> np.ndarray | None:
         t = tensors.get(name)
@@ -144,20 +160,6 @@ def fuse_attention(model: Any) -> int:
     def scalar(name: str) -> float | None:
         a = const(name)
         return float(a.reshape(-1)[0]) if a is not None and a.size == 1 else None
-
-    producer = {out: node for node in graph.node for out in node.output}
-    users: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
-
-    def made_by(name: str, op: str) -> Any:
-        node = producer.get(name)
-        return node if node is not None and node.op_type == op else None
-
-    def sole_user(name: str, op: str) -> Any:
-        found = users.get(name, [])
-        return found[0] if len(found) == 1 and found[0].op_type == op else None
 
     def attr(node: Any, name: str, default: Any = None) -> Any:
         a = next((a for a in node.attribute if a.name == name), None)
@@ -199,16 +201,16 @@ def fuse_attention(model: Any) -> int:
                 return int(h)
         return None
 
-    def causal(mask: str) -> bool | None:
-        """True for a causal mask sliced from a constant; None for anything else."""
+    def causal(mask: str) -> bool:
+        """Whether `mask` is sliced from a constant causal mask (-inf, or below -1e4, above the diagonal; 0 elsewhere)."""
         name = mask
         while name in producer and producer[name].op_type in ("Unsqueeze", "Slice"):
             name = producer[name].input[0]
         m = const(name)
         if m is None or m.ndim != 2 or m.shape[0] != m.shape[1]:
-            return None
+            return False
         upper = np.triu(np.ones(m.shape, bool), 1)
-        return bool(np.all(m[~upper] == 0) and np.all(m[upper] <= -1e4)) or None
+        return bool(np.all(m[~upper] == 0) and np.all(m[upper] <= -1e4))
 
     done = 0
     new_inits = []
@@ -265,11 +267,8 @@ def fuse_attention(model: Any) -> int:
         heads = heads_of(qpath, width)
         if heads is None:
             continue
-        unidirectional = 0
-        if mask is not None:
-            if causal(mask) is None:
-                continue
-            unidirectional = 1
+        if mask is not None and not causal(mask):
+            continue
         # forward: Transpose [2,0,1,3] -> Reshape -> Gemm(transB) -> Reshape -> Transpose [1,0,2]
         perm = sole_user(out.output[0], "Transpose")
         if perm is None or list(attr(perm, "perm")) != [2, 0, 1, 3]:
@@ -302,7 +301,7 @@ def fuse_attention(model: Any) -> int:
                 name=tag,
                 domain="com.microsoft",
                 num_heads=heads,
-                unidirectional=unidirectional,
+                unidirectional=int(mask is not None),
                 scale=q[1] * k[1],
             ),
         ]
