@@ -7,6 +7,7 @@ during a check is told the check holds the index.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from clipdex.retrieval.config import Kind, sha256_file
 from clipdex.retrieval.errors import IndexFormatError, IndexLockedError, ReadOnlyError
 from clipdex.retrieval.store.catalog import CATALOG, Catalog
 from clipdex.retrieval.store.lock import acquire_lock
-from clipdex.retrieval.store.manifest import Manifest, read_manifest
+from clipdex.retrieval.store.manifest import Manifest, model_config_path, read_manifest
 from clipdex.retrieval.store.shards import shard_path
 from clipdex.retrieval.store.snapshot import read_parquet
 
@@ -49,11 +50,17 @@ class CheckReport:
 
 def check_index(index_dir: Path) -> CheckReport:
     report = CheckReport()
+    from clipdex.retrieval.maintain.salvage import manifest_problem
+
     try:
-        manifest = read_manifest(index_dir)
-    except IndexFormatError as e:  # damage is a finding; a path that is no index at all is a usage error
+        lost = manifest_problem(index_dir)  # a path that is no index at all is a usage error, raised
+    except IndexFormatError as e:  # damage is a finding
         report.problems.append(str(e))
         return report
+    if lost is not None:
+        report.problems.append(f"{lost}; run `clipdex check --repair` to rebuild it from the published item table")
+        return report
+    manifest = read_manifest(index_dir)
     read_only = False
     try:
         lock = acquire_lock(index_dir, holder="clipdex check")
@@ -91,6 +98,7 @@ def _check_snapshot(index_dir: Path, manifest: Manifest, report: CheckReport) ->
             report.problems.append(
                 f"snapshot file {name} does not match its checksum in manifest.json (damaged); run `clipdex build`"
             )
+    _check_model_config(index_dir, manifest, report)
     items = _read_items(index_dir, files.get("items"), report)
     if items is not None:
         failed = int(pc.sum(pc.equal(items["status"], "failed")).as_py() or 0)
@@ -136,6 +144,21 @@ def _check_snapshot(index_dir: Path, manifest: Manifest, report: CheckReport) ->
     return ids
 
 
+def _check_model_config(index_dir: Path, manifest: Manifest, report: CheckReport) -> None:
+    if manifest.model.config is None:
+        return
+    path = model_config_path(index_dir, manifest.model)
+    try:
+        same = json.loads(path.read_text(encoding="utf-8")) == manifest.model.config
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        report.problems.append(
+            f"the model config {path.relative_to(index_dir)} is missing or differs from the one in manifest.json; "
+            "run `clipdex check --repair` to write it again"
+        )
+
+
 def _read_items(index_dir: Path, name: str | None, report: CheckReport) -> Any:
     if not name or not (index_dir / name).is_file():
         return None
@@ -162,7 +185,7 @@ def _check_stale(index_dir: Path, index: faiss.Index, name: str, live: Any, repo
         for shard in np.unique(shards).tolist():
             mask = shards == shard
             stored[mask] = np.load(shard_path(index_dir, int(shard)), mmap_mode="r", allow_pickle=False)[rows[mask]]
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError, IndexError, EOFError):  # numpy: EOFError for an empty file
         return  # shard problems are the catalog check's to report
     try:
         held = reconstruct(index, ids)

@@ -67,7 +67,9 @@ def _failures(index_dir: Path, manifest: Manifest) -> list[dict[str, Any]]:
     try:
         table = read_parquet(index_dir / name, columns=["id", "kind", "path", "text", "status", "error"])
     except Exception as e:
-        raise IndexFormatError(f"{index_dir / name} is damaged ({e}); rebuild the index") from e
+        raise IndexFormatError(
+            f"{index_dir / name} is damaged ({e}); repair it: `clipdex check --repair --index {index_dir}`"
+        ) from e
     failed = table.filter(pc.equal(table["status"], "failed"))
     return [{k: row[k] for k in ("id", "kind", "path", "text", "error")} for row in failed.to_pylist()]
 

@@ -174,6 +174,24 @@ class Catalog:
                 self.con.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", [key, value])
         return failed
 
+    def relocate(self, ids: list[int], new_shard: tuple[int, int, str]) -> None:
+        """Point existing items at their vectors' new place: rows 0.. of `new_shard`, in the order of `ids`."""
+        moved = _staged(  # noqa: F841 (read by DuckDB's replacement scan below)
+            id=(ids, pa.int64()), row=(list(range(len(ids))), pa.int32())
+        )
+        with self._transaction():
+            self.con.execute("INSERT INTO shards VALUES (?, ?, ?)", list(new_shard))
+            self.con.execute(
+                "UPDATE items SET shard = ?, row = moved.row FROM moved WHERE items.id = moved.id", [new_shard[0]]
+            )
+
+    def register_shards(self, shards: dict[int, tuple[int, str]]) -> None:
+        """Register shards as recorded elsewhere (a snapshot's copy of this table), replacing what is held."""
+        with self._transaction():
+            for shard, (rows, digest) in shards.items():
+                self.con.execute("DELETE FROM shards WHERE shard = ?", [shard])
+                self.con.execute("INSERT INTO shards VALUES (?, ?, ?)", [shard, rows, digest])
+
     def clear_state(self, key: str) -> None:
         self.con.execute("DELETE FROM state WHERE key = ?", [key])
 
@@ -337,9 +355,11 @@ class Catalog:
         """Unregister shards outside `keep` (their files are being deleted)."""
         self.con.execute("DELETE FROM shards WHERE shard NOT IN (SELECT unnest($1::INTEGER[]))", [sorted(keep)])
 
-    def export(self, path: Path) -> None:
+    def export(self, path: Path, *, metadata: dict[str, str] | None = None) -> None:
         """Write every row to parquet (the snapshot's item table), adding `caption`: an image's first linked
-        caption, so image hits can show one."""
+        caption, so image hits can show one. `metadata` goes into the file's key-value metadata."""
+        kv = ", ".join(f"{_sql_literal(k)}: {_sql_literal(v)}" for k, v in (metadata or {}).items())
+        options = "FORMAT parquet" + (f", KV_METADATA {{{kv}}}" if kv else "")
         cols = ", ".join(f'i."{c}"' for c in COLUMNS)
         self.con.execute(
             f"""COPY (
@@ -350,7 +370,7 @@ class Catalog:
                 SELECT {cols}, CASE WHEN i.kind = 'image' THEN f.caption ELSE NULL END AS caption
                 FROM items i LEFT JOIN first_caption f ON i.kind = 'image' AND f.path = i.path
                 ORDER BY i.id
-            ) TO '{_sql_str(path)}' (FORMAT parquet)"""
+            ) TO '{_sql_str(path)}' ({options})"""
         )
 
     def _transaction(self) -> Any:
@@ -380,6 +400,10 @@ def _records_table(records: list[Record], now: float) -> pa.Table:
     values["status"] = [r.status.value for r in records]
     values["updated"] = [now] * len(records)
     return pa.Table.from_arrays([column(values[f.name], f.type) for f in _ARROW_SCHEMA], schema=_ARROW_SCHEMA)
+
+
+def _sql_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def _sql_str(path: Path) -> str:

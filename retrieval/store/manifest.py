@@ -156,6 +156,9 @@ _OWN = re.compile(
 )
 
 
+_REPAIR = "repair it from the published snapshot: `clipdex check --repair --index "
+
+
 def check_index_dir(index_dir: Path) -> None:
     """Refuse an --index that names something other than an index folder (new, empty or clipdex's), before anything
     is created or written: a file, or a folder of the user's own (a photo folder given as its own index)."""
@@ -187,7 +190,7 @@ def read_manifest(index_dir: Path) -> Manifest:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise IndexFormatError(f"{path} is damaged ({e}); rebuild the index") from e
+        raise IndexFormatError(f"{path} is damaged ({e}); {_REPAIR}{index_dir}`") from e
     if not isinstance(data, dict) or "format_version" not in data:
         raise IndexFormatError(f"{path} is not a clipdex manifest")
     version = data["format_version"]
@@ -198,7 +201,7 @@ def read_manifest(index_dir: Path) -> Manifest:
     try:
         return Manifest.from_json(data)
     except (KeyError, TypeError, ValueError) as e:
-        raise IndexFormatError(f"{path} is damaged (bad or missing field: {e}); rebuild the index") from e
+        raise IndexFormatError(f"{path} is damaged (bad or missing field: {e}); {_REPAIR}{index_dir}`") from e
 
 
 def write_manifest(index_dir: Path, manifest: Manifest) -> None:

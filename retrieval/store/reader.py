@@ -41,7 +41,9 @@ def read_file(path: Path, reader: Any) -> Any:
     except FileNotFoundError:
         raise
     except Exception as e:
-        raise IndexFormatError(f"{path} is damaged or truncated ({type(e).__name__}: {e}); rebuild the index") from e
+        raise IndexFormatError(
+            f"{path} is damaged or truncated ({type(e).__name__}: {e}); repair it: `clipdex check --repair --index {path.parent}`"
+        ) from e
 
 
 def verify(index_dir: Path, files: dict[str, str], checksums: dict[str, str]) -> None:
@@ -50,7 +52,9 @@ def verify(index_dir: Path, files: dict[str, str], checksums: dict[str, str]) ->
         path = index_dir / name
         small = path.is_file() and path.stat().st_size < _VERIFY_BELOW
         if key in checksums and small and sha256_file(path) != checksums[key]:
-            raise IndexFormatError(f"{path} is damaged (checksum mismatch); run `clipdex check` and rebuild the index")
+            raise IndexFormatError(
+                f"{path} is damaged (checksum mismatch); repair it: `clipdex check --repair --index {index_dir}`"
+            )
 
 
 def read_items(

@@ -55,9 +55,9 @@ def load_shard(path: Path) -> np.ndarray:
     except FileNotFoundError:
         raise IndexFormatError(
             f"vector shard {path.name} is missing from {path.parent}; run `clipdex check --repair --index "
-            f"{path.parent.parent}` to drop the items it held (then `clipdex index` re-encodes them)"
+            f"{path.parent.parent}` to encode the items it held again"
         ) from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:  # numpy: EOFError for an empty file
         said = disk_error(e, path) if isinstance(e, OSError) else None
         if said is not None:  # a failing or unreadable disk is not a damaged index: no repair for it
             raise said from e

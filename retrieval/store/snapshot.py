@@ -10,6 +10,7 @@ after. How each kind's ANN index is chosen and built is not decided here: the wr
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,10 @@ from clipdex.retrieval.store.words import SUFFIX as WORDS_SUFFIX
 from clipdex.retrieval.store.words import WORDS
 
 ITEMS = "items"
+# the item table's key-value metadata: the manifest that published it, and the shards its rows read (with their
+# checksums), so that a lost manifest or catalog is rebuilt whole
+MANIFEST_COPY = "clipdex.manifest"
+SHARDS_COPY = "clipdex.shards"
 LISTS_SUFFIX = ".ivfdata"  # an on-disk index's inverted lists (FAISS OnDiskInvertedLists)
 
 
@@ -77,6 +82,42 @@ def read_parquet(path: Path, columns: list[str] | None = None, dictionary: list[
 def parquet_columns(path: Path) -> list[str]:
     with path.open("rb") as f:
         return list(pq.read_schema(f).names)
+
+
+def manifest_copy(manifest: Manifest) -> dict[str, str]:
+    data = manifest.to_json()
+    del data["snapshot"]  # the files are the ones beside it; their checksums are taken again
+    return {MANIFEST_COPY: json.dumps(data)}
+
+
+def shards_copy(registered: dict[int, tuple[int, str]]) -> dict[str, str]:
+    return {SHARDS_COPY: json.dumps({str(s): [n, digest] for s, (n, digest) in sorted(registered.items())})}
+
+
+def read_manifest_copy(path: Path) -> dict[str, Any] | None:
+    """The manifest kept in an item table, or None where the file or its copy cannot be read."""
+    data = _metadata(path, MANIFEST_COPY)
+    return data if isinstance(data, dict) else None
+
+
+def read_shards_copy(path: Path) -> dict[int, tuple[int, str]]:
+    """The shard registry kept in an item table (empty where there is none: tables written before it was kept)."""
+    data = _metadata(path, SHARDS_COPY)
+    if not isinstance(data, dict):
+        return {}
+    try:
+        return {int(s): (int(n), str(digest)) for s, (n, digest) in data.items()}
+    except (TypeError, ValueError):
+        return {}
+
+
+def _metadata(path: Path, key: str) -> Any:
+    try:
+        with path.open("rb") as f:
+            meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+        return json.loads(meta[key.encode()])
+    except Exception:  # missing or damaged: the caller looks elsewhere
+        return None
 
 
 def snapshot_shards(index_dir: Path, manifest: Manifest) -> set[int] | None:

@@ -77,6 +77,7 @@ class IndexWriter:
         index_dir.mkdir(parents=True, exist_ok=True)
         (index_dir / VECTORS).mkdir(exist_ok=True)
         self.committed = False  # whether this writer has changed the catalog
+        self.reuse_words = True  # False: the next publish builds the full-text index afresh (repair)
         self._lock = lock or acquire_lock(index_dir)
         try:
             self.manifest = self._load_or_create_manifest()
@@ -150,6 +151,17 @@ class IndexWriter:
         pending = self.catalog.state(EXCLUSIVE_JOB)
         if pending is not None and json.loads(pending)["job"] != job:
             raise IndexFormatError(f"{self.dir}: {json.loads(pending)['fix']}")
+
+    def relocate(self, ids: list[int], vectors: np.ndarray) -> None:
+        """Give existing items new copies of their vectors (`vectors[i]` for `ids[i]`) in a fresh shard: what a
+        repair re-encoded or salvaged for a damaged one."""
+        if not ids:
+            return
+        shard = self._next_shard
+        self._next_shard += 1
+        digest = save_shard(shard_path(self.dir, shard), np.asarray(vectors, dtype=np.float32))
+        self.catalog.relocate(ids, (shard, len(ids), digest))
+        self.committed = True
 
     def stage_vectors(
         self, kind: Kind, ids: list[int], vectors: list[np.ndarray | None], errors: list[str | None]
@@ -248,7 +260,7 @@ class IndexWriter:
         live = {kind: self.live_vectors(kind) for kind in Kind}
         previous = {kind: None if rebuild else self._previous_index(kind) for kind in Kind}
         files, index_types, counts, ann = snapshot.write_index_files(
-            self.dir, self.manifest, live, previous, self.builder, self.catalog.export, self._export_words
+            self.dir, self.manifest, live, previous, self.builder, self._export_items, self._export_words
         )
         counts["failed"] = self.catalog.failed_count()
         counts["unlinked_texts"] = self.catalog.unlinked_count()
@@ -260,10 +272,18 @@ class IndexWriter:
         self._remove_orphans()
         return self.manifest
 
+    def _export_items(self, path: Path) -> None:
+        """The next generation's item table, carrying the manifest (less its snapshot): what `check --repair`
+        rebuilds a lost manifest from."""
+        kept = {**snapshot.manifest_copy(self.manifest), **snapshot.shards_copy(self.catalog.registered_shards())}
+        self.catalog.export(path, metadata=kept)
+
     def _export_words(self, path: Path) -> None:
-        """The next generation's full-text index: the current one's, with what changed since (store/words.py)."""
+        """The next generation's full-text index: the current one's, with what changed since (store/words.py);
+        built afresh when the current one cannot be read."""
         current = self.manifest.snapshot.files.get(words.WORDS)
-        words.build(path, self.catalog.documents(), previous=self.dir / current if current else None)
+        previous = self.dir / current if current and self.reuse_words else None
+        words.build(path, self.catalog.documents(), previous=previous)
 
     def _previous_index(self, kind: Kind) -> PreviousIndex | None:
         name = self.manifest.snapshot.files.get(kind.plural)
