@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
+import threading
+import time
 from typing import Annotated, Any
 
 import typer
@@ -96,6 +100,22 @@ def serve(
     finally:
         if watcher is not None:
             watcher.stop.set()
+        failed = sys.exc_info()[0]
+        leave_stuck_threads(0 if failed is None else 130 if issubclass(failed, KeyboardInterrupt) else 1)
+
+
+def leave_stuck_threads(code: int, wait_s: float = 2.0) -> None:
+    """Exit now with `code` if a thread is still running once the server has stopped: Python joins every worker
+    thread at exit, and one blocked in the kernel (a read from a stalled network share) would keep a stopped server
+    alive for good, deaf to SIGTERM and Ctrl-C. Returns when none is."""
+    deadline = time.monotonic() + wait_s
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _watcher(index_dir: Any, device: Device, runtime: Any, poll: bool | None, ocr: bool | None = None) -> Any:

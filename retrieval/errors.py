@@ -64,6 +64,12 @@ class FileGoneError(ClipdexError):
     http_status = 404
 
 
+class FileTimeoutError(ClipdexError):
+    """Reading an item's file took too long (a hung network share), or too many reads were waiting."""
+
+    http_status = 504
+
+
 class UploadTooLargeError(ClipdexError):
     """A request body over the server's upload limit."""
 

@@ -5,19 +5,30 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import os
 import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from clipdex.retrieval.errors import ImageDecodeError, InputError
+from clipdex.retrieval.imaging.files import NotRegularFile, read_regular
 
 DEFAULT_MAX_PIXELS = 178_956_970  # twice PIL's own bomb threshold: a 13k x 13k photo still passes
+# What decoding one image may hold in memory, estimated from its header before any pixel is decoded (mode, bit
+# depth, the DCT-scaled size of a JPEG, the copies conversion and orientation make); scaled with a raised pixel
+# limit. A pixel count alone let a 329 KB 16-bit PNG of 13000x13000 take 4.4 GB.
+DECODE_BUDGET = 512 << 20
+DECODES_AT_ONCE = max(2, min(4, os.cpu_count() or 2))  # per process: a server's threads wait their turn
+_DECODING = threading.BoundedSemaphore(DECODES_AT_ONCE)
+# bytes a pixel takes in each mode PIL decodes to (first frame only: later frames are never loaded)
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3}
 MAX_FILE_BYTES = 1 << 30  # an "image" file over 1 GiB is refused unread
 # Past this aspect ratio an image is cut to its centre before preprocessing: resizing the short side
 # of a 100000x1 strip to 224 pixels would allocate gigabytes, and the centre crop discards the rest anyway.
@@ -38,9 +49,12 @@ def register_heif() -> bool:
 def read_query_image(path: Path) -> bytes:
     """A query image's bytes, or one clear line saying why not."""
     try:
-        if path.stat().st_size > MAX_FILE_BYTES:
+        data, st = read_regular(path, MAX_FILE_BYTES)
+        if max(st.st_size, len(data)) > MAX_FILE_BYTES:
             raise InputError(f"query image {path} is over {MAX_FILE_BYTES >> 20} MiB")
-        return path.read_bytes()
+        return data
+    except NotRegularFile as e:
+        raise InputError(f"query image {path} is {e.strerror}") from None
     except FileNotFoundError:
         raise InputError(f"query image not found: {path}") from None
     except OSError as e:
@@ -131,15 +145,22 @@ def decode_image(
                     "(raise it with --max-pixels)"
                 )
             img.seek(0)
-            meta = photo_meta(img)
             if draft is not None:
                 img.draft("RGB", draft)
-            img.load()
-            if exif_transpose:
-                img = ImageOps.exif_transpose(img) or img
-            rgb = _to_rgb(img)
-            if max_aspect is not None:
-                rgb = _cap_aspect(rgb, max_aspect)
+            need, budget = decode_bytes(img, exif_transpose), _budget(max_pixels)
+            if need > budget:
+                raise ImageDecodeError(
+                    f"{width}x{height} {img.mode} would take {need >> 20} MiB to decode, over the "
+                    f"{budget >> 20} MiB budget (raise it with --max-pixels)"
+                )
+            with _DECODING:
+                meta = photo_meta(img)  # a PNG's EXIF may follow its pixels: reading it decodes them
+                img.load()
+                if exif_transpose:
+                    img = ImageOps.exif_transpose(img) or img
+                rgb = _to_rgb(img)
+                if max_aspect is not None:
+                    rgb = _cap_aspect(rgb, max_aspect)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as e:
@@ -153,6 +174,31 @@ def decode_image(
 
 _EXIF_IFD, _GPS_IFD = 0x8769, 0x8825
 _DATETIME_ORIGINAL, _DATETIME, _MAKE, _MODEL = 0x9003, 0x0132, 0x010F, 0x0110
+
+
+def decode_bytes(img: Image.Image, exif_transpose: bool = True) -> int:
+    """The memory decoding `img` (opened, not loaded, drafted if it is to be) to RGB takes at its peak: its own
+    pixels, the RGB copy, a turned copy when EXIF says it is turned, and the 8-bit step of a 16/32-bit image."""
+    w, h = img.size
+    own = _MODE_BYTES.get(img.mode, 2 if img.mode.startswith("I;16") else 4)
+    copies = 0 if img.mode == "RGB" else 3
+    if img.mode.startswith("I") or img.mode == "F":
+        copies += own + 2  # the array read out of it, the 8-bit result and its grey image
+    exif = img.info.get("exif") if img.format == "PNG" else img.getexif()  # a PNG's getexif decodes the pixels
+    turned = exif_transpose and exif is not None and _orientation(exif) not in (1, None)
+    return w * h * (own + copies + (3 if turned else 0))
+
+
+def _orientation(exif: Any) -> int | None:
+    if isinstance(exif, bytes | bytearray):
+        parsed = Image.Exif()
+        parsed.load(bytes(exif))
+        exif = parsed
+    return exif.get(0x0112, 1)
+
+
+def _budget(max_pixels: int) -> int:
+    return max(DECODE_BUDGET, int(DECODE_BUDGET * max_pixels / DEFAULT_MAX_PIXELS))
 
 
 def photo_meta(img: Image.Image) -> PhotoMeta:
@@ -217,12 +263,20 @@ def _cap_aspect(img: Image.Image, max_aspect: float) -> Image.Image:
     return img
 
 
+_BAND = 256  # rows converted at a time from 16/32 bits
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # PIL's convert("RGB") clips 16/32-bit values at 255; scale the real range instead
-        arr = np.asarray(img, dtype=np.float64)
+        # PIL's convert("RGB") clips 16/32-bit values at 255; scale the real range instead, a band of rows at a time
+        # (whole, the float64 copies of a 13000x13000 image took 2.7 GB)
+        arr = np.asarray(img)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        out = np.empty(arr.shape, dtype=np.uint8)
+        for r in range(0, arr.shape[0], _BAND):
+            band = arr[r : r + _BAND].astype(np.float64)
+            out[r : r + _BAND] = np.clip(band / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        img = Image.fromarray(out, "L")
     elif img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())

@@ -30,6 +30,7 @@ import numpy as np
 
 from clipdex.retrieval.errors import ClipdexError, ImageDecodeError
 from clipdex.retrieval.imaging.decode import MAX_FILE_BYTES, DecodeOptions, PhotoMeta
+from clipdex.retrieval.imaging.files import NotRegularFile, read_regular
 from clipdex.retrieval.paths import content_hash
 
 
@@ -75,10 +76,11 @@ class ImageFiles:
                 return Decoded(
                     i, size=st.st_size, mtime=st.st_mtime, error=f"file is {st.st_size} bytes, over the 1 GiB limit"
                 )
-            with open(path, "rb") as f:
-                data = f.read(MAX_FILE_BYTES + 1)
+            data, st = read_regular(path, MAX_FILE_BYTES)
         except FileNotFoundError:
             return Decoded(i, vanished=True, error="file vanished before it could be read")
+        except NotRegularFile as e:
+            return Decoded(i, error=e.strerror)
         except OSError as e:
             return Decoded(i, error=f"cannot read file: {e.strerror or e}")
         if len(data) != st.st_size:

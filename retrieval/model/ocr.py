@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from clipdex.retrieval.errors import InputError
-from clipdex.retrieval.imaging.decode import decode_image
+from clipdex.retrieval.imaging.decode import MAX_FILE_BYTES, decode_image
+from clipdex.retrieval.imaging.files import read_regular
 
 OCR_SIDE = 1280  # pixels on the long side an image is read at (at most)
 MIN_CONFIDENCE = 0.5  # recognised lines scoring less are left out
@@ -59,7 +60,7 @@ class WordReader:
 
     def read_file(self, path: Path, *, max_pixels: int) -> str:
         """The words in an image file, line by line, top to bottom ("" when there are none)."""
-        decoded = decode_image(path.read_bytes(), max_pixels=max_pixels, draft=(OCR_SIDE, OCR_SIDE))
+        decoded = decode_image(read_regular(path, MAX_FILE_BYTES)[0], max_pixels=max_pixels, draft=(OCR_SIDE, OCR_SIDE))
         image = decoded.image
         if max(image.size) > OCR_SIDE:
             image = image.copy()

@@ -33,7 +33,8 @@ from clipdex.retrieval.config import ModelSpec
 from clipdex.retrieval.evaluation.datasets import RetrievalDataset
 from clipdex.retrieval.evaluation.evaluate import EvalConfig, evaluate
 from clipdex.retrieval.evaluation.metrics import Rescore, reranked_recall_at_k
-from clipdex.retrieval.imaging.decode import DecodeOptions
+from clipdex.retrieval.imaging.decode import MAX_FILE_BYTES, DecodeOptions
+from clipdex.retrieval.imaging.files import read_regular
 from clipdex.retrieval.model.encoder import LoadedModel
 from clipdex.retrieval.store.heads import check_head_encoder, head_metadata
 
@@ -339,7 +340,7 @@ class Reranker:
                 if projected[n] is not None:
                     continue
                 try:
-                    pixels.append(self._decoded(Path(path).read_bytes()))
+                    pixels.append(self._decoded(read_regular(path, MAX_FILE_BYTES)[0]))
                     todo.append(n)
                 except Exception:  # an unreadable candidate is not re-scored; the others are
                     continue

@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -21,13 +22,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from clipdex.retrieval.errors import ClipdexError, disk_error
 from clipdex.retrieval.search.searcher import Searcher
 from clipdex.retrieval.serve import routes_info, routes_items, routes_search
-from clipdex.retrieval.serve.deps import ServeConfig
+from clipdex.retrieval.serve.deps import FILE_READS_AT_ONCE, ServeConfig
 from clipdex.retrieval.serve.guard import HostGuard
 from clipdex.retrieval.serve.schemas import ErrorModel, error_response
 from clipdex.retrieval.serve.thumbnails import thumbnail_dir
 from clipdex.retrieval.signals import term_as_interrupt
 
 log = logging.getLogger(__name__)
+
+GRACEFUL_S = 3  # seconds a stopping server lets running requests finish
 
 TOKEN_COOKIE = "clipdex_token"
 __all__ = ["TOKEN_COOKIE", "ServeConfig", "create_app", "serve"]
@@ -46,6 +49,7 @@ def create_app(searcher: Searcher, config: ServeConfig) -> FastAPI:
     app.state.searcher = searcher
     app.state.config = config
     app.state.thumbnails = thumbnail_dir(config.index_dir)
+    app.state.file_reads = anyio.CapacityLimiter(FILE_READS_AT_ONCE)
     _add_error_handlers(app)
     _add_token_check(app, config.token)
     app.add_middleware(HostGuard, bind=config.host, port=config.port, allowed=config.allowed_hosts)  # outermost
@@ -107,12 +111,21 @@ def serve(config: ServeConfig, *, on_ready: Any = None) -> None:
     import uvicorn
 
     from clipdex.retrieval.serve import remote
+    from clipdex.retrieval.serve.timeouts import TimedHttpProtocol
 
     searcher = Searcher(config.index_dir, device=config.device, runtime=config.runtime)
     _ = searcher.encoder  # load the model before the first request, not during it
     app = create_app(searcher, config)
     server = uvicorn.Server(
-        uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False)
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level="warning",
+            access_log=False,
+            http=TimedHttpProtocol,
+            timeout_graceful_shutdown=GRACEFUL_S,  # requests still running then are cancelled: SIGTERM always ends it
+        )
     )
     registered = None
     if config.is_loopback:  # `clipdex search` on this machine may ask this server instead of loading the model

@@ -3,20 +3,22 @@ checks every route shares."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 
-from clipdex.retrieval.errors import InputError, ItemNotFoundError
+from clipdex.retrieval.errors import FileTimeoutError, InputError, ItemNotFoundError
 from clipdex.retrieval.search.searcher import Searcher
 from clipdex.retrieval.serve.guard import is_loopback
 from clipdex.retrieval.serve.thumbnails import THUMBNAIL_SIZE
 
 _ID = re.compile(r"[0-9]{1,18}")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,24 @@ def searcher(request: Request) -> Searcher:
     s: Searcher = request.app.state.searcher
     s.refresh()
     return s
+
+
+FILE_READS_AT_ONCE = 8  # threads reading item files; more requests wait (within the timeout)
+FILE_TIMEOUT_S = 10.0
+
+
+async def in_file_pool(request: Request, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` on one of the server's file-reading threads, given up after FILE_TIMEOUT_S (waiting included): a
+    read that hangs in the kernel (a stalled network share) holds one thread, never the server."""
+    import anyio.to_thread
+
+    try:
+        with anyio.fail_after(FILE_TIMEOUT_S):
+            return await anyio.to_thread.run_sync(
+                functools.partial(fn, *args), limiter=request.app.state.file_reads, abandon_on_cancel=True
+            )
+    except TimeoutError:
+        raise FileTimeoutError(f"reading the file took over {FILE_TIMEOUT_S:g} s; try again later") from None
 
 
 def check_k(k: int, config: ServeConfig) -> int:

@@ -3,6 +3,7 @@ indexed items, by id; no route takes a path."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -12,7 +13,7 @@ from clipdex.retrieval.config import Kind
 from clipdex.retrieval.errors import ItemNotFoundError
 from clipdex.retrieval.search.hits import results_json
 from clipdex.retrieval.search.searcher import Searcher
-from clipdex.retrieval.serve.deps import ServeConfig, check_k, item_id, searcher, settings
+from clipdex.retrieval.serve.deps import ServeConfig, check_k, in_file_pool, item_id, searcher, settings
 from clipdex.retrieval.serve.schemas import ItemModel, JSONAsPrinted, SearchResponse
 from clipdex.retrieval.serve.thumbnails import iter_file, open_item_file, thumbnail
 
@@ -37,11 +38,12 @@ def similar(
 
 
 @router.get("/{item}/thumbnail", response_class=Response)
-def get_thumbnail(
+async def get_thumbnail(
     item: str, request: Request, s: Searcher = Depends(searcher), config: ServeConfig = Depends(settings)
 ) -> Response:
     path = _image_path(s, item_id(item))
-    data, etag = thumbnail(path, cache=request.app.state.thumbnails, size=config.thumbnail_size)
+    made = functools.partial(thumbnail, path, cache=request.app.state.thumbnails, size=config.thumbnail_size)
+    data, etag = await in_file_pool(request, made)
     headers = {"ETag": f'"{etag}"', "Cache-Control": "private, max-age=86400"}
     if _etag_matches(request, etag):
         return Response(status_code=304, headers=headers)
@@ -49,9 +51,9 @@ def get_thumbnail(
 
 
 @router.get("/{item}/image", response_class=Response)
-def get_image(item: str, request: Request, s: Searcher = Depends(searcher)) -> Response:
+async def get_image(item: str, request: Request, s: Searcher = Depends(searcher)) -> Response:
     path = _image_path(s, item_id(item))
-    info, fd = open_item_file(path)
+    info, fd = await in_file_pool(request, open_item_file, path)
     headers = {
         "ETag": f'"{info.etag}"',
         "Cache-Control": "private, max-age=3600",

@@ -12,7 +12,6 @@ import hashlib
 import io
 import logging
 import os
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from clipdex.retrieval.imaging.decode import (
     decode_image,
     register_heif,
 )
+from clipdex.retrieval.imaging.files import NotRegularFile, open_regular
 from clipdex.retrieval.model.weights import cache_root, index_digest
 from clipdex.retrieval.store.atomic import atomic_write_bytes
 
@@ -59,12 +59,13 @@ def open_item_file(path: str) -> tuple[ItemFile, int]:
     if not p.is_absolute() or os.path.realpath(p) != str(p):
         raise FileGoneError(f"{path} is not where it was indexed")
     try:
-        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd, st = open_regular(p, follow=False)
+    except NotRegularFile:
+        raise FileGoneError(f"{path} is not an image file (not a regular file)") from None
     except OSError as e:
         raise FileGoneError(f"cannot open {path}: {e.strerror or e}") from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE_BYTES:
+        if st.st_size > MAX_FILE_BYTES:
             raise FileGoneError(f"{path} is not an image file")
         head = os.pread(fd, 1 << 16, 0)
         media_type = _media_type(head, st.st_size, fd)
