@@ -97,3 +97,57 @@ def test_sixteen_bit_images_convert_as_before_band_by_band():
     np.testing.assert_array_equal(got, want)
     with pytest.raises(ImageDecodeError):
         decode_image(b"not an image")
+
+
+def test_a_request_whose_headers_never_end_is_dropped(monkeypatch):
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from clipdex.retrieval.serve import timeouts
+
+    monkeypatch.setattr(timeouts, "HEADERS_S", 0.5)
+
+    async def app(scope, receive, send):  # pragma: no cover - never reached by the slow client
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", http=timeouts.TimedHttpProtocol)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+            start = time.monotonic()
+            assert s.recv(1024) == b""  # closed by the server, not by our 10 s timeout
+            assert time.monotonic() - start < 5
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert s.recv(1024).startswith(b"HTTP/1.1 200")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_a_stopped_server_exits_past_a_thread_stuck_in_the_kernel():
+    script = textwrap.dedent(
+        """
+        import os, threading
+        from clipdex.cli.serve import leave_stuck_threads
+        r, w = os.pipe()
+        threading.Thread(target=os.read, args=(r, 1)).start()  # blocks for good: nothing is ever written
+        leave_stuck_threads(130, wait_s=0.5)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert out.returncode == 130, out.stderr
