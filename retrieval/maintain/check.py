@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from clipdex.retrieval import ann
 from clipdex.retrieval.config import Kind, sha256_file
 from clipdex.retrieval.errors import IndexFormatError, IndexLockedError, ReadOnlyError
+from clipdex.retrieval.maintain.salvage import manifest_problem, reconstruct
 from clipdex.retrieval.store.catalog import CATALOG, Catalog
 from clipdex.retrieval.store.lock import acquire_lock
 from clipdex.retrieval.store.manifest import Manifest, model_config_path, read_manifest
@@ -50,8 +51,6 @@ class CheckReport:
 
 def check_index(index_dir: Path) -> CheckReport:
     report = CheckReport()
-    from clipdex.retrieval.maintain.salvage import manifest_problem
-
     try:
         lost = manifest_problem(index_dir)  # a path that is no index at all is a usage error, raised
     except IndexFormatError as e:  # damage is a finding
@@ -198,14 +197,6 @@ def _check_stale(index_dir: Path, index: faiss.Index, name: str, live: Any, repo
             f"{int(stale.sum())} of {len(ids)} sampled vectors in {name} differ from the stored vectors of their "
             f"items (e.g. id {int(ids[stale][0])}: an edit the index missed); run `clipdex build`"
         )
-
-
-def reconstruct(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
-    """The vectors an index holds for `ids` (decoded from its codes)."""
-    ivf = ann.find_ivf(index)
-    if ivf is not None:
-        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]  # ids are catalog ids
-    return np.stack([index.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros((0, index.d), np.float32)
 
 
 def encoded_like(index: faiss.Index, x: np.ndarray) -> np.ndarray:

@@ -120,6 +120,12 @@ def vectors_from(index: faiss.Index, ids: list[int]) -> dict[int, np.ndarray]:
     wanted = [i for i in ids if i in held]
     if not wanted:
         return {}
-    from clipdex.retrieval.maintain.check import reconstruct
-
     return dict(zip(wanted, reconstruct(index, np.asarray(wanted, dtype=np.int64)), strict=True))
+
+
+def reconstruct(index: faiss.Index, ids: np.ndarray) -> np.ndarray:
+    """The vectors an index holds for `ids` (decoded from its codes)."""
+    ivf = ann.find_ivf(index)
+    if ivf is not None:
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]  # ids are catalog ids
+    return np.stack([index.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros((0, index.d), np.float32)
