@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import resource
 import subprocess
 import sys
 import textwrap
@@ -84,7 +83,6 @@ def test_decoding_is_bounded_by_memory_before_any_pixel_is_decoded():
     said, grew = out.stdout.decode().strip().splitlines()
     assert "MiB to decode, over the 512 MiB budget" in said
     assert int(grew) < 64  # MiB: refused from the header
-    assert resource  # the parent's own peak is not what is measured
 
 
 def test_sixteen_bit_images_convert_as_before_band_by_band():

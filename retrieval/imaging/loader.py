@@ -71,12 +71,11 @@ class ImageFiles:
     def __getitem__(self, i: int) -> Decoded:
         path = self.paths[i]
         try:
-            st = os.stat(path)
-            if st.st_size > MAX_FILE_BYTES:
+            data, st = read_regular(path, MAX_FILE_BYTES)
+            if st.st_size > MAX_FILE_BYTES:  # nothing of it was read
                 return Decoded(
                     i, size=st.st_size, mtime=st.st_mtime, error=f"file is {st.st_size} bytes, over the 1 GiB limit"
                 )
-            data, st = read_regular(path, MAX_FILE_BYTES)
         except FileNotFoundError:
             return Decoded(i, vanished=True, error="file vanished before it could be read")
         except NotRegularFile as e:

@@ -7,7 +7,6 @@ during a check is told the check holds the index.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from clipdex.retrieval.errors import IndexFormatError, IndexLockedError, ReadOnl
 from clipdex.retrieval.maintain.salvage import manifest_problem, reconstruct
 from clipdex.retrieval.store.catalog import CATALOG, Catalog
 from clipdex.retrieval.store.lock import acquire_lock
-from clipdex.retrieval.store.manifest import Manifest, model_config_path, read_manifest
+from clipdex.retrieval.store.manifest import Manifest, model_config_intact, model_config_path, read_manifest
 from clipdex.retrieval.store.shards import shard_path
 from clipdex.retrieval.store.snapshot import read_parquet
 
@@ -144,14 +143,8 @@ def _check_snapshot(index_dir: Path, manifest: Manifest, report: CheckReport) ->
 
 
 def _check_model_config(index_dir: Path, manifest: Manifest, report: CheckReport) -> None:
-    if manifest.model.config is None:
-        return
-    path = model_config_path(index_dir, manifest.model)
-    try:
-        same = json.loads(path.read_text(encoding="utf-8")) == manifest.model.config
-    except (OSError, ValueError):
-        same = False
-    if not same:
+    if not model_config_intact(index_dir, manifest.model):
+        path = model_config_path(index_dir, manifest.model)
         report.problems.append(
             f"the model config {path.relative_to(index_dir)} is missing or differs from the one in manifest.json; "
             "run `clipdex check --repair` to write it again"

@@ -29,7 +29,14 @@ from clipdex.retrieval.maintain.check import inspect_shard
 from clipdex.retrieval.maintain.recover import recover_vectors
 from clipdex.retrieval.store.catalog import CATALOG, Catalog
 from clipdex.retrieval.store.lock import acquire_lock
-from clipdex.retrieval.store.manifest import MANIFEST, Manifest, model_config_path, read_manifest, write_manifest
+from clipdex.retrieval.store.manifest import (
+    MANIFEST,
+    Manifest,
+    model_config_intact,
+    read_manifest,
+    write_manifest,
+    write_model_config,
+)
 from clipdex.retrieval.store.snapshot import ITEMS, read_shards_copy
 from clipdex.retrieval.store.writer import IndexWriter
 
@@ -99,21 +106,9 @@ def _ensure_manifest(index_dir: Path, report: RepairReport) -> Manifest:
 
 def _ensure_model_config(index_dir: Path, manifest: Manifest, report: RepairReport) -> None:
     """The index's copy of its model-config JSON, written again from the manifest's when it differs."""
-    import json
-
-    if manifest.model.config is None:
-        return
-    path = model_config_path(index_dir, manifest.model)
-    try:
-        if json.loads(path.read_text(encoding="utf-8")) == manifest.model.config:
-            return
-    except (OSError, ValueError):
-        pass
-    from clipdex.retrieval.store.atomic import atomic_write_bytes
-
-    path.parent.mkdir(exist_ok=True)
-    atomic_write_bytes(path, json.dumps(manifest.model.config, indent=2).encode())
-    report.actions.append(f"wrote the model config {path.relative_to(index_dir)} again from {MANIFEST}")
+    if not model_config_intact(index_dir, manifest.model):
+        path = write_model_config(index_dir, manifest.model)
+        report.actions.append(f"wrote the model config {path.relative_to(index_dir)} again from {MANIFEST}")
 
 
 def _catalog_problem(index_dir: Path, answered: int) -> str | None:

@@ -213,6 +213,24 @@ def model_config_path(index_dir: Path, spec: ModelSpec) -> Path:
     return index_dir / MODEL_DIR / f"{spec.name}.json"
 
 
+def write_model_config(index_dir: Path, spec: ModelSpec) -> Path:
+    """Keep a copy of the model-config JSON in the index (a spec made from a config file)."""
+    path = model_config_path(index_dir, spec)
+    path.parent.mkdir(exist_ok=True)
+    atomic_write_bytes(path, json.dumps(spec.config, indent=2).encode())
+    return path
+
+
+def model_config_intact(index_dir: Path, spec: ModelSpec) -> bool:
+    """Whether the index's copy of its model-config JSON is the manifest's (true where there is none to keep)."""
+    if spec.config is None:
+        return True
+    try:
+        return json.loads(model_config_path(index_dir, spec).read_text(encoding="utf-8")) == spec.config
+    except (OSError, ValueError):
+        return False
+
+
 def index_model(index_dir: Path, spec: ModelSpec | None = None) -> str:
     """The --model value that rebuilds an index's architecture: its name, or the config JSON kept in the index."""
     spec = spec or read_manifest(index_dir).model

@@ -22,7 +22,6 @@ from clipdex.retrieval.config import Kind, ModelSpec
 from clipdex.retrieval.errors import IndexFormatError
 from clipdex.retrieval.paths import canonical
 from clipdex.retrieval.store import reader, snapshot, words
-from clipdex.retrieval.store.atomic import atomic_write_bytes
 from clipdex.retrieval.store.catalog import Catalog
 from clipdex.retrieval.store.items import Record
 from clipdex.retrieval.store.lock import WriteLock, acquire_lock
@@ -32,9 +31,9 @@ from clipdex.retrieval.store.manifest import (
     AnnSettings,
     Manifest,
     check_index_dir,
-    model_config_path,
     read_manifest,
     write_manifest,
+    write_model_config,
 )
 from clipdex.retrieval.store.shards import (
     VECTORS,
@@ -198,9 +197,7 @@ class IndexWriter:
         if self.manifest.rerank and not self.manifest.model.same_model(spec):
             self.manifest.rerank = None  # a re-ranking head reads the model it was trained over: not this one
         if spec.config is not None:
-            path = model_config_path(self.dir, spec)
-            path.parent.mkdir(exist_ok=True)
-            atomic_write_bytes(path, json.dumps(spec.config, indent=2).encode())
+            write_model_config(self.dir, spec)
         self.manifest.model, self.manifest.dim = spec, dim
 
     def record_model_location(self, spec: ModelSpec) -> None:
@@ -319,9 +316,7 @@ class IndexWriter:
                 raise IndexFormatError(precision_mismatch(self.dir, manifest.precision, self.precision))
             return manifest
         if self.spec.config is not None:
-            path = model_config_path(self.dir, self.spec)
-            path.parent.mkdir(exist_ok=True)
-            atomic_write_bytes(path, json.dumps(self.spec.config, indent=2).encode())
+            write_model_config(self.dir, self.spec)
         manifest = Manifest(model=self.spec, dim=self.dim, precision=self.precision or "fp32")
         write_manifest(self.dir, manifest)
         return manifest
